@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Install (scripts/setup.sh) and run the default CPU-only test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export TQDM_DISABLE=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+.venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -1,0 +1,208 @@
+"""prunepilot command line: prune | eval | agent | methods | report."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from .errors import PrunepilotError
+
+log = logging.getLogger("prunepilot")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="local model folder (safetensors or GGUF) or a Hugging Face hub name")
+    p.add_argument("--gguf-file", help="GGUF file inside the model folder (default: the only one there)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default float32)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prunepilot", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prune", help="prune a model and write model + recipe + report.json")
+    _add_model_args(p)
+    p.add_argument("--recipe", help="YAML recipe; the options below override its values")
+    p.add_argument("--method", help="pruning method (see `prunepilot methods`)")
+    p.add_argument("--sparsity", type=float, help="fraction of weights (or parameters, structured) to remove")
+    p.add_argument("--pattern", help="unstructured (default) or N:M such as 2:4, 4:8")
+    p.add_argument("--allocation", choices=["uniform", "owl", "explicit"], help="per-layer sparsity allocation")
+    p.add_argument("--calib", action="append", metavar="SPEC",
+                   help="calibration source, repeatable: preset (wiki, web, code, math), file, folder or "
+                        "hf:NAME[,CONFIG][@SPLIT]; optional DOMAIN= prefix, #START:END range, :WEIGHT suffix")
+    p.add_argument("--n-samples", type=int, help="calibration samples (default 128)")
+    p.add_argument("--seqlen", type=int, help="calibration sequence length (default 2048)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--eval", action="append", metavar="DATASET",
+                   help="perplexity set(s) to measure before and after (default wikitext2); 'none' to skip")
+    p.add_argument("--eval-seqlen", type=int)
+    p.add_argument("--eval-max-windows", type=int, help="score only the first N windows (quick runs)")
+    p.add_argument("--out", required=True, help="output folder (model/, recipe.yaml, report.json, sparsity.png)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--no-save-model", action="store_true", help="write only the recipe and report")
+
+    p = sub.add_parser("eval", help="perplexity and zero-shot / MMLU / QA scores of a (pruned) model")
+    _add_model_args(p)
+    p.add_argument("--ppl", action="append", metavar="DATASET", help="perplexity set(s): wikitext2, c4, ...")
+    p.add_argument("--tasks", help="comma-separated tasks (arc_easy,hellaswag,mmlu,...; 'all')")
+    p.add_argument("--data-dir", help="folder laid out like ../shared/data (default: that folder)")
+    p.add_argument("--limit", type=int, help="first N items of each task (quick runs)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seqlen", type=int, default=2048, help="perplexity window")
+    p.add_argument("--max-windows", type=int, help="perplexity: score only the first N windows")
+    p.add_argument("--label", help="name of this model in comparison reports")
+    p.add_argument("--out", help="write results JSON here")
+
+    sub.add_parser("methods", help="list pruning methods")
+
+    p = sub.add_parser("report", help="compare several result JSONs in one markdown table + plot")
+    p.add_argument("results", nargs="+", help="result JSON files (from `prunepilot eval --out`)")
+    p.add_argument("--out", required=True, help="output folder")
+
+    try:
+        from .agent.cli import add_agent_parser
+    except ImportError:  # agent package not installed in this build
+        add_agent_parser = None
+    if add_agent_parser is not None:
+        add_agent_parser(sub)
+    return parser
+
+
+def _recipe_from_args(args):
+    from .recipe import Recipe
+
+    data = Recipe.from_yaml(args.recipe).model_dump() if args.recipe else Recipe().model_dump()
+    for key, value in (("method", args.method), ("sparsity", args.sparsity), ("pattern", args.pattern),
+                       ("device", args.device), ("dtype", args.dtype)):
+        if value is not None:
+            data[key] = value
+    if args.allocation:
+        data["allocation"]["kind"] = args.allocation
+    for key, value in (("sources", args.calib), ("n_samples", args.n_samples), ("seqlen", args.seqlen),
+                       ("seed", args.seed)):
+        if value is not None:
+            data["calibration"][key] = value
+    if args.eval:
+        data["evaluation"]["datasets"] = [] if args.eval == ["none"] else args.eval
+    if args.eval_seqlen is not None:
+        data["evaluation"]["seqlen"] = args.eval_seqlen
+    if args.eval_max_windows is not None:
+        data["evaluation"]["max_windows"] = args.eval_max_windows
+    return Recipe.from_dict(data)
+
+
+def _ppl_all(model, tokenizer, datasets, seqlen, max_windows, batch_size=1) -> dict:
+    from .eval.perplexity import perplexity
+
+    return {d: perplexity(model, tokenizer, d, seqlen, batch_size, max_windows) for d in datasets}
+
+
+def cmd_prune(args) -> int:
+    from .api import prune, resolve_device
+    from .modeling import load_model_and_tokenizer
+    from .registry import get_method
+    from .report import save_result
+
+    recipe = _recipe_from_args(args)
+    get_method(recipe.method, **recipe.method_options)  # fail fast on a bad method name
+    out = Path(args.out)
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise PrunepilotError(f"output folder {out} is not empty; pass --overwrite to replace it")
+    device = resolve_device(recipe.device)
+    t0 = time.time()
+    model, tokenizer = load_model_and_tokenizer(args.model, recipe.dtype, str(device), args.gguf_file)
+    load_s = time.time() - t0
+    ev = recipe.evaluation
+    before = _ppl_all(model, tokenizer, ev.datasets, ev.seqlen, ev.max_windows, ev.batch_size) if ev.before else {}
+    n_params_before = sum(p.numel() for p in model.parameters())
+    report = prune(model, recipe, tokenizer)
+    after = _ppl_all(model, tokenizer, ev.datasets, ev.seqlen, ev.max_windows, ev.batch_size)
+    result = {"model": args.model, **report.to_dict(), "parameters_before": n_params_before,
+              "parameters_after": sum(p.numel() for p in model.parameters()),
+              "perplexity_before": before, "perplexity_after": after}
+    result["timings"]["load_s"] = load_s
+    save_result(model, tokenizer, out, recipe, result, overwrite=args.overwrite, save_model=not args.no_save_model)
+    for d in ev.datasets:
+        b = f"{before[d]['ppl']:.3f} -> " if d in before else ""
+        log.info("%s perplexity (seqlen %d, %d tokens): %s%.3f", d, after[d]["seqlen"], after[d]["tokens"], b,
+                 after[d]["ppl"])
+    print(json.dumps({"out": str(out), "global_sparsity": round(report.global_sparsity, 4),
+                      "perplexity_after": {d: round(v["ppl"], 3) for d, v in after.items()}}))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .api import resolve_device
+    from .data import data_root
+    from .io import atomic_write_json
+    from .modeling import load_model_and_tokenizer
+
+    if not args.ppl and not args.tasks:
+        raise PrunepilotError("nothing to evaluate: give --ppl DATASET and/or --tasks TASKS")
+    device = resolve_device(args.device)
+    model, tokenizer = load_model_and_tokenizer(args.model, args.dtype or "float32", str(device), args.gguf_file)
+    result = {"model": args.model, "label": args.label or Path(args.model).name, "results": {}, "perplexity": {}}
+    if args.ppl:
+        result["perplexity"] = _ppl_all(model, tokenizer, args.ppl, args.seqlen, args.max_windows)
+    if args.tasks:
+        from .eval.suite import TASKS, run_suite
+
+        tasks = list(TASKS) if args.tasks == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
+        result["results"] = run_suite(model, tokenizer, tasks, Path(args.data_dir) if args.data_dir else data_root(),
+                                      limit=args.limit, batch_size=args.batch_size, device=device)
+    if args.out:
+        atomic_write_json(args.out, result)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from .registry import available
+
+    for name, cls in available().items():
+        print(f"{name:16s} {getattr(cls, 'kind', 'unstructured'):13s} {getattr(cls, 'summary', '')}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    for r in args.results:
+        if not Path(r).is_file():
+            raise PrunepilotError(f"result file {r} does not exist")
+    from .compare import build_comparison
+
+    path = build_comparison([Path(r) for r in args.results], Path(args.out))
+    print(path.read_text() if path.suffix == ".md" else path)
+    return 0
+
+
+COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "methods": cmd_methods, "report": cmd_report}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        if args.command == "agent":
+            from .agent.cli import run_agent_command
+
+            return run_agent_command(args)
+        return COMMANDS[args.command](args)
+    except PrunepilotError as e:
+        print(f"prunepilot: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("prunepilot: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

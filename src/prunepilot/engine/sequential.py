@@ -1,0 +1,76 @@
+"""Sequential layer-by-layer pass: one block on the compute device at a time.
+
+    inputs = capture_block_inputs(...)
+    for i, block in blocks:
+        block -> device
+        visit(i, block, inputs)          # collect statistics with hooks, prune ...
+        inputs.hidden = block(inputs)    # the *pruned* block's outputs feed the next block
+        block -> offload device
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapter import ModelAdapter
+from .capture import BlockInputs
+
+log = logging.getLogger(__name__)
+
+
+def block_output(out) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, i: int, inputs: BlockInputs) -> list[torch.Tensor]:
+    """Outputs of block i for every batch (kept where the inputs are)."""
+    outs = []
+    for b, hidden in enumerate(inputs.hidden):
+        dev = next(block.parameters()).device
+        out = block_output(block(hidden.to(dev), *inputs.args[b][i], **inputs.kwargs[b][i]))
+        outs.append(out.to(hidden.device))
+    return outs
+
+
+@contextlib.contextmanager
+def input_hooks(linears: dict[str, nn.Module], fn: Callable[[str, torch.Tensor], None]):
+    """Call fn(name, x) with the input of each linear on every forward; hooks always removed on exit."""
+    handles = []
+    try:
+        for name, module in linears.items():
+            handles.append(module.register_forward_hook(
+                lambda m, args, out, name=name: fn(name, args[0].detach())))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def sequential_pass(adapter: ModelAdapter, inputs: BlockInputs, device,
+                    visit: Callable[[int, nn.Module, BlockInputs], None], offload_device="cpu",
+                    desc: str = "blocks", propagate: bool = True) -> None:
+    """Visit every block in order with its block on `device`; then replace inputs.hidden by its outputs.
+
+    `visit` may prune the block: the next block then sees the pruned model's activations.
+    """
+    for i, block in enumerate(tqdm(adapter.blocks, desc=desc, leave=False)):
+        block.to(device)
+        visit(i, block, inputs)
+        if propagate:
+            inputs.hidden = run_block(block, i, inputs)
+        block.to(offload_device)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def collect(block: nn.Module, i: int, linears: dict[str, nn.Module], inputs: BlockInputs,
+            fn: Callable[[str, torch.Tensor], None]) -> None:
+    """Run block i over all calibration batches, feeding every linear's input to fn(name, x)."""
+    with input_hooks(linears, fn):
+        run_block(block, i, inputs)

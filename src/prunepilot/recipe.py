@@ -1,0 +1,98 @@
+"""Recipes: what to prune and how, as a strict pydantic model. YAML in, YAML out; unknown keys rejected."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import PrunepilotError
+from .masks import parse_pattern
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CalibrationConfig(Strict):
+    sources: list[str] = Field(default_factory=lambda: ["web"], min_length=1)  # data.TextSource specs
+    n_samples: int = Field(128, ge=1)
+    seqlen: int = Field(2048, ge=2)
+    seed: int = 0
+    batch_size: int = Field(1, ge=1)
+
+
+class AllocationConfig(Strict):
+    kind: Literal["uniform", "owl", "explicit"] = "uniform"
+    owl_lambda: float = Field(0.08, ge=0, le=0.5)
+    owl_m: float = Field(5.0, gt=0)
+    layers: dict[str, float] = Field(default_factory=dict)  # explicit: {"0": 0.3, "4-7": 0.6}
+
+
+class EvaluationConfig(Strict):
+    datasets: list[str] = Field(default_factory=lambda: ["wikitext2"])
+    seqlen: int = Field(2048, ge=2)
+    max_windows: int | None = Field(None, ge=1)  # None = the whole test set
+    batch_size: int = Field(1, ge=1)
+    before: bool = True  # also measure the dense model
+
+
+class StructuredConfig(Strict):
+    """Options of the structured methods (wanda_sp, flap, flap_iterative)."""
+    target: Literal["params", "channels"] = "params"   # sparsity counts removed block parameters
+    ratios: Literal["global", "uniform"] = "global"     # FLAP global ranking or per-layer uniform ratios
+    prune_heads: bool = True
+    prune_channels: bool = True
+    steps: int = Field(5, ge=1)                         # flap_iterative: re-measure statistics k times
+    bias_compensation: bool = True
+
+
+class Recipe(Strict):
+    method: str = "wanda"
+    sparsity: float = Field(0.5, ge=0.0, lt=1.0)
+    pattern: str = "unstructured"  # or N:M such as 2:4, 4:8
+    method_options: dict = Field(default_factory=dict)
+    allocation: AllocationConfig = Field(default_factory=AllocationConfig)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    structured: StructuredConfig = Field(default_factory=StructuredConfig)
+    include: list[str] = Field(default_factory=list)
+    ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
+    device: str = "auto"
+    dtype: str = "float32"
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, v: str) -> str:
+        try:
+            parse_pattern(v)
+        except PrunepilotError as e:
+            raise ValueError(str(e)) from None
+        return v
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Recipe":
+        try:
+            return cls.model_validate(data or {})
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "recipe"
+            raise PrunepilotError(f"invalid recipe: {where}: {first['msg']}"
+                                  + (f" ({len(e.errors()) - 1} more)" if len(e.errors()) > 1 else "")) from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "Recipe":
+        p = Path(path)
+        if not p.is_file():
+            raise PrunepilotError(f"recipe file {p} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise PrunepilotError(f"recipe {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if data is not None and not isinstance(data, dict):
+            raise PrunepilotError(f"recipe {p} must be a YAML mapping")
+        return cls.from_dict(data)

@@ -1,0 +1,105 @@
+"""CLI: end to end on the real stories260K model, recipes, and one clear line for every bad argument."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+from conftest import shared_path
+from prunepilot.cli import main
+from prunepilot.io import atomic_dir
+from prunepilot.errors import PrunepilotError
+
+QUICK = ["--calib", "tinystories", "--n-samples", "8", "--seqlen", "128", "--eval", "tinystories",
+         "--eval-seqlen", "128", "--eval-max-windows", "8", "--device", "cpu"]
+
+
+def test_prune_save_reload_keeps_sparsity(tmp_path, capsys):
+    model_dir = shared_path("models", "stories260K")
+    out = tmp_path / "run"
+    assert main(["prune", str(model_dir), "--method", "sparsegpt", "--sparsity", "0.5", "--out", str(out), *QUICK]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["global_sparsity"] == pytest.approx(0.5, abs=0.01)
+    ppl = report["perplexity_after"]["tinystories"]
+    assert ppl["seqlen"] == 128 and ppl["windows"] == 8 and ppl["tokens"] == 8 * 127
+    assert report["perplexity_before"]["tinystories"]["ppl"] < ppl["ppl"]
+    assert (out / "sparsity.png").stat().st_size > 0
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert recipe["method"] == "sparsegpt" and recipe["calibration"]["n_samples"] == 8
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "model")  # plain transformers
+    for name, stats in report["layers"].items():
+        W = reloaded.get_submodule(name).weight
+        assert int((W == 0).sum()) == stats["zeros"], name
+    # the saved recipe reproduces the run
+    out2 = tmp_path / "run2"
+    assert main(["prune", str(model_dir), "--recipe", str(out / "recipe.yaml"), "--out", str(out2)]) == 0
+    again = AutoModelForCausalLM.from_pretrained(out2 / "model")
+    for (n, a), b in zip(reloaded.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), n
+
+
+def test_output_folder_is_not_clobbered(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    code = main(["prune", str(shared_path("models", "stories260K")), "--method", "magnitude", "--out", str(out),
+                 "--eval", "none"])
+    assert code == 2 and "not empty" in capsys.readouterr().err
+    assert (out / "precious.txt").read_text() == "keep me"
+    with pytest.raises(RuntimeError):  # a failure inside the atomic folder leaves the old one intact
+        with atomic_dir(out, overwrite=True) as tmp:
+            (tmp / "half.bin").write_text("x")
+            raise RuntimeError("crash")
+    assert sorted(p.name for p in out.iterdir()) == ["precious.txt"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+BAD = [
+    (["prune", "{m}", "--sparsity", "1.5", "--out", "{o}"], "sparsity"),
+    (["prune", "{m}", "--method", "nope", "--out", "{o}"], "unknown method 'nope'"),
+    (["prune", "{m}", "--pattern", "3-4", "--out", "{o}"], "pattern"),
+    (["prune", "/does/not/exist", "--out", "{o}"], "does not exist"),
+    (["prune", "{m}", "--calib", "/no/such.jsonl", "--out", "{o}", "--eval", "none"], "does not exist"),
+    (["prune", "{m}", "--recipe", "/no/recipe.yaml", "--out", "{o}"], "recipe file"),
+    (["prune", "{m}", "--recipe", "{bad_recipe}", "--out", "{o}"], "invalid recipe: colour"),
+    (["prune", "{m}", "--device", "cuda:0", "--out", "{o}"], "CUDA is not available"),
+    (["prune", "{m}", "--method", "wanda", "--pattern", "4:8", "--calib", "tinystories", "--n-samples", "2",
+      "--seqlen", "32", "--eval", "none", "--out", "{o}"], "divisible by 8"),
+    (["eval", "{m}"], "nothing to evaluate"),
+    (["report", "/no/result.json", "--out", "{o}"], "does not exist"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD)
+def test_bad_arguments_give_one_line_and_exit_2(argv, message, tmp_path, capsys):
+    if "cuda" in argv and torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    bad_recipe = tmp_path / "bad.yaml"
+    bad_recipe.write_text("method: wanda\ncolour: red\n")
+    m = str(shared_path("models", "stories260K"))
+    argv = [a.format(m=m, o=tmp_path / "o", bad_recipe=bad_recipe) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("prunepilot: error:") and message in err[0], err
+
+
+def test_console_script_exit_code_and_methods(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "prunepilot", "prune", "/does/not/exist", "--out", str(tmp_path)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "prunepilot", "methods"], capture_output=True, text=True)
+    assert r.returncode == 0 and "sparsegpt" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "prunepilot", "prune"], capture_output=True, text=True)
+    assert r.returncode == 2 and "usage" in r.stderr
+
+
+def test_recipe_rejects_unknown_keys():
+    from prunepilot.recipe import Recipe
+
+    with pytest.raises(PrunepilotError, match="calibration.n_sample"):
+        Recipe.from_dict({"calibration": {"n_sample": 3}})
+    r = Recipe.from_dict({"method": "sparsegpt", "pattern": "2:4"})
+    assert Recipe.from_dict(yaml.safe_load(r.to_yaml())) == r

@@ -1,0 +1,84 @@
+"""Adapter and sequential engine: block discovery, exact replay, hooks removed, one block at a time."""
+import pytest
+import torch
+
+from prunepilot.engine import ModelAdapter, capture_block_inputs, run_block, sequential_pass
+from prunepilot.errors import PrunepilotError
+from tiny_models import CONFIGS, tiny_model
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_replaying_blocks_equals_full_forward(arch):
+    model = tiny_model(arch)
+    adapter = ModelAdapter(model)
+    ids = torch.randint(3, 128, (4, 20))  # seq 20 > gemma/mistral sliding window 8
+    with torch.no_grad():
+        ref = model(ids, output_hidden_states=True).hidden_states  # input of block i = ref[i]
+    inputs = capture_block_inputs(model, adapter, ids, "cpu", batch_size=3)  # uneven batches: 3 + 1
+    assert [h.shape[0] for h in inputs.hidden] == [3, 1]
+    assert torch.equal(torch.cat(inputs.hidden), ref[0])
+    for i, block in enumerate(adapter.blocks):
+        inputs.hidden = run_block(block, i, inputs)
+        if i + 1 < len(adapter.blocks):  # the last entry of hidden_states has the final norm applied
+            torch.testing.assert_close(torch.cat(inputs.hidden), ref[i + 1], rtol=0, atol=1e-5)
+    # the stubs are gone: the model still runs normally
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, model(ids).logits)
+    assert all("forward" not in vars(b) for b in adapter.blocks)
+
+
+def test_gemma3_blocks_get_their_own_mask_kind():
+    model = tiny_model("gemma3")
+    adapter = ModelAdapter(model)
+    inputs = capture_block_inputs(model, adapter, torch.randint(3, 128, (1, 20)), "cpu")
+    kinds = model.config.layer_types
+    masks = [inputs.kwargs[0][i]["attention_mask"] for i in range(len(kinds))]
+    for i, kind in enumerate(kinds):  # sliding and full attention layers receive different masks
+        same_kind = [j for j, k in enumerate(kinds) if k == kind]
+        assert all(torch.equal(masks[i], masks[j]) for j in same_kind)
+    if len(set(kinds)) > 1:
+        a, b = kinds.index("sliding_attention"), kinds.index("full_attention")
+        assert not torch.equal(masks[a], masks[b])
+
+
+def test_adapter_linears_include_ignore_and_geometry():
+    model = tiny_model("qwen3")
+    ad = ModelAdapter(model)
+    names = list(ad.linears(1))
+    assert names == [f"model.layers.1.{n}" for n in
+                     ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                      "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    assert list(ModelAdapter(model, include=[r"mlp\."]).linears(0)) == [
+        "model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj"]
+    assert "model.layers.0.self_attn.q_proj" not in ModelAdapter(model, ignore=["q_proj"]).linears(0)
+    g = ad.attention_geometry()
+    assert (g.num_heads, g.num_kv_heads, g.head_dim, g.group_size) == (4, 2, 32, 2)  # head_dim from config
+    with pytest.raises(PrunepilotError, match="pattern"):
+        ModelAdapter(model, include=["("])
+
+
+def test_unknown_architecture_is_a_clear_error():
+    class NotAnLLM(torch.nn.Module):
+        config = type("C", (), {"model_type": "mystery"})()
+
+    with pytest.raises(PrunepilotError, match="unsupported architecture.*mystery"):
+        ModelAdapter(NotAnLLM())
+
+
+def test_sequential_pass_moves_one_block_at_a_time_and_removes_hooks():
+    model = tiny_model("llama")
+    adapter = ModelAdapter(model)
+    inputs = capture_block_inputs(model, adapter, torch.randint(3, 128, (2, 16)), "cpu")
+    seen = []
+
+    def visit(i, block, inp):
+        seen.append(i)
+        from prunepilot.engine import collect
+
+        lin = adapter.linears(i)
+        collect(block, i, lin, inp, lambda n, x: None)
+        assert all(not m._forward_hooks for m in lin.values())
+
+    sequential_pass(adapter, inputs, "cpu", visit)
+    assert seen == [0, 1, 2]
+    assert all(not m._forward_hooks for m in model.modules())
