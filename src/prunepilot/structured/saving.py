@@ -1,0 +1,191 @@
+"""Saving and reloading structurally pruned models.
+
+Uniform widths (every layer keeps the same MLP width and head counts) whose shapes the architecture's own
+config can express (intermediate_size, num_attention_heads, num_key_value_heads, explicit head_dim, and
+attention_bias / mlp_bias for compensation biases) are saved as an ordinary checkpoint that plain
+``AutoModelForCausalLM.from_pretrained`` loads. The config flags may create biases the pruned model does
+not have (llama's attention_bias also adds q/k/v biases): those are saved as zeros, so the function is
+unchanged. Whether the config expresses the model is checked, not assumed: a meta-device model is built
+from the candidate config and its parameter shapes compared with ours.
+
+Everything else (per-layer widths, biases the arch cannot declare) is saved with the original config plus
+``prunepilot_widths.json``; ``load_pruned`` builds the model from the config, shrinks every block to the
+recorded widths, then loads the state dict.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from ..engine import ModelAdapter
+from ..errors import PrunepilotError
+from ..io import atomic_dir
+from .slicing import block_widths, shrink_block
+
+log = logging.getLogger(__name__)
+
+WIDTHS_FILE = "prunepilot_widths.json"
+FORMAT = "prunepilot-structured/1"
+
+
+def model_widths(model) -> tuple[ModelAdapter, int, list[dict]]:
+    adapter = ModelAdapter(model)
+    head_dim = adapter.attention_geometry().head_dim
+    return adapter, head_dim, [block_widths(b, head_dim) for b in adapter.blocks]
+
+
+def _is_uniform(widths: list[dict]) -> bool:
+    return all(w == widths[0] for w in widths)
+
+
+def plain_config(model, widths: list[dict]):
+    """(config, zero-filled keys) if plain transformers can rebuild this model exactly, else None."""
+    if not _is_uniform(widths):
+        return None
+    w = widths[0]
+    cfg = copy.deepcopy(model.config)
+    cfg.__dict__.pop("quantization_config", None)  # GGUF weights are plain floats once loaded
+    tc = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    tc.intermediate_size = w["intermediate_size"]
+    tc.num_attention_heads = w["num_heads"]
+    tc.num_key_value_heads = w["num_kv_heads"]
+    tc.head_dim = w["head_dim"]
+    for flag, needed in (("attention_bias", w["o_bias"]), ("mlp_bias", w["down_bias"])):
+        if needed and not getattr(tc, flag, False):
+            if not hasattr(tc, flag):
+                return None
+            setattr(tc, flag, True)
+    try:
+        if hasattr(cfg, "validate"):
+            cfg.validate()  # e.g. llama needs hidden_size % num_attention_heads == 0
+        with torch.device("meta"):
+            ref = type(model)._from_config(cfg)
+    except Exception as e:  # the config rejects these widths: fall back to the widths file
+        log.debug("plain config rejected: %s", e)
+        return None
+    expected = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if any(expected.get(k) != s for k, s in ours.items()):
+        return None
+    extra = [k for k in expected if k not in ours]
+    if not all(k.endswith(".bias") for k in extra):
+        return None
+    return cfg, {k: expected[k] for k in extra}
+
+
+def _is_gguf(model) -> bool:
+    q = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(q, "quantization_config", None), "quant_method", None)
+    return q is not None and str(getattr(method, "value", method)).lower() == "gguf"
+
+
+@contextlib.contextmanager
+def gguf_detached(model):
+    """GGUF checkpoints are dequantized to ordinary float weights at load, but transformers keeps a GGUF
+    quantizer attached that makes save_pretrained refuse; detach it (and its config entry) while saving."""
+    if not _is_gguf(model):
+        yield
+        return
+    saved = {k: getattr(model, k) for k in ("hf_quantizer", "is_quantized", "quantization_method") if hasattr(model, k)}
+    qcfg = model.config.__dict__.pop("quantization_config", None)
+    try:
+        model.hf_quantizer, model.is_quantized = None, False
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(model, k, v)
+        if qcfg is not None:
+            model.config.quantization_config = qcfg
+
+
+def _save_tokenizer(tokenizer, folder: Path) -> None:
+    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(folder)
+
+
+def save_pruned(model, tokenizer, path: str | Path, overwrite: bool = False) -> Path:
+    """Save a structurally pruned model (and tokenizer) atomically: a temp folder, then one rename."""
+    adapter, head_dim, widths = model_widths(model)
+    plain = plain_config(model, widths)
+    with atomic_dir(path, overwrite=overwrite) as tmp, gguf_detached(model):
+        if plain is not None:
+            cfg, zeros = plain
+            state = dict(model.state_dict())
+            ref = next(iter(state.values()))
+            for k, shape in zeros.items():  # biases the config creates but the model lacks: exact zeros
+                state[k] = torch.zeros(shape, dtype=ref.dtype, device=ref.device)
+            model.save_pretrained(tmp, state_dict=state)
+            cfg.save_pretrained(tmp)  # the shrunk config replaces the one save_pretrained wrote
+            log.info("saved %s: uniform widths, loads with plain from_pretrained", path)
+        else:
+            model.save_pretrained(tmp)
+            info = {"format": FORMAT, "model_type": adapter.model_type, "head_dim": head_dim, "layers": widths}
+            (tmp / WIDTHS_FILE).write_text(json.dumps(info, indent=1) + "\n")
+            log.info("saved %s: per-layer widths in %s (load with prunepilot load_pruned)", path, WIDTHS_FILE)
+        _save_tokenizer(tokenizer, tmp)
+    return Path(path)
+
+
+def _load_state(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    single = folder / "model.safetensors"
+    if single.exists():
+        return load_file(single)
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        state = {}
+        for shard in shards:
+            state.update(load_file(folder / shard))
+        return state
+    raise PrunepilotError(f"{folder} holds no model.safetensors (or sharded index)")
+
+
+def load_pruned(path: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu",
+                attn_implementation: str | None = None):
+    """Load a model saved by save_pruned (either kind), in eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    from ..modeling import parse_dtype
+
+    folder = Path(path)
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    if not folder.is_dir():
+        raise PrunepilotError(f"pruned model folder {folder} does not exist")
+    widths_file = folder / WIDTHS_FILE
+    if not widths_file.exists():
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=parse_dtype(dtype), **kwargs)
+        return model.to(device).eval()
+    try:
+        info = json.loads(widths_file.read_text())
+    except json.JSONDecodeError as e:
+        raise PrunepilotError(f"{widths_file} is not valid JSON ({e.msg})") from None
+    if info.get("format") != FORMAT:
+        raise PrunepilotError(f"{widths_file}: unknown format {info.get('format')!r} (expected {FORMAT})")
+    config = AutoConfig.from_pretrained(str(folder), **kwargs)
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, **kwargs)
+    model.tie_weights()  # no_init_weights skips the tying post_init would do
+    adapter = ModelAdapter(model)
+    if len(info["layers"]) != len(adapter.blocks):
+        raise PrunepilotError(f"{widths_file} has {len(info['layers'])} layers, the config {len(adapter.blocks)}")
+    for block, widths in zip(adapter.blocks, info["layers"]):
+        shrink_block(block, widths, info["head_dim"])
+    state = _load_state(folder)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise PrunepilotError(f"{folder}: weights do not match the recorded widths: {str(e).splitlines()[0]}") from None
+    tied = {id(p) for p in (model.get_input_embeddings().weight,)}
+    untied = [k for k in missing if id(model.get_parameter(k)) not in tied] if missing else []
+    if untied or unexpected:
+        raise PrunepilotError(f"{folder}: checkpoint does not match the model: missing {untied[:3]}, "
+                              f"unexpected {list(unexpected)[:3]}")
+    return model.to(device=device, dtype=parse_dtype(dtype)).eval()

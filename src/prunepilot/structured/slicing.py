@@ -1,0 +1,266 @@
+"""Physical slicing of decoder blocks: keep given MLP channels and given KV groups of attention heads.
+
+Supported block layouts (anything else is a PrunepilotError, never a shape error deep inside torch):
+
+    MLP        gated:  mlp.gate_proj / mlp.up_proj rows  +  mlp.down_proj columns   (llama, qwen, mistral, gemma)
+               plain:  fc1 rows (+bias)                  +  fc2 columns             (opt-style, block.fc1 or mlp.fc1)
+    attention  self_attn.{q,k,v}_proj rows  +  self_attn.{o_proj|out_proj} columns
+
+GQA rule: the unit of attention pruning is one **KV group** = one KV head and the `group_size` query heads
+that read it (HF's repeat_kv maps query head h to KV head h // group_size). Removing group g removes q
+rows [g*gs*hd, (g+1)*gs*hd), k/v rows [g*hd, (g+1)*hd) and the matching o_proj columns. head_dim never
+changes, so per-head norms (Qwen3/Gemma3 q_norm/k_norm act on head_dim) and rotary tables are untouched.
+The v5 attention forwards reshape with ``(*input_shape, -1, head_dim)`` and repeat KV heads by
+``num_key_value_groups`` (= group_size, unchanged); attributes that count heads (``num_heads``,
+``num_key_value_heads`` where a module has them, e.g. OPT's view uses ``self.num_heads``) are updated.
+
+Bias compensation (FLAP): removing input channels J of an output projection W changes its output by
+-W[:, J] @ x_J; replacing x_J by its calibration mean gives the bias b += W[:, J] @ mean(x_J).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import PrunepilotError
+
+GATED_MLP = ("gate_proj", "up_proj", "down_proj")
+ATTN_NAMES = ("self_attn", "attn", "self_attention")
+O_NAMES = ("o_proj", "out_proj")
+
+
+@dataclass
+class MLPParts:
+    owner: str            # module holding the MLP linears, relative to the block ("mlp" or "")
+    ins: list[str]        # projections whose output rows are channels: gate_proj, up_proj (or fc1)
+    out: str              # projection whose input columns are channels: down_proj (or fc2)
+
+
+@dataclass
+class AttnParts:
+    owner: str            # attention module, relative to the block ("self_attn")
+    q: str
+    k: str
+    v: str
+    o: str
+
+
+def _sub(module: nn.Module, path: str) -> nn.Module | None:
+    for part in filter(None, path.split(".")):
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module
+
+
+def _join(owner: str, name: str) -> str:
+    return f"{owner}.{name}" if owner else name
+
+
+def _is_plain_linear(m) -> bool:
+    return isinstance(m, nn.Linear)
+
+
+def find_mlp(block: nn.Module, where: str = "block") -> MLPParts:
+    mlp = getattr(block, "mlp", None)
+    if mlp is not None and all(_is_plain_linear(getattr(mlp, n, None)) for n in GATED_MLP):
+        return MLPParts("mlp", ["mlp.gate_proj", "mlp.up_proj"], "mlp.down_proj")
+    for owner in ("mlp", ""):
+        m = _sub(block, owner)
+        if m is not None and _is_plain_linear(getattr(m, "fc1", None)) and _is_plain_linear(getattr(m, "fc2", None)):
+            return MLPParts(owner, [_join(owner, "fc1")], _join(owner, "fc2"))
+    found = sorted(n for n, m in block.named_modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D")
+    raise PrunepilotError(
+        f"structured pruning needs a gated MLP (gate_proj/up_proj/down_proj) or fc1/fc2 nn.Linear layers; "
+        f"{where} has {', '.join(found) or 'no linears'} (fused projections such as gate_up_proj or GPT-2 "
+        f"Conv1D are not supported)")
+
+
+def find_attention(block: nn.Module, where: str = "block") -> AttnParts:
+    for owner in ATTN_NAMES:
+        attn = getattr(block, owner, None)
+        if attn is None:
+            continue
+        o = next((n for n in O_NAMES if _is_plain_linear(getattr(attn, n, None))), None)
+        if o and all(_is_plain_linear(getattr(attn, n, None)) for n in ("q_proj", "k_proj", "v_proj")):
+            return AttnParts(owner, f"{owner}.q_proj", f"{owner}.k_proj", f"{owner}.v_proj", f"{owner}.{o}")
+    raise PrunepilotError(
+        f"structured pruning needs separate q_proj/k_proj/v_proj and o_proj (or out_proj) nn.Linear layers in "
+        f"{where}'s attention; fused qkv projections (phi3 qkv_proj, GPT-2 c_attn) are not supported")
+
+
+@dataclass
+class BlockLayout:
+    mlp: MLPParts
+    attn: AttnParts
+
+
+def block_layout(block: nn.Module, where: str = "block") -> BlockLayout:
+    return BlockLayout(find_mlp(block, where), find_attention(block, where))
+
+
+def linear(block: nn.Module, name: str) -> nn.Linear:
+    return _sub(block, name)
+
+
+# ---------------------------------------------------------------------------------------------- geometry
+
+def attention_counts(block: nn.Module, parts: AttnParts, head_dim: int) -> tuple[int, int, int]:
+    """(num_heads, num_kv_heads, group_size) of this block, read from the projection widths."""
+    heads = linear(block, parts.q).out_features // head_dim
+    kv = linear(block, parts.k).out_features // head_dim
+    if kv == 0 or heads % kv:
+        raise PrunepilotError(f"inconsistent attention widths: {heads} query heads, {kv} KV heads")
+    return heads, kv, heads // kv
+
+
+def mlp_width(block: nn.Module, parts: MLPParts) -> int:
+    return linear(block, parts.out).in_features
+
+
+def group_columns(groups: torch.Tensor, group_size: int, head_dim: int) -> torch.Tensor:
+    """Indices of the q rows / o_proj columns of KV groups `groups`. (len(groups) * gs * hd,)"""
+    width = group_size * head_dim
+    offs = torch.arange(width, device=groups.device)
+    return (groups.unsqueeze(1) * width + offs.unsqueeze(0)).reshape(-1)
+
+
+def kv_rows(groups: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Indices of the k/v rows of KV heads `groups`. (len(groups) * hd,)"""
+    offs = torch.arange(head_dim, device=groups.device)
+    return (groups.unsqueeze(1) * head_dim + offs.unsqueeze(0)).reshape(-1)
+
+
+def complement(keep: torch.Tensor, n: int) -> torch.Tensor:
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[keep.cpu()] = False
+    return mask.nonzero().flatten()
+
+
+# ---------------------------------------------------------------------------------------------- slicing
+
+def _check_keep(keep, n: int, what: str) -> torch.Tensor:
+    keep = torch.as_tensor(keep, dtype=torch.long).flatten().cpu()
+    if keep.numel() == 0:
+        raise PrunepilotError(f"cannot remove every {what} of a layer: keep at least one")
+    if keep.min() < 0 or keep.max() >= n or keep.unique().numel() != keep.numel():
+        raise PrunepilotError(f"bad {what} indices to keep: need distinct values in [0, {n})")
+    return keep.sort().values
+
+
+@torch.no_grad()
+def keep_rows(lin: nn.Linear, idx: torch.Tensor) -> None:
+    """Keep output features idx (weight rows and bias entries)."""
+    idx = idx.to(lin.weight.device)
+    lin.weight = nn.Parameter(lin.weight.index_select(0, idx).contiguous(), requires_grad=lin.weight.requires_grad)
+    if lin.bias is not None:
+        lin.bias = nn.Parameter(lin.bias.index_select(0, idx).contiguous(), requires_grad=lin.bias.requires_grad)
+    lin.out_features = idx.numel()
+
+
+@torch.no_grad()
+def keep_columns(lin: nn.Linear, idx: torch.Tensor) -> None:
+    """Keep input features idx (weight columns; the bias is per output and stays)."""
+    idx = idx.to(lin.weight.device)
+    lin.weight = nn.Parameter(lin.weight.index_select(1, idx).contiguous(), requires_grad=lin.weight.requires_grad)
+    lin.in_features = idx.numel()
+
+
+@torch.no_grad()
+def add_bias(lin: nn.Linear, delta: torch.Tensor | None = None) -> None:
+    """Give `lin` a bias if it has none (zeros, registered as a Parameter so state_dict saves it), add delta."""
+    if lin.bias is None:
+        lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype, device=lin.weight.device),
+                                requires_grad=lin.weight.requires_grad)
+    if delta is not None:
+        lin.bias.add_(delta.to(device=lin.bias.device, dtype=lin.bias.dtype))
+
+
+@torch.no_grad()
+def compensation(weight: torch.Tensor, mean: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
+    """W[:, removed] @ mean[removed] in float32: the expected output of the removed inputs. (out,)"""
+    removed = removed.to(weight.device)
+    w = weight.index_select(1, removed).float()          # (out, r)
+    return w @ mean.to(weight.device).float()[removed]   # (out,)
+
+
+@torch.no_grad()
+def keep_mlp_channels(block: nn.Module, keep, mean: torch.Tensor | None = None,
+                      parts: MLPParts | None = None) -> None:
+    """Keep MLP intermediate channels `keep`: gate/up (or fc1) rows, down (or fc2) columns.
+
+    mean: (width,) calibration mean of the down_proj input; when given, the removed channels' expected
+    contribution moves into down_proj's bias (added if absent, even when nothing is removed).
+    """
+    parts = parts or find_mlp(block)
+    out = linear(block, parts.out)
+    width = out.in_features
+    keep = _check_keep(keep, width, "MLP channel")
+    if mean is not None:
+        add_bias(out, compensation(out.weight, mean, complement(keep, width)))
+    for name in parts.ins:
+        keep_rows(linear(block, name), keep)
+    keep_columns(out, keep)
+    owner = _sub(block, parts.owner)
+    if owner is not None and hasattr(owner, "intermediate_size"):
+        owner.intermediate_size = keep.numel()
+
+
+@torch.no_grad()
+def keep_kv_groups(block: nn.Module, keep, head_dim: int, mean: torch.Tensor | None = None,
+                   parts: AttnParts | None = None) -> None:
+    """Keep the KV groups `keep` (KV head g and its query heads), GQA-consistently.
+
+    mean: (num_heads * head_dim,) calibration mean of the o_proj input, for bias compensation.
+    """
+    parts = parts or find_attention(block)
+    heads, kv, gs = attention_counts(block, parts, head_dim)
+    keep = _check_keep(keep, kv, "KV head group")
+    q_idx = group_columns(keep, gs, head_dim)    # (kept * gs * hd,)
+    kv_idx = kv_rows(keep, head_dim)              # (kept * hd,)
+    o = linear(block, parts.o)
+    if mean is not None:
+        add_bias(o, compensation(o.weight, mean, complement(q_idx, heads * head_dim)))
+    keep_rows(linear(block, parts.q), q_idx)
+    keep_rows(linear(block, parts.k), kv_idx)
+    keep_rows(linear(block, parts.v), kv_idx)
+    keep_columns(o, q_idx)
+    attn = _sub(block, parts.owner)
+    for attr, value in (("num_heads", keep.numel() * gs), ("num_attention_heads", keep.numel() * gs),
+                        ("num_key_value_heads", keep.numel()), ("num_kv_heads", keep.numel())):
+        if isinstance(getattr(attn, attr, None), int):
+            setattr(attn, attr, value)
+    if hasattr(attn, "num_key_value_groups"):  # heads per KV head: unchanged by construction
+        assert attn.num_key_value_groups == gs, (attn.num_key_value_groups, gs)
+
+
+# ---------------------------------------------------------------------------------------------- widths
+
+def block_widths(block: nn.Module, head_dim: int, layout: BlockLayout | None = None) -> dict:
+    """What a reloader needs to rebuild this block: widths, head counts and which outputs have biases."""
+    layout = layout or block_layout(block)
+    heads, kv, _ = attention_counts(block, layout.attn, head_dim)
+    return {
+        "intermediate_size": mlp_width(block, layout.mlp),
+        "num_heads": heads,
+        "num_kv_heads": kv,
+        "head_dim": head_dim,
+        "o_bias": linear(block, layout.attn.o).bias is not None,
+        "down_bias": linear(block, layout.mlp.out).bias is not None,
+    }
+
+
+def shrink_block(block: nn.Module, widths: dict, head_dim: int) -> None:
+    """Reshape a freshly built dense block to recorded widths (contents are overwritten by a state dict)."""
+    layout = block_layout(block)
+    keep_mlp_channels(block, torch.arange(widths["intermediate_size"]), parts=layout.mlp)
+    keep_kv_groups(block, torch.arange(widths["num_kv_heads"]), head_dim, parts=layout.attn)
+    heads, kv, _ = attention_counts(block, layout.attn, head_dim)
+    if (heads, kv) != (widths["num_heads"], widths["num_kv_heads"]):
+        raise PrunepilotError(f"recorded widths {widths} do not fit this architecture's group size")
+    if widths.get("o_bias"):
+        add_bias(linear(block, layout.attn.o))
+    if widths.get("down_bias"):
+        add_bias(linear(block, layout.mlp.out))
