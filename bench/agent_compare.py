@@ -1,0 +1,140 @@
+"""Agent-guided adaptive pruning vs uniform Wanda, OWL and N:M magnitude on SmolLM2-135M.
+
+At each target sparsity (default 0.45 and 0.50): uniform Wanda, OWL (Wanda + outlier-weighted block
+allocation), and the agent loop with the built-in policy; plus 2:4 and 4:8 magnitude (50% by
+construction). Every method starts from the same dense model and uses the same calibration windows
+(C4 docs 0-149, the "web" preset, minus the tail the agent holds out for its rollback check).
+Evaluation: WikiText-2 test perplexity (rows joined with "\\n\\n", non-overlapping windows), the first
+--max-windows windows of --eval-seqlen tokens. Optional zero-shot / MMLU columns with --tasks (needs
+prunepilot.eval.suite).
+
+    python bench/agent_compare.py --out docs/bench/agent.md
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Snapshot, machine, md_table, smollm2_path  # noqa: E402
+
+from prunepilot.agent import AgentConfig, run_agent  # noqa: E402
+from prunepilot.agent.loop import calibration_and_heldout  # noqa: E402
+from prunepilot.api import prune  # noqa: E402
+from prunepilot.eval.perplexity import perplexity  # noqa: E402
+from prunepilot.modeling import load_model_and_tokenizer  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=smollm2_path())
+    ap.add_argument("--sparsities", default="0.45,0.5")
+    ap.add_argument("--n-samples", type=int, default=32)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--eval-seqlen", type=int, default=1024)
+    ap.add_argument("--max-windows", type=int, default=24, help="WikiText-2 windows per eval (0 = all)")
+    ap.add_argument("--agent-eval-tokens", type=int, default=4096, help="held-out tokens for the rollback check")
+    ap.add_argument("--agent-grad-samples", type=int, default=4)
+    ap.add_argument("--max-iterations", type=int, default=30)
+    ap.add_argument("--tasks", help="comma-separated eval-suite tasks (arc_easy,piqa,mmlu ...), optional")
+    ap.add_argument("--limit", type=int, default=200, help="items per task for --tasks")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ap.add_argument("--skip", default="", help="comma-separated methods to skip: wanda,owl,agent,nm")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("prunepilot.agent").setLevel(logging.INFO)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    skip = set(filter(None, args.skip.split(",")))
+    tasks = [t.strip() for t in args.tasks.split(",")] if args.tasks else []
+    run_suite = None
+    if tasks:
+        try:
+            from prunepilot.data import data_root
+            from prunepilot.eval.suite import run_suite
+        except ImportError as e:
+            print(f"--tasks ignored: the eval suite is not available ({e})", flush=True)
+            tasks = []
+
+    t0 = time.time()
+    model, tok = load_model_and_tokenizer(args.model)
+    print(f"loaded {args.model} in {time.time() - t0:.1f}s; {machine()}", flush=True)
+    snap = Snapshot(model)
+    calib, held, _ = calibration_and_heldout(tok, ["web"], args.n_samples, args.seqlen, 0,
+                                             args.agent_eval_tokens, args.seqlen)
+    mw = args.max_windows or None
+
+    def evaluate() -> tuple[dict, dict]:
+        ppl = perplexity(model, tok, "wikitext2", args.eval_seqlen, max_windows=mw)
+        scores = {}
+        if tasks:
+            res = run_suite(model, tok, tasks, data_root(), limit=args.limit, batch_size=8)
+            scores = {t: res[t]["main"] for t in tasks if t in res}
+        return ppl, scores
+
+    rows, protocol = [], {}
+
+    def record(name, target, sparsity, prune_s, extra=("-", "-")):
+        ppl, scores = evaluate()
+        protocol.update(seqlen=ppl["seqlen"], windows=ppl["windows"], tokens=ppl["tokens"])
+        rows.append([name, target, round(sparsity, 4), ppl["ppl"], *extra, round(prune_s, 1), ppl["seconds"],
+                     *[scores.get(t, float("nan")) for t in tasks]])
+        print(f"{name:24s} target {target} sparsity {sparsity:.4f} wikitext2 ppl {ppl['ppl']:.3f} "
+              f"(seqlen {ppl['seqlen']}, {ppl['windows']} windows, {ppl['tokens']} tokens) prune {prune_s:.1f}s "
+              f"eval {ppl['seconds']}s {extra} {scores or ''}", flush=True)
+
+    record("dense", "-", 0.0, 0.0)
+    for target in [float(s) for s in args.sparsities.split(",")]:
+        for name, alloc in (("wanda uniform", "uniform"), ("wanda + OWL", "owl")):
+            if ("wanda" if alloc == "uniform" else "owl") in skip:
+                continue
+            snap.restore(model)
+            t = time.time()
+            rep = prune(model, {"method": "wanda", "sparsity": target, "device": "cpu",
+                                "allocation": {"kind": alloc}}, calibration=calib)
+            record(name, target, rep.global_sparsity, time.time() - t)
+        if "agent" not in skip:
+            snap.restore(model)
+            cfg = AgentConfig(target_sparsity=target, max_iterations=args.max_iterations, device="cpu",
+                              save_model=False, eval_tokens=args.agent_eval_tokens, eval_seqlen=args.seqlen,
+                              grad_samples=args.agent_grad_samples,
+                              calibration={"sources": ["web"], "n_samples": args.n_samples, "seqlen": args.seqlen})
+            t = time.time()
+            with tempfile.TemporaryDirectory() as out:
+                res = run_agent(model, tok, cfg, out, calibration=calib, held_out=held)
+            record("agent (builtin policy)", target, res.global_sparsity, time.time() - t,
+                   (res.iterations, res.rollbacks))
+    if "nm" not in skip:
+        for pattern in ("2:4", "4:8"):
+            snap.restore(model)
+            t = time.time()
+            rep = prune(model, {"method": "magnitude", "sparsity": 0.5, "pattern": pattern, "device": "cpu"})
+            record(f"magnitude {pattern}", 0.5, rep.global_sparsity, time.time() - t)
+
+    headers = ["method", "target", "sparsity", "wikitext2 ppl", "iterations", "rollbacks", "prune wall s",
+               "eval wall s", *tasks]
+    table = md_table(headers, rows)
+    text = (f"{table}\n\nProtocol: model {args.model}; calibration C4 docs 0-149 ('web'), {args.n_samples} x "
+            f"{args.seqlen} tokens, seed 0, the same windows for every method (the agent additionally holds out "
+            f"the last {held.numel()} tokens of that stream for its rollback check); WikiText-2 test, seqlen "
+            f"{protocol.get('seqlen')}, {protocol.get('windows')} windows = {protocol.get('tokens')} scored tokens"
+            f"{f'; tasks {tasks} (limit {args.limit})' if tasks else ''}; agent: built-in policy, rollback "
+            f"threshold 15%, {args.agent_grad_samples} gradient samples; {machine()}; total "
+            f"{time.time() - t0:.0f}s\n")
+    print(text, flush=True)
+    if args.out:
+        from prunepilot.io import atomic_write_text
+
+        atomic_write_text(args.out, text)
+
+
+if __name__ == "__main__":
+    main()

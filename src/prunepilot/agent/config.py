@@ -1,0 +1,120 @@
+"""AgentConfig: everything an agent run needs, as a strict pydantic model (unknown keys rejected).
+
+YAML in (``--config agent.yaml``), YAML out (``out_dir/agent.yaml``). Fields that change what a replay
+of the journal computes (calibration data, held-out slice, include/ignore) are fingerprinted in the
+journal header so that ``--resume`` refuses a journal written under different settings.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ..errors import PrunepilotError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ControllerConfig(Strict):
+    """Who decides how much more to prune each layer: the built-in policy, an OpenAI-compatible
+    endpoint, or a local Hugging Face chat model."""
+    kind: Literal["builtin", "openai", "hf"] = "builtin"
+    base_url: str | None = None          # openai: e.g. http://127.0.0.1:8000/v1 (…/chat/completions is appended)
+    model_name: str | None = None        # openai: served model name; hf: local folder or hub name
+    api_key_env: str | None = "OPENAI_API_KEY"  # name of the env var holding the key (never the key itself)
+    timeout_s: float = Field(60.0, gt=0)
+    retries: int = Field(2, ge=0, le=10)        # extra attempts on transport errors (refused, timeout, 5xx, 429)
+    retry_backoff_s: float = Field(1.0, ge=0)   # sleep backoff * 2**attempt between transport retries
+    invalid_retries: int = Field(2, ge=0, le=10)  # re-asks after an invalid decision, then built-in fallback
+    strict: bool = False                 # unreachable endpoint / invalid output: error instead of fallback
+    json_schema: bool = True             # openai: send response_format = json_schema (structured output)
+    temperature: float = Field(0.0, ge=0, le=2)
+    max_tokens: int = Field(4096, ge=16)
+    table_rows: int | None = Field(None, ge=1)  # show only the first N rows of the profile (small contexts)
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must start with http:// or https://, got {v!r}")
+        return v
+
+
+class PolicyConfig(Strict):
+    """Knobs of the built-in deterministic policy (see controllers.BuiltinPolicy)."""
+    step: float = Field(0.10, gt=0, le=0.5)          # global sparsity gain aimed at per iteration
+    min_step: float = Field(0.005, gt=0, le=0.5)
+    backoff: float = Field(0.5, gt=0, lt=1)          # step *= backoff after a rollback
+    grow: float = Field(1.5, ge=1)                   # step *= grow after an "excellent" step (≤ grow * step)
+    safety: float = Field(0.7, gt=0, le=1)           # aim the predicted ppl rise at safety * threshold
+    tilt: float = Field(0.5, ge=0, lt=1)             # extra_i ∝ 1 - tilt * tanh(sensitivity_i)
+    weight_s: float = 1.0                            # sensitivity = weight_s * z_s + weight_g * z_g
+    weight_g: float = 1.0
+    # "global": the profile's z_s, z_g; "global_log": z of log s, log g across all layers; "type": z of
+    # log s, log g within each layer type (q_proj vs the other q_proj ...)
+    normalize: Literal["global", "global_log", "type"] = "global_log"
+
+
+class CalibrationSettings(Strict):
+    sources: list[str] = Field(default_factory=lambda: ["web"], min_length=1)  # data.TextSource specs
+    n_samples: int = Field(32, ge=1)
+    seqlen: int = Field(512, ge=2)
+    batch_size: int = Field(1, ge=1)
+
+
+class AgentConfig(Strict):
+    target_sparsity: float = Field(0.5, gt=0.0, lt=1.0)
+    max_iterations: int = Field(30, ge=1)
+    rollback_threshold: float = Field(0.15, gt=0)    # relative held-out ppl rise over the last accepted step
+    target_tolerance: float = Field(0.001, ge=0, lt=0.1)  # "reached" when global sparsity ≥ target - tol
+    max_layer_sparsity: float = Field(0.9, gt=0, lt=1)    # never prune one linear beyond this
+    controller: ControllerConfig = Field(default_factory=ControllerConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    calibration: CalibrationSettings = Field(default_factory=CalibrationSettings)
+    eval_tokens: int = Field(8192, ge=2)             # held-out budget (tail of the calibration sources)
+    eval_seqlen: int = Field(512, ge=2)
+    profile_percentile: float = Field(0.10, ge=0, le=1)  # Wanda score percentile s per layer
+    grad_refresh_every: int = Field(3, ge=0)         # recompute gradients after k accepted steps (0: once)
+    grad_samples: int = Field(8, ge=0)               # calibration samples for gradients (0: no gradient signal)
+    grad_mode: Literal["full", "blockwise"] = "full"
+    seed: int = 0
+    device: str = "auto"
+    include: list[str] = Field(default_factory=list)
+    ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
+    save_model: bool = True
+
+    def replay_key(self) -> dict:
+        """Settings a journal replay depends on (must match on --resume)."""
+        return {"calibration": self.calibration.model_dump(mode="json"), "seed": self.seed,
+                "eval_tokens": self.eval_tokens, "eval_seqlen": self.eval_seqlen,
+                "include": self.include, "ignore": self.ignore}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> "AgentConfig":
+        try:
+            return cls.model_validate(data or {})
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "config"
+            more = f" ({len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+            raise PrunepilotError(f"invalid agent config: {where}: {first['msg']}{more}") from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "AgentConfig":
+        p = Path(path)
+        if not p.is_file():
+            raise PrunepilotError(f"agent config {p} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise PrunepilotError(f"agent config {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if data is not None and not isinstance(data, dict):
+            raise PrunepilotError(f"agent config {p} must be a YAML mapping")
+        return cls.from_dict(data)

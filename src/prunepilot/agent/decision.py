@@ -1,0 +1,64 @@
+"""What a controller sees (Observation) and what it must return (Decision)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+MIN_EXTRA, MAX_EXTRA = 0.01, 0.15  # bounds of one layer's extra sparsity per iteration
+
+
+@dataclass
+class Feedback:
+    """How one past decision turned out."""
+    iteration: int
+    gain: float               # global sparsity gain the step made (attempted gain when rolled back)
+    ppl_before: float
+    ppl_after: float
+    ppl_change: float         # relative: ppl_after / ppl_before - 1
+    label: str                # excellent | good | poor-rolled-back | no-op
+    accepted: bool
+    reasoning: str = ""
+    source: str = ""          # controller that produced the decision (builtin, openai, builtin-fallback ...)
+    n_layers: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Observation:
+    iteration: int
+    max_iterations: int
+    target_sparsity: float
+    current_sparsity: float
+    rows: list[dict]          # Profile.rows(): sorted by z_s ascending
+    current_ppl: float        # held-out ppl of the last accepted state
+    baseline_ppl: float       # held-out ppl before the run
+    rollback_threshold: float
+    last: Feedback | None = None
+    history: list[Feedback] = field(default_factory=list)
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [r["layer"] for r in self.rows]
+
+
+@dataclass
+class LayerDecision:
+    layer: str
+    extra_sparsity: float
+
+
+@dataclass
+class Decision:
+    reasoning: str
+    stop_pruning: bool
+    layer_decisions: list[LayerDecision]
+    source: str = ""
+    warnings: list[str] = field(default_factory=list)
+
+    def extras(self) -> dict[str, float]:
+        return {d.layer: d.extra_sparsity for d in self.layer_decisions}
+
+    def to_dict(self) -> dict:
+        return {"reasoning": self.reasoning, "stop_pruning": self.stop_pruning,
+                "layer_decisions": [asdict(d) for d in self.layer_decisions]}

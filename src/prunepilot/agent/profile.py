@@ -1,0 +1,272 @@
+"""Per-layer sensitivity profile (one row per prunable linear) and the pruning pass that refreshes it.
+
+Two signals, each z-scored across layers, z = (x - mean) / (std + 1e-9) with the population std:
+
+- s: the 10th percentile of the Wanda scores |W_ij| * ||X_j||_2 over the layer's *still non-zero*
+  weights: what the cheapest remaining weights are worth. Activation norms come from a sequential pass
+  over the current (partly pruned) model, one block on the device at a time.
+- g: mean |dL/dW| over the still non-zero weights, averaged over calibration samples (one sample per
+  backward, so it is the mean of per-sample absolute gradients). Two ways to compute it:
+    * "full": whole-model backward per sample with the model on the device (fine for small models);
+    * "blockwise": memory-bounded manual checkpointing: a forward pass keeps only block-boundary
+      activations (on CPU), then blocks are back-propagated one at a time, last to first, each
+      recomputing its forward. Only one block is ever on the device.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..engine import ModelAdapter, capture_block_inputs, collect, sequential_pass, weight_2d
+from ..engine.capture import BlockInputs, move_outside_blocks
+from ..engine.sequential import block_output
+from ..methods.base import InputNormState
+from ..methods.wanda import wanda_scores
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------- math
+
+def zscore(values: list[float]) -> list[float]:
+    """(x - mean) / (std + 1e-9), population std (ddof=0), in float64."""
+    if not values:
+        return []
+    x = torch.tensor(values, dtype=torch.float64)
+    z = (x - x.mean()) / (x.std(unbiased=False) + 1e-9)
+    return z.tolist()
+
+
+def percentile(x: torch.Tensor, q: float) -> float:
+    """q-quantile with linear interpolation between order statistics (numpy's default), via kthvalue
+    so it also works on tensors too large for torch.quantile. Empty input -> 0."""
+    x = x.flatten().float()
+    n = x.numel()
+    if n == 0:
+        return 0.0
+    pos = q * (n - 1)
+    lo = int(math.floor(pos))
+    v_lo = x.kthvalue(lo + 1).values.item()
+    if pos == lo or lo + 1 >= n:
+        return v_lo
+    v_hi = x.kthvalue(lo + 2).values.item()
+    return v_lo + (pos - lo) * (v_hi - v_lo)
+
+
+def extra_rowwise_mask(scores: torch.Tensor, alive: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Newly pruned weights: in every row, the lowest-scoring `fraction` of that row's alive weights.
+
+    scores, alive: (out, in). Row counts are floor(fraction * alive_r) plus one for the rows with the
+    largest remainders, so the layer loses exactly round(fraction * alive) weights. Ties: lowest index.
+    """
+    rem = alive.sum(1)                                        # (out,)
+    raw = rem.double() * fraction                             # (out,)
+    k = raw.floor().long()
+    extra = int(round(float(raw.sum()))) - int(k.sum())
+    if extra > 0:
+        order = torch.argsort(raw - k.double(), descending=True, stable=True)
+        k[order[:extra]] += 1
+    k = torch.minimum(k, rem)
+    s = scores.float().masked_fill(~alive, float("inf"))      # dead weights sort last, never re-chosen
+    order = torch.argsort(s, dim=1, stable=True)              # (out, in) ascending
+    chosen = torch.arange(s.shape[1], device=s.device).unsqueeze(0) < k.unsqueeze(1)  # (out, in) in sorted order
+    return torch.zeros_like(alive).scatter_(1, order, chosen)
+
+
+# ------------------------------------------------------------------------------------------ profile
+
+@dataclass
+class Profile:
+    """Sensitivity table: per prunable linear, its size, zeros, s and g (raw) and their z-scores."""
+    names: list[str]
+    numel: dict[str, int]
+    zeros: dict[str, int]
+    s: dict[str, float]
+    g: dict[str, float] = field(default_factory=dict)
+
+    def z_s(self) -> dict[str, float]:
+        return dict(zip(self.names, zscore([self.s[n] for n in self.names])))
+
+    def z_g(self) -> dict[str, float]:
+        if not self.g:
+            return {n: 0.0 for n in self.names}
+        return dict(zip(self.names, zscore([self.g.get(n, 0.0) for n in self.names])))
+
+    def sparsity(self, name: str) -> float:
+        return self.zeros[name] / self.numel[name]
+
+    @property
+    def global_sparsity(self) -> float:
+        return sum(self.zeros.values()) / max(1, sum(self.numel.values()))
+
+    def rows(self) -> list[dict]:
+        """One dict per layer, sorted by z_s ascending (least sensitive by Wanda score first)."""
+        zs, zg = self.z_s(), self.z_g()
+        rows = [{"layer": n, "numel": self.numel[n], "alive": self.numel[n] - self.zeros[n],
+                 "sparsity": self.sparsity(n), "s": self.s[n], "g": self.g.get(n, 0.0),
+                 "z_s": zs[n], "z_g": zg[n]} for n in self.names]
+        return sorted(rows, key=lambda r: (r["z_s"], r["layer"]))
+
+
+def zero_counts(adapter: ModelAdapter) -> tuple[dict[str, int], dict[str, int]]:
+    numel, zeros = {}, {}
+    for name, lin in adapter.all_linears().items():
+        w = weight_2d(lin)
+        numel[name], zeros[name] = w.numel(), int((w == 0).sum())
+    return numel, zeros
+
+
+@torch.no_grad()
+def prune_and_profile(adapter: ModelAdapter, inputs: BlockInputs, device, extras: dict[str, float],
+                      q: float = 0.10, desc: str = "agent pass") -> dict[str, float]:
+    """One sequential pass over the current model: in each block, measure input norms of every linear,
+    prune `extras[name]` of the remaining weights of the chosen linears (Wanda scores, row-wise), and
+    record s = q-percentile of the Wanda scores of the weights left. The pruned block's outputs feed
+    the next block. Returns {name: s}. `inputs` is consumed."""
+    s: dict[str, float] = {}
+
+    def visit(i, block, inp):
+        linears = adapter.linears(i)
+        states = {n: InputNormState(weight_2d(lin).shape[1], device) for n, lin in linears.items()}
+        collect(block, i, linears, inp, lambda n, x: states[n].add(x))
+        for name, lin in linears.items():
+            W = weight_2d(lin)                                  # (out, in) view
+            scores = wanda_scores(W, states[name].sq_mean)      # (out, in)
+            alive = W != 0
+            if extras.get(name, 0.0) > 0:
+                mask = extra_rowwise_mask(scores, alive, extras[name])
+                W[mask] = 0
+                alive &= ~mask
+            s[name] = percentile(scores[alive], q)
+        states.clear()
+
+    sequential_pass(adapter, inputs, device, visit, desc=desc)
+    return s
+
+
+# ---------------------------------------------------------------------------------------- gradients
+
+def _nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL. logits (b, seq, vocab), ids (b, seq)."""
+    logits = logits.float()
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def _alive_abs_mean(weight: torch.Tensor) -> float:
+    """Mean |grad| over the non-zero entries of the weight (its .grad, same layout)."""
+    alive = weight.detach() != 0
+    g = weight.grad.detach().float().abs()
+    return g[alive].mean().item() if alive.any() else 0.0
+
+
+class _GradOnly:
+    """Context: only the given weights require grad (restores every flag on exit)."""
+
+    def __init__(self, model, weights):
+        self.params = list(model.parameters())
+        self.weights = weights
+
+    def __enter__(self):
+        self.flags = [p.requires_grad for p in self.params]
+        for p in self.params:
+            p.requires_grad_(False)
+            p.grad = None
+        for w in self.weights:
+            w.requires_grad_(True)
+        return self
+
+    def __exit__(self, *exc):
+        for p, f in zip(self.params, self.flags):
+            p.grad = None
+            p.requires_grad_(f)
+
+
+def gradient_importance(model, adapter: ModelAdapter, ids: torch.Tensor, device, mode: str = "full") -> dict[str, float]:
+    """g per prunable linear: mean over samples of mean |dL/dW| over the non-zero weights. ids: (n, seq)."""
+    if ids.shape[0] == 0:
+        return {}
+    was_training = model.training
+    model.eval()
+    try:
+        if mode == "full":
+            return _gradient_full(model, adapter, ids, device)
+        if mode == "blockwise":
+            return _gradient_blockwise(model, adapter, ids, device)
+        raise ValueError(f"unknown gradient mode {mode!r}")
+    finally:
+        model.train(was_training)
+
+
+def _gradient_full(model, adapter, ids, device) -> dict[str, float]:
+    linears = adapter.all_linears()
+    acc = {n: 0.0 for n in linears}
+    model.to(device)
+    with _GradOnly(model, [lin.weight for lin in linears.values()]), torch.enable_grad():
+        for b in tqdm(range(ids.shape[0]), desc="gradients", leave=False):
+            x = ids[b:b + 1].to(device)                          # (1, seq)
+            _nll(model(x, use_cache=False).logits, x).backward()
+            for n, lin in linears.items():
+                acc[n] += _alive_abs_mean(lin.weight)
+                lin.weight.grad = None
+    return {n: v / ids.shape[0] for n, v in acc.items()}
+
+
+def _gradient_blockwise(model, adapter, ids, device) -> dict[str, float]:
+    """Manual checkpointing, one block on the device at a time; block-boundary activations of all
+    samples are kept on CPU: (n_blocks + 1) x n x seq x hidden floats."""
+    n, blocks = ids.shape[0], adapter.blocks
+    inputs = capture_block_inputs(model, adapter, ids, device, batch_size=1, storage_device="cpu")
+    acts = [inputs.hidden]                                       # acts[i][b]: input of block i, (1, seq, hidden)
+    tuple_out = False
+    with torch.no_grad():
+        for i, block in enumerate(tqdm(blocks, desc="gradients fwd", leave=False)):
+            block.to(device)
+            outs = []
+            for b in range(n):
+                out = block(acts[i][b].to(device), *inputs.args[b][i], **inputs.kwargs[b][i])
+                tuple_out = isinstance(out, (tuple, list))
+                outs.append(block_output(out).to("cpu"))
+            acts.append(outs)
+            block.to("cpu")
+
+    acc = {name: 0.0 for name in adapter.all_linears()}
+    with _GradOnly(model, [lin.weight for lin in adapter.all_linears().values()]), torch.enable_grad():
+        # dL/d(last hidden): run the model with every block stubbed to pass the injected final hidden
+        # state through, so the final norm and head (whatever the architecture) compute the loss.
+        move_outside_blocks(model, adapter, device)
+        grads, injected = [], {}
+
+        def stub(*args, **kwargs):
+            h = injected["h"]
+            return (h,) if tuple_out else h
+
+        try:
+            for block in blocks:
+                block.forward = stub
+            for b in range(n):
+                injected["h"] = acts[-1][b].to(device).requires_grad_(True)
+                x = ids[b:b + 1].to(device)
+                _nll(model(x, use_cache=False).logits, x).backward()
+                grads.append(injected["h"].grad.to("cpu"))
+        finally:
+            for block in blocks:
+                del block.forward
+        # then each block, last to first, recomputing its forward with grad
+        for i in tqdm(reversed(range(len(blocks))), total=len(blocks), desc="gradients bwd", leave=False):
+            block = blocks[i].to(device)
+            linears = adapter.linears(i)
+            for b in range(n):
+                x = acts[i][b].to(device).requires_grad_(True)
+                out = block_output(block(x, *inputs.args[b][i], **inputs.kwargs[b][i]))
+                out.backward(grads[b].to(device))
+                grads[b] = x.grad.to("cpu")
+                for name, lin in linears.items():
+                    acc[name] += _alive_abs_mean(lin.weight)
+                    lin.weight.grad = None
+            block.to("cpu")
+    return {name: v / n for name, v in acc.items()}

@@ -1,0 +1,496 @@
+"""Agent-guided pruning: profile math, validator, controllers, rollback, journal resume, OpenAI round trip."""
+import json
+import logging
+import math
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+
+from prunepilot.agent import AgentConfig, parse_decision, percentile, run_agent, zscore
+from prunepilot.agent.controllers import BuiltinPolicy, ControllerUnavailable, GuardedController, HFController
+from prunepilot.agent.config import ControllerConfig
+from prunepilot.agent.decision import Observation
+from prunepilot.agent.journal import Journal
+from prunepilot.agent.profile import Profile, extra_rowwise_mask, gradient_importance, prune_and_profile
+from prunepilot.agent.validate import DecisionError
+from prunepilot.engine import ModelAdapter, capture_block_inputs, collect, weight_2d
+from prunepilot.errors import PrunepilotError
+from prunepilot.methods.base import InputNormState
+from prunepilot.methods.wanda import wanda_scores
+from tiny_models import tiny_model
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run far faster single-threaded on a shared, busy CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class Killed(BaseException):
+    """Simulates the process being killed (not an Exception: the guard must not swallow it)."""
+
+
+class Scripted:
+    """Controller replaying scripted outputs (dicts, strings, or callables of the observation)."""
+    name = "scripted"
+
+    def __init__(self, outputs=(), then=None, kill_at=None):
+        self.outputs, self.then, self.kill_at = list(outputs), then, kill_at
+        self.observations, self.errors = [], []
+
+    def propose(self, obs, errors=None):
+        self.observations.append(obs)
+        self.errors.append(list(errors or []))
+        if self.kill_at is not None and len(self.observations) > self.kill_at:
+            raise Killed
+        if self.outputs:
+            out = self.outputs.pop(0)
+        elif self.then is not None:
+            out = self.then
+        else:
+            out = {"reasoning": "done", "stop_pruning": True, "layer_decisions": []}
+        return out(obs) if callable(out) else out
+
+
+def all_layers(extra):
+    return lambda obs: {"reasoning": f"all at {extra}", "stop_pruning": False,
+                        "layer_decisions": [{"layer": n, "extra_sparsity": extra} for n in obs.layer_names]}
+
+
+def tiny_data(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 128, (4, 32), generator=g), torch.randint(3, 128, (128,), generator=g)
+
+
+def tiny_cfg(**kw):
+    base = dict(target_sparsity=0.5, eval_seqlen=32, eval_tokens=128, save_model=False, device="cpu",
+                grad_samples=2, max_iterations=10)
+    base.update(kw)
+    return AgentConfig(**base)
+
+
+def masks_of(model):
+    return {n: weight_2d(m) == 0 for n, m in ModelAdapter(model).all_linears().items()}
+
+
+def obs_for(names, target=0.5, current=0.0):
+    rows = [{"layer": n, "numel": 100, "alive": 100, "sparsity": 0.0, "s": 1.0 + k, "g": 1.0, "z_s": 0.0,
+             "z_g": 0.0} for k, n in enumerate(names)]
+    return Observation(0, 10, target, current, rows, 10.0, 10.0, 0.15)
+
+
+# ------------------------------------------------------------------------------------ profile math
+
+def test_zscore_is_exact():
+    z = zscore([1.0, 2.0, 3.0])  # mean 2, population std sqrt(2/3)
+    assert z == pytest.approx([-math.sqrt(1.5), 0.0, math.sqrt(1.5)], abs=1e-8)
+    assert zscore([5.0, 5.0]) == [0.0, 0.0]  # std 0: the 1e-9 keeps it finite
+    assert sum(zscore([0.3, 7.0, -2.0, 11.0])) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_wanda_percentile_hand_checked_on_a_tiny_layer():
+    W = torch.tensor([[1.0, -2.0, 0.0, 4.0],
+                      [0.5, 0.0, -3.0, 6.0]])
+    sq_mean = torch.tensor([1.0, 4.0, 9.0, 0.25])  # ||X_j|| ∝ 1, 2, 3, 0.5
+    scores = wanda_scores(W, sq_mean)               # [[1, 4, 0, 2], [0.5, 0, 9, 3]]
+    alive = scores[W != 0]                          # sorted: 0.5 1 2 3 4 9
+    # 10th percentile, linear interpolation: position 0.1 * (6 - 1) = 0.5 -> 0.5 + 0.5 * (1 - 0.5)
+    assert percentile(alive, 0.10) == pytest.approx(0.75)
+    assert percentile(alive, 0.10) == pytest.approx(torch.quantile(alive, 0.10).item())
+    assert percentile(alive, 0.0) == 0.5 and percentile(alive, 1.0) == 9.0
+    assert percentile(torch.tensor([]), 0.1) == 0.0
+
+
+def test_extra_rowwise_mask_prunes_lowest_alive_per_row_exactly():
+    scores = torch.tensor([[5.0, 1.0, 3.0, 2.0, 4.0],
+                           [1.0, 2.0, 3.0, 4.0, 5.0]])
+    alive = torch.tensor([[True, False, True, True, True],
+                          [True, True, True, True, True]])
+    m = extra_rowwise_mask(scores, alive, 0.5)
+    # 9 alive x 0.5 = 4.5 -> 4 (round half to even); rows: floor(2.0)=2, floor(2.5)=2
+    assert m.tolist() == [[False, False, True, True, False], [True, True, False, False, False]]
+    assert not (m & ~alive).any()
+    m = extra_rowwise_mask(scores, alive, 0.3)  # 2.7 -> 3: rows 1.2 + 1.5 -> 1 + 1, then +1 to row 1
+    assert m.sum(1).tolist() == [1, 2]
+
+
+def test_profile_pass_measures_the_current_model():
+    """s = 10th pct of |W|·||X|| over the non-zero weights, norms taken from the (pruned) model's pass."""
+    model = tiny_model("llama")
+    ad = ModelAdapter(model, ignore=["lm_head"])
+    ids, _ = tiny_data()
+    s = prune_and_profile(ad, capture_block_inputs(model, ad, ids, "cpu"), "cpu", {}, 0.1)
+    lin = ad.linears(0)
+    states = {n: InputNormState(weight_2d(m).shape[1], "cpu") for n, m in lin.items()}
+    inputs = capture_block_inputs(model, ad, ids, "cpu")
+    collect(ad.blocks[0], 0, lin, inputs, lambda n, x: states[n].add(x))
+    for n, m in lin.items():
+        sc = wanda_scores(weight_2d(m), states[n].sq_mean)
+        assert s[n] == pytest.approx(torch.quantile(sc.flatten(), 0.1).item(), rel=1e-5)
+    # prune 30% more of one layer: its new s is over the surviving weights only, so it rises
+    name = "model.layers.1.mlp.down_proj"
+    s2 = prune_and_profile(ad, capture_block_inputs(model, ad, ids, "cpu"), "cpu", {name: 0.3}, 0.1)
+    w = weight_2d(ad.all_linears()[name])
+    assert (w == 0).float().mean().item() == pytest.approx(0.3, abs=1e-3)
+    assert s2[name] > s[name]
+    prof = Profile(list(s2), *_counts(ad), s2, {n: 1.0 for n in s2})
+    rows = prof.rows()
+    assert [r["z_s"] for r in rows] == sorted(r["z_s"] for r in rows)
+    assert all(r["z_g"] == 0.0 for r in rows)
+
+
+def _counts(ad):
+    from prunepilot.agent.profile import zero_counts
+    return zero_counts(ad)
+
+
+def test_blockwise_gradients_equal_full_backward():
+    model = tiny_model("llama")
+    ad = ModelAdapter(model, ignore=["lm_head"])
+    ids, _ = tiny_data()
+    full = gradient_importance(model, ad, ids[:2], "cpu", "full")
+    block = gradient_importance(model, ad, ids[:2], "cpu", "blockwise")
+    assert set(full) == set(ad.all_linears()) and all(v > 0 for v in full.values())
+    for n in full:
+        assert block[n] == pytest.approx(full[n], rel=1e-4)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.requires_grad for p in model.parameters())  # flags restored
+
+
+# --------------------------------------------------------------------------------------- validator
+
+NAMES = ["model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj"]
+GOOD = {"reasoning": "ok", "stop_pruning": False,
+        "layer_decisions": [{"layer": NAMES[0], "extra_sparsity": 0.05}]}
+
+
+def _with(**kw):
+    return json.dumps({**GOOD, **kw})
+
+
+BAD = {
+    "not json": "I think we should prune more",
+    "truncated json": '{"reasoning": "x", "stop_pruning": false, "layer_decisions": [',
+    "array": json.dumps([GOOD]),
+    "missing key": json.dumps({"reasoning": "x", "stop_pruning": False}),
+    "extra key": _with(exec="import os"),
+    "reasoning type": _with(reasoning=3),
+    "stop as string": _with(stop_pruning="false"),
+    "stop as int": _with(stop_pruning=0),
+    "decisions not list": _with(layer_decisions={"layer": NAMES[0], "extra_sparsity": 0.05}),
+    "item not object": _with(layer_decisions=[NAMES[0]]),
+    "item extra key": _with(layer_decisions=[{"layer": NAMES[0], "extra_sparsity": 0.05, "x": 1}]),
+    "unknown layer": _with(layer_decisions=[{"layer": "model.layers.9.mlp.down_proj", "extra_sparsity": 0.05}]),
+    "layer not string": _with(layer_decisions=[{"layer": 0, "extra_sparsity": 0.05}]),
+    "duplicate layer": _with(layer_decisions=[{"layer": NAMES[0], "extra_sparsity": 0.05}] * 2),
+    "too large": _with(layer_decisions=[{"layer": NAMES[0], "extra_sparsity": 0.5}]),
+    "too small": _with(layer_decisions=[{"layer": NAMES[0], "extra_sparsity": 0.001}]),
+    "negative": _with(layer_decisions=[{"layer": NAMES[0], "extra_sparsity": -0.05}]),
+    "string number": _with(layer_decisions=[{"layer": NAMES[0], "extra_sparsity": "0.05"}]),
+    "bool number": _with(layer_decisions=[{"layer": NAMES[0], "extra_sparsity": True}]),
+    "nan": _with(layer_decisions=[{"layer": NAMES[0], "extra_sparsity": float("nan")}]),
+    "nothing to do": _with(layer_decisions=[]),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD))
+def test_validator_rejects_bad_output(kind):
+    with pytest.raises(DecisionError):
+        parse_decision(BAD[kind], NAMES)
+
+
+def test_validator_accepts_fenced_or_wrapped_json_and_stop():
+    d = parse_decision("Sure!\n```json\n" + json.dumps(GOOD) + "\n```\nGood luck.", NAMES)
+    assert d.extras() == {NAMES[0]: 0.05} and not d.stop_pruning
+    d = parse_decision("Here: " + json.dumps({**GOOD, "stop_pruning": True, "layer_decisions": []}), NAMES)
+    assert d.stop_pruning and d.layer_decisions == []
+    assert parse_decision(GOOD, NAMES).extras() == {NAMES[0]: 0.05}  # dicts pass through the same checks
+
+
+def test_guard_retries_then_falls_back_to_builtin(caplog):
+    obs = obs_for(NAMES)
+    ctl = Scripted([BAD["unknown layer"], BAD["too large"], BAD["not json"]])
+    guard = GuardedController(ctl, BuiltinPolicy(), invalid_retries=2)
+    with caplog.at_level(logging.WARNING):
+        d = guard.decide(obs)
+    assert d.source == "builtin-fallback" and d.warnings and "no valid decision in 3 attempt" in d.warnings[0]
+    assert "built-in policy" in caplog.text
+    assert ctl.errors[0] == [] and "unknown layer" in ctl.errors[1][0]  # the rejection is fed back
+    # a valid answer on the retry is used as is
+    ctl = Scripted([BAD["nan"], GOOD])
+    d = GuardedController(ctl, BuiltinPolicy(), invalid_retries=2).decide(obs)
+    assert d.source == "scripted" and d.extras() == {NAMES[0]: 0.05}
+    # a controller that raises is treated like a bad answer; strict mode turns failure into an error
+    boom = Scripted([lambda o: 1 / 0] * 3)
+    assert GuardedController(boom, BuiltinPolicy()).decide(obs).source == "builtin-fallback"
+    with pytest.raises(PrunepilotError, match="no valid decision"):
+        GuardedController(Scripted([BAD["array"]] * 3), BuiltinPolicy(), strict=True).decide(obs)
+
+
+def test_builtin_policy_tilts_towards_insensitive_layers_and_backs_off():
+    names = [f"model.layers.{i}.mlp.down_proj" for i in range(4)]
+    obs = obs_for(names)
+    for k, r in enumerate(obs.rows):  # layer 0 least sensitive, layer 3 most
+        r["s"], r["g"] = 1.0 * 10 ** k, 1.0 * 10 ** k
+    pol = BuiltinPolicy()
+    d = parse_decision(pol.propose(obs), names)
+    e = [d.extras()[n] for n in names]
+    assert e == sorted(e, reverse=True) and e[0] > e[-1]
+    assert sum(e) * 100 == pytest.approx(0.10 * 400, rel=1e-3)  # step 0.10 of all weights
+    from prunepilot.agent.decision import Feedback
+    obs.history = [Feedback(0, 0.1, 10, 13, 0.3, "poor-rolled-back", False)]
+    d2 = parse_decision(pol.propose(obs), names)
+    assert sum(d2.extras().values()) < sum(d.extras().values())  # halved step after a rollback
+    obs.current_sparsity = 0.4995
+    assert pol.propose(obs)["stop_pruning"] is True
+
+
+# ------------------------------------------------------------------------------- loop and journal
+
+def test_rollback_restores_weights_exactly_and_tells_the_controller(stories, tmp_path, monkeypatch):
+    import prunepilot.agent.loop as loop
+
+    make, tok = stories
+    model = make()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def destructive(adapter, inputs, device, extras, q=0.1, desc=""):  # the step wipes its layers out
+        s = real(adapter, inputs, device, extras, q, desc)
+        with torch.no_grad():
+            for name in extras:
+                weight_2d(adapter.all_linears()[name]).mul_(0.0)
+        return s
+
+    real = loop.prune_and_profile
+    monkeypatch.setattr(loop, "prune_and_profile", destructive)
+    ctl = Scripted([all_layers(0.15)])  # then stops
+    cfg = AgentConfig(target_sparsity=0.5, eval_seqlen=256, eval_tokens=1024,  # default threshold 15%
+                      grad_samples=1, save_model=False, device="cpu",
+                      calibration={"sources": ["tinystories"], "n_samples": 4, "seqlen": 128})
+    res = run_agent(model, tok, cfg, tmp_path, controller=ctl)
+    assert res.rollbacks == 1 and res.accepted == 0 and res.stop_reason == "controller_stop"
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    fb = ctl.observations[1].last
+    assert fb.label == "poor-rolled-back" and not fb.accepted and fb.ppl_change > 1.0 and fb.gain > 0.9
+    assert fb.reasoning == "all at 0.15"
+    traj = res.report["trajectory"]
+    assert traj[1]["rolled_back"] and traj[1]["ppl"] > traj[0]["ppl"] * 2
+    assert (tmp_path / "trajectory.png").stat().st_size > 0
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert rep["rollbacks"] == 1 and rep["iterations"] == 2
+
+
+def test_resume_after_kill_equals_uninterrupted_run(stories, tmp_path, monkeypatch):
+    import prunepilot.agent.loop as loop
+
+    real = loop.prune_and_profile
+
+    def pass_(adapter, inputs, device, extras, q=0.1, desc=""):  # a step with extras of 0.0123 is ruinous
+        s = real(adapter, inputs, device, extras, q, desc)
+        if 0.0123 in extras.values():
+            with torch.no_grad():
+                for name in extras:
+                    weight_2d(adapter.all_linears()[name]).mul_(0.0)
+        return s
+
+    monkeypatch.setattr(loop, "prune_and_profile", pass_)
+    make, tok = stories
+    cfg = AgentConfig(target_sparsity=0.3, grad_refresh_every=2, max_iterations=12, eval_seqlen=256,
+                      eval_tokens=1024, grad_samples=1, save_model=False, device="cpu",
+                      calibration={"sources": ["tinystories"], "n_samples": 4, "seqlen": 128})
+    delegate = BuiltinPolicy(cfg.policy, cfg.max_layer_sparsity, cfg.target_tolerance).propose
+    script = lambda **k: Scripted([delegate, all_layers(0.0123)], then=delegate, **k)  # noqa: E731
+
+    ref_model = make()
+    ref = run_agent(ref_model, tok, cfg, tmp_path / "ref", controller=script())
+    labels = [t["label"] for t in ref.report["trajectory"][1:]]
+    assert labels[1] == "poor-rolled-back" and ref.accepted >= 4 and ref.stop_reason == "target_reached"
+
+    with pytest.raises(Killed):
+        run_agent(make(), tok, cfg, tmp_path / "run", controller=script(kill_at=3))
+    _, recs = Journal(tmp_path / "run" / "journal.jsonl").read()
+    assert len(recs) == 3 and [r["accepted"] for r in recs] == [True, False, True]
+    with pytest.raises(PrunepilotError, match="--resume"):
+        run_agent(make(), tok, cfg, tmp_path / "run")
+    with pytest.raises(PrunepilotError, match="different starting model"):
+        other = make()
+        with torch.no_grad():
+            other.model.layers[0].mlp.up_proj.weight[0, 0] += 1.0
+        run_agent(other, tok, cfg, tmp_path / "run", resume=True)
+
+    model = make()  # a fresh process would reload the original model
+    res = run_agent(model, tok, cfg, tmp_path / "run", controller=Scripted(then=delegate), resume=True)
+    a, b = masks_of(ref_model), masks_of(model)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert all(torch.equal(x, y) for x, y in zip(ref_model.state_dict().values(), model.state_dict().values()))
+    strip = lambda recs: [{k: v for k, v in r.items() if k != "seconds"} for r in recs]  # noqa: E731
+    assert strip(Journal(tmp_path / "ref" / "journal.jsonl").read()[1]) == strip(
+        Journal(tmp_path / "run" / "journal.jsonl").read()[1])
+    assert (res.iterations, res.rollbacks, res.global_sparsity) == (ref.iterations, ref.rollbacks, ref.global_sparsity)
+
+
+def test_journal_survives_a_truncated_last_line(tmp_path):
+    j = Journal(tmp_path / "j.jsonl")
+    j.append({"type": "header", "version": 1})
+    j.append({"type": "iteration", "iteration": 0})
+    with open(j.path, "ab") as f:
+        f.write(b'{"type": "iteration", "iter')
+    header, recs = j.read()
+    assert header["version"] == 1 and recs == [{"type": "iteration", "iteration": 0}]
+
+
+def test_config_is_strict_and_round_trips_yaml(tmp_path):
+    with pytest.raises(PrunepilotError, match="invalid agent config: colour"):
+        AgentConfig.from_dict({"colour": "red"})
+    with pytest.raises(PrunepilotError, match="controller.kind"):
+        AgentConfig.from_dict({"controller": {"kind": "gpt"}})
+    with pytest.raises(PrunepilotError, match="base_url"):
+        AgentConfig.from_dict({"controller": {"base_url": "ftp://x"}})
+    cfg = AgentConfig(target_sparsity=0.4, controller={"kind": "openai", "base_url": "http://127.0.0.1:1/v1"})
+    p = tmp_path / "agent.yaml"
+    p.write_text(cfg.to_yaml())
+    assert AgentConfig.from_yaml(p) == cfg
+
+
+# ------------------------------------------------------------------------ OpenAI-compatible server
+
+class _Server:
+    """A local OpenAI-compatible endpoint in a thread, answering at most `limit` requests."""
+
+    def __init__(self, reply, limit=20):
+        self.requests, self.reply, self.limit = [], reply, limit
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.requests.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
+                if len(outer.requests) > outer.limit:
+                    self.send_error(503)
+                    return
+                content = outer.reply(body)
+                data = content if isinstance(content, bytes) else json.dumps(
+                    {"id": "x", "object": "chat.completion", "model": body.get("model"),
+                     "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                                  "finish_reason": "stop"}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *a):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _canned_decision(body):
+    """Pick the first two layers of the schema's enum, as a well-behaved LLM would."""
+    names = body["response_format"]["json_schema"]["schema"]["properties"]["layer_decisions"]["items"][
+        "properties"]["layer"]["enum"]
+    return json.dumps({"reasoning": "prune the first two", "stop_pruning": False,
+                       "layer_decisions": [{"layer": n, "extra_sparsity": 0.1} for n in names[:2]]})
+
+
+def _openai_cfg(url, **kw):
+    return tiny_cfg(max_iterations=2, controller={"kind": "openai", "base_url": url, "model_name": "canned",
+                                                  "api_key_env": "PP_TEST_KEY", "retries": 1,
+                                                  "retry_backoff_s": 0.0, "timeout_s": 10, **kw})
+
+
+def test_openai_round_trip_over_http(tmp_path, monkeypatch):
+    monkeypatch.setenv("PP_TEST_KEY", "sk-test")
+    calib, held = tiny_data()
+    with _Server(_canned_decision, limit=5) as srv:
+        res = run_agent(tiny_model("llama"), None, _openai_cfg(srv.url), tmp_path, calibration=calib, held_out=held)
+    assert len(srv.requests) == 2 and res.iterations == 2
+    req = srv.requests[0]
+    assert req["path"] == "/v1/chat/completions" and req["auth"] == "Bearer sk-test"
+    assert req["body"]["model"] == "canned" and req["body"]["response_format"]["type"] == "json_schema"
+    assert "Layer profile" in req["body"]["messages"][1]["content"]
+    assert "prune the first two" in srv.requests[1]["body"]["messages"][1]["content"]  # own reasoning fed back
+    _, recs = Journal(tmp_path / "journal.jsonl").read()
+    assert [r["source"] for r in recs] == ["openai", "openai"] and len(recs[0]["applied"]) == 2
+
+
+def test_openai_garbage_falls_back_to_builtin(tmp_path, caplog):
+    calib, held = tiny_data()
+    replies = iter([b"<html>not json</html>", "Sure, prune everything!", '{"reasoning": 1}'] * 4)
+    with _Server(lambda body: next(replies), limit=12) as srv, caplog.at_level(logging.WARNING):
+        res = run_agent(tiny_model("llama"), None, _openai_cfg(srv.url, invalid_retries=2), tmp_path,
+                        calibration=calib, held_out=held)
+    assert len(srv.requests) == 6  # 3 attempts per iteration, 2 iterations
+    assert res.report["fallbacks"] == 2 and res.global_sparsity > 0.1
+    assert "gave no valid decision in 3 attempt(s)" in caplog.text
+
+
+def test_unreachable_endpoint_warns_once_and_falls_back_or_fails_strict(tmp_path, caplog):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    calib, held = tiny_data()
+    with caplog.at_level(logging.WARNING):
+        res = run_agent(tiny_model("llama"), None, _openai_cfg(url), tmp_path / "a", calibration=calib, held_out=held)
+    warnings = [r for r in caplog.records if "unavailable" in r.getMessage()]
+    assert len(warnings) == 1 and "unreachable after 2 attempt(s)" in warnings[0].getMessage()
+    assert res.report["fallbacks"] == 2
+    with pytest.raises(PrunepilotError, match="unreachable"):
+        run_agent(tiny_model("llama"), None, _openai_cfg(url, strict=True), tmp_path / "b", calibration=calib,
+                  held_out=held)
+
+
+# ------------------------------------------------------------------------------- local HF controller
+
+class _FakeChatTokenizer:
+    chat_template = "{{ messages }}"
+    pad_token_id = 0
+
+    def __init__(self, reply):
+        self.reply, self.messages = reply, None
+
+    def apply_chat_template(self, messages, add_generation_prompt, return_tensors, return_dict):
+        self.messages = messages
+        assert add_generation_prompt and return_dict and return_tensors == "pt"
+        return {"input_ids": torch.tensor([[1, 2, 3]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+
+    def decode(self, ids, skip_special_tokens=True):
+        assert ids.tolist() == [7, 8]  # only the generated tokens are decoded
+        return self.reply
+
+
+class _FakeChatModel:
+    def generate(self, input_ids, attention_mask, max_new_tokens, do_sample, pad_token_id):
+        return torch.cat([input_ids, torch.tensor([[7, 8]])], dim=1)
+
+
+def test_hf_controller_parses_generated_json():
+    reply = "Decision:\n```json\n" + json.dumps(GOOD) + "\n```"
+    tok = _FakeChatTokenizer(reply)
+    ctl = HFController(ControllerConfig(kind="hf"), model=_FakeChatModel(), tokenizer=tok)
+    d = GuardedController(ctl, BuiltinPolicy()).decide(obs_for(NAMES))
+    assert d.source == "hf" and d.extras() == {NAMES[0]: 0.05}
+    assert tok.messages[0]["role"] == "system" and NAMES[1] in tok.messages[1]["content"]
+    bad = HFController(ControllerConfig(kind="hf"), model=_FakeChatModel(), tokenizer=_FakeChatTokenizer("no idea"))
+    assert GuardedController(bad, BuiltinPolicy(), invalid_retries=0).decide(obs_for(NAMES)).source == "builtin-fallback"
+    missing = HFController(ControllerConfig(kind="hf", model_name="/nonexistent/chat-model"))
+    with pytest.raises(ControllerUnavailable):
+        missing.propose(obs_for(NAMES))
