@@ -1,0 +1,139 @@
+"""Factual open QA (TriviaQA subset, FreebaseQA): greedy generation, exact match against any alias.
+
+Prompt: "Question: {question}\\nAnswer:" (the TriviaQA copy already holds it in "context"). Generation is
+greedy, at most `max_new_tokens` (16) new tokens, stopping at the first newline after some text, or EOS;
+the answer is the first line of the stripped text. (lm-eval stops at the very first newline, which gives
+chat-tuned models that open with "\n" an empty answer.) Exact match compares SQuAD-normalised strings (lowercase, punctuation and
+the articles a/an/the removed, whitespace collapsed) with every alias.
+"""
+from __future__ import annotations
+
+import json
+import re
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import PrunepilotError
+from .loglik import encode, model_max_length
+from .zeroshot import _read_jsonl, stderr
+
+
+@dataclass
+class QAItem:
+    prompt: str
+    aliases: list[str]
+
+
+# ----------------------------------------------------------------------------- loaders
+
+def load_triviaqa(path: Path, limit: int | None = None) -> list[QAItem]:
+    """{"context": "Question: ...\\nAnswer:", "answer", "aliases"} jsonl."""
+    return [QAItem(r["context"], list(dict.fromkeys([r["answer"], *r.get("aliases", [])])))
+            for r in _read_jsonl(path, limit)]
+
+
+def load_freebaseqa(path: Path, limit: int | None = None) -> list[QAItem]:
+    """FreebaseQA JSON: {"Questions": [{"RawQuestion", "ProcessedQuestion", "Parses": [{"Answers":
+    [{"AnswersName": [...]}]}]}]}; the aliases are every AnswersName of every parse."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        questions = data["Questions"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise PrunepilotError(f"{path} is not a FreebaseQA JSON file ({{'Questions': [...]}}): {e}") from e
+    items = []
+    for q in questions[:limit]:
+        question = (q.get("RawQuestion") or q.get("ProcessedQuestion") or "").strip()
+        aliases = [name for parse in q.get("Parses", []) for ans in parse.get("Answers", [])
+                   for name in ans.get("AnswersName", [])]
+        if question and aliases:
+            items.append(QAItem(f"Question: {question}\nAnswer:", list(dict.fromkeys(aliases))))
+    return items
+
+
+# ----------------------------------------------------------------------------- metric
+
+_PUNCTUATION = frozenset(string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD normalisation: lowercase, drop punctuation and articles, collapse whitespace."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in _PUNCTUATION)
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def exact_match(prediction: str, aliases: list[str]) -> bool:
+    pred = normalize_answer(prediction)
+    return any(pred == normalize_answer(a) for a in aliases)
+
+
+# ----------------------------------------------------------------------------- generation
+
+@torch.inference_mode()
+def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 16, batch_size: int = 8,
+                    device=None, add_bos: bool = False, stop: str = "\n") -> list[str]:
+    """Greedy continuation of each prompt, cut at the first `stop` after leading whitespace; left-padded
+    batches with a KV cache."""
+    device = device or next(model.parameters()).device
+    eos = getattr(tokenizer, "eos_token_id", None)
+    max_prompt = model_max_length(model) - max_new_tokens
+    encoded = [encode(tokenizer, p, add_bos)[-max_prompt:] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    outputs: list[str] = [""] * len(prompts)
+    for start in tqdm(range(0, len(order), batch_size), desc="generate", leave=False):
+        rows = order[start:start + batch_size]
+        for i, text in zip(rows, _generate_batch(model, tokenizer, [encoded[i] for i in rows], max_new_tokens,
+                                                 device, eos, stop)):
+            outputs[i] = text
+    return outputs
+
+
+def _generate_batch(model, tokenizer, seqs: list[list[int]], max_new_tokens: int, device, eos, stop: str) -> list[str]:
+    b, L = len(seqs), max(len(s) for s in seqs)
+    ids = torch.zeros((b, L), dtype=torch.long)
+    mask = torch.zeros((b, L), dtype=torch.long)
+    for r, s in enumerate(seqs):  # left padding: the next token of every row is at the last position
+        ids[r, L - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[r, L - len(s):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    pos = (mask.cumsum(1) - 1).clamp(min=0)  # (b, L) positions that ignore the padding
+    generated = [[] for _ in range(b)]
+    done = torch.zeros(b, dtype=torch.bool)
+    past = None
+    for _ in range(max_new_tokens):
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        nxt = out.logits[:, -1].argmax(-1)  # (b,)
+        for r in range(b):
+            if not done[r]:
+                generated[r].append(int(nxt[r]))
+                done[r] = int(nxt[r]) == eos or stop in tokenizer.decode(generated[r]).lstrip()
+        if bool(done.all()):
+            break
+        ids = nxt[:, None]  # (b, 1)
+        pos = pos[:, -1:] + 1
+        mask = torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype, device=device)], dim=1)
+    texts = []
+    for gen in generated:
+        if gen and gen[-1] == eos:
+            gen = gen[:-1]
+        texts.append(tokenizer.decode(gen).lstrip().split(stop)[0].strip())
+    return texts
+
+
+def evaluate_qa(model, tokenizer, items: list[QAItem], max_new_tokens: int = 16, batch_size: int = 8, device=None,
+                add_bos: bool = False) -> dict:
+    if not items:
+        raise PrunepilotError("no QA items to evaluate")
+    preds = greedy_generate(model, tokenizer, [it.prompt for it in items], max_new_tokens, batch_size, device, add_bos)
+    hits = [exact_match(p, it.aliases) for p, it in zip(preds, items)]
+    em = sum(hits) / len(hits)
+    examples = [{"prompt": it.prompt, "prediction": p, "correct": h} for it, p, h in list(zip(items, preds, hits))[:5]]
+    tokens = {"prompt_tokens": sum(len(encode(tokenizer, it.prompt, add_bos)) for it in items)}
+    return {"acc": em, "exact_match": em, "acc_stderr": stderr(em, len(hits)), "n": len(hits), "examples": examples,
+            "tokens": tokens}

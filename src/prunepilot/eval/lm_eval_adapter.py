@@ -1,0 +1,61 @@
+"""Run lm-eval-harness tasks on an in-memory (e.g. just pruned) model.
+
+Optional: needs `pip install lm-eval` (or `pip install 'prunepilot[lmeval]'`) and, for most tasks, network
+access to the Hugging Face hub for the data sets. The model is wrapped with lm-eval's HFLM, so the tokenizer
+must be a Hugging Face tokenizer (not prunepilot's SentencePiece wrapper). Results come back in run_suite's
+shape: {task: {"acc", "acc_norm", ..., "n", "protocol", "seconds"}}.
+"""
+from __future__ import annotations
+
+import time
+
+from ..errors import PrunepilotError
+from .suite import TASKS
+
+INSTALL_HINT = "lm-eval-harness is not installed: pip install lm-eval  (or pip install 'prunepilot[lmeval]')"
+
+
+def _import_lm_eval():
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+    except ImportError as e:
+        raise PrunepilotError(INSTALL_HINT) from e
+    return lm_eval, HFLM
+
+
+def _convert(task_metrics: dict) -> dict:
+    """lm-eval's {"acc,none": x, "acc_stderr,none": y, "alias": ..} -> {"acc": x, "acc_stderr": y}."""
+    out = {}
+    for key, value in task_metrics.items():
+        metric, _, filt = key.partition(",")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and filt in ("none", ""):
+            out[metric] = value
+    return out
+
+
+def run_lm_eval(model, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 8,
+                num_fewshot: int | None = None, device=None) -> dict:
+    """Evaluate with lm_eval.simple_evaluate; raises PrunepilotError when lm-eval is missing."""
+    lm_eval, HFLM = _import_lm_eval()
+    if getattr(tokenizer, "sp", None) is not None:
+        raise PrunepilotError("lm-eval needs a Hugging Face tokenizer; use prunepilot's run_suite for this model")
+    kwargs = {"device": str(device)} if device is not None else {}
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, **kwargs)
+    t0 = time.time()
+    out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit, num_fewshot=num_fewshot,
+                                  log_samples=False)
+    seconds = round(time.time() - t0, 2)
+    version = getattr(lm_eval, "__version__", "unknown")
+    results = {}
+    for task, metrics in out["results"].items():
+        res = _convert(metrics)
+        n = out.get("n-samples", {}).get(task, {}).get("effective")
+        spec = TASKS.get(task)
+        res["main"] = spec.main if spec and spec.main in res else ("acc" if "acc" in res else next(iter(res), "acc"))
+        res["n"] = n
+        res["protocol"] = {"harness": f"lm-eval {version}", "limit": limit,
+                           "shots": out.get("n-shot", {}).get(task, num_fewshot)}
+        res["seconds"] = seconds  # simple_evaluate runs all tasks together: total time
+        results[task] = res
+    return results

@@ -1,0 +1,149 @@
+"""The evaluation suite: zero-shot multiple choice, MMLU and factual QA on local data, in one call.
+
+    results = run_suite(model, tokenizer, ["arc_easy", "mmlu"], "../shared/data", limit=200)
+    results["arc_easy"] -> {"acc", "acc_norm", "main": "acc", "n", "protocol": {...}, "seconds", ...}
+
+Tasks are named in TASKS; "all" expands to every task whose data ships in data_dir (not freebaseqa). A task
+may be given as NAME=PATH to read another data file (freebaseqa needs one: freebaseqa=FreebaseQA-eval.json).
+`limit` keeps the first N items of each task; for MMLU it keeps the first ceil(N / 57) test questions of
+every subject (about N questions, every subject and category covered).
+
+"main" names the metric a task is usually reported with in the pruning literature (Wanda, SparseGPT,
+LLM-Pruner tables): acc_norm for ARC-challenge, HellaSwag and OpenBookQA, acc elsewhere. Scores are
+fractions in [0, 1].
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import PrunepilotError
+from . import factual_qa, mmlu, zeroshot
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    kind: str                      # "mc" | "mmlu" | "qa"
+    path: str                      # data file / folder, relative to data_dir
+    main: str                      # metric reported as the task's score
+    prompt: str                    # human-readable prompt/scoring description for the protocol record
+    loader: Callable | None = None
+    norm: bool = True              # acc_norm is reported (multiple choice)
+    needs_user_file: bool = False  # no copy ships in data_dir
+
+
+_MC = "sum log p(' ' + choice | context); acc = argmax, acc_norm = argmax of sum / len(choice chars)"
+TASKS: dict[str, TaskSpec] = {t.name: t for t in [
+    TaskSpec("arc_easy", "mc", "zeroshot/arc_easy.jsonl", "acc", "Question: {q}\\nAnswer: {choice}",
+             zeroshot.load_query_choices),
+    TaskSpec("arc_challenge", "mc", "zeroshot/arc_challenge.jsonl", "acc_norm", "Question: {q}\\nAnswer: {choice}",
+             zeroshot.load_query_choices),
+    TaskSpec("hellaswag", "mc", "hellaswag/hellaswag_val_full.txt.bz2", "acc_norm", "{ctx} {ending}",
+             zeroshot.load_hellaswag),
+    TaskSpec("piqa", "mc", "zeroshot/piqa.jsonl", "acc", "Question: {goal}\\nAnswer: {solution}",
+             zeroshot.load_query_choices),
+    TaskSpec("winogrande", "mc", "zeroshot/winogrande.jsonl", "acc",
+             "partial scoring: log p(' ' + continuation | context option), acc only",
+             zeroshot.load_winogrande, norm=False),
+    TaskSpec("boolq", "mc", "zeroshot/boolq.jsonl", "acc", "Passage: {p}\\nQuestion: {q}?\\nAnswer: {no|yes}",
+             zeroshot.load_query_choices, norm=False),
+    TaskSpec("openbookqa", "mc", "zeroshot/openbook_qa.jsonl", "acc_norm", "{question_stem} {choice}",
+             zeroshot.load_obqa),
+    TaskSpec("mmlu", "mmlu", "mmlu", "acc",
+             "hendrycks prompt, dev split as shots, argmax of next-token log p(' A'..' D') after 'Answer:'"),
+    TaskSpec("triviaqa", "qa", "zeroshot/triviaqa_sm_sub.jsonl", "acc",
+             "Question: {q}\\nAnswer: greedy <= 16 tokens, stop at newline; normalised exact match vs aliases",
+             factual_qa.load_triviaqa),
+    TaskSpec("freebaseqa", "qa", "freebaseqa/FreebaseQA-eval.json", "acc",
+             "Question: {RawQuestion}\\nAnswer: greedy <= 16 tokens, stop at newline; normalised exact match",
+             factual_qa.load_freebaseqa, needs_user_file=True),
+]}
+ZERO_SHOT_MC = [n for n, t in TASKS.items() if t.kind == "mc"]
+DEFAULT_TASKS = [n for n, t in TASKS.items() if not t.needs_user_file]
+
+
+def resolve_tasks(tasks: list[str] | str, data_dir: str | Path) -> list[tuple[str, TaskSpec, Path]]:
+    """[(name, spec, data path)], validated up front: unknown tasks and missing files fail before any work."""
+    if isinstance(tasks, str):
+        tasks = [t for t in tasks.split(",") if t]
+    if not tasks:
+        raise PrunepilotError(f"no tasks given; choose from {', '.join(TASKS)} or 'all'")
+    out = []
+    for entry in tasks:
+        if entry == "all":
+            out += resolve_tasks(DEFAULT_TASKS, data_dir)
+            continue
+        name, _, override = entry.partition("=")
+        if name not in TASKS:
+            raise PrunepilotError(f"unknown task {name!r}; available: {', '.join(TASKS)} (or 'all')")
+        spec = TASKS[name]
+        path = Path(override).expanduser() if override else Path(data_dir) / spec.path
+        if not path.exists():
+            hint = (f"; give its file as {name}=PATH" if spec.needs_user_file else
+                    f"; expected the layout of ../shared/data under data_dir={data_dir}")
+            raise PrunepilotError(f"task {name}: data not found at {path}{hint}")
+        out.append((name, spec, path))
+    return out
+
+
+def _run_task(model, tokenizer, spec: TaskSpec, path: Path, limit: int | None, batch_size: int, device,
+              num_fewshot_mmlu: int, add_bos: bool) -> dict:
+    protocol = {"data": str(path), "limit": limit, "prompt": spec.prompt, "add_bos": add_bos}
+    if spec.kind == "mmlu":
+        subjects = mmlu.list_subjects(path)
+        per_subject = mmlu.per_subject_limit(limit, len(subjects))
+        res = mmlu.evaluate_mmlu(model, tokenizer, path, num_fewshot_mmlu, per_subject, batch_size, device, add_bos,
+                                 subjects)
+        protocol.update(shots=num_fewshot_mmlu, shots_from="dev", limit_per_subject=per_subject,
+                        scoring="next-token letter log-prob", n_total=res.pop("n_total"))
+        return {**res, "main": spec.main, "protocol": protocol}
+    items = spec.loader(path)
+    n_total, items = len(items), items[:limit]
+    if not items:
+        raise PrunepilotError(f"task {spec.name}: no items in {path}")
+    if spec.kind == "mc":
+        res = zeroshot.evaluate_mc(model, tokenizer, items, spec.norm, batch_size, device, add_bos, desc=spec.name)
+        protocol.update(shots=0, scoring=_MC if spec.norm else "sum log p(' ' + continuation | context), acc")
+    else:
+        res = factual_qa.evaluate_qa(model, tokenizer, items, batch_size=batch_size, device=device, add_bos=add_bos)
+        protocol.update(shots=0, scoring="greedy generation, max 16 new tokens, normalised exact match")
+    protocol["n_total"] = n_total
+    return {**res, "main": spec.main, "protocol": protocol}
+
+
+def run_suite(model, tokenizer, tasks: list[str], data_dir: str | Path, limit: int | None = None, batch_size: int = 8,
+              device=None, num_fewshot_mmlu: int = 5, add_bos: bool = False) -> dict:
+    """Evaluate `model` on `tasks`; returns {task: {"acc", "acc_norm"?, "main", "n", "protocol", "seconds"}}.
+
+    device: where to run (the model is moved there if needed); default: the model's device.
+    add_bos: prepend BOS to every prompt (lm-eval's default for most models is no BOS).
+    """
+    if limit is not None and limit < 1:
+        raise PrunepilotError(f"limit must be >= 1, got {limit}")
+    if batch_size < 1:
+        raise PrunepilotError(f"batch_size must be >= 1, got {batch_size}")
+    resolved = resolve_tasks(tasks, data_dir)
+    if device is not None and next(model.parameters()).device != torch.device(device):
+        model.to(device)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    results = {}
+    try:
+        for name, spec, path in resolved:
+            t0 = time.time()
+            res = _run_task(model, tokenizer, spec, path, limit, batch_size, device, num_fewshot_mmlu, add_bos)
+            res["seconds"] = round(time.time() - t0, 2)
+            results[name] = res
+            log.info("%s: %s=%.4f n=%d (%.1fs)", name, spec.main, res[spec.main], res["n"], res["seconds"])
+    finally:
+        model.train(was_training)
+    return results

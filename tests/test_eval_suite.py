@@ -1,0 +1,357 @@
+"""Evaluation suite: exact scores from a bigram "model" whose log-probs we set by hand, batching/prefix-reuse
+equivalence on tiny random transformers, data loaders on tiny files, errors, and one real-data check."""
+from __future__ import annotations
+
+import bz2
+import json
+import math
+import os
+import random
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import transformers as tf
+
+from prunepilot.errors import PrunepilotError
+from prunepilot.eval import factual_qa, mmlu, zeroshot
+from prunepilot.eval.loglik import Request, _plan_batches, can_reuse_prefix, encode_pair, score_requests, truncate
+from prunepilot.eval.suite import TASKS, run_suite
+
+V = 128  # ASCII
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and a busy 2-core machine makes OpenMP spin; restore after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class Chars:
+    """ASCII tokenizer: one token per character, id = ord(c)."""
+    bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
+
+    def __len__(self):
+        return V
+
+    def encode(self, text, add_special_tokens=True, **_):
+        ids = [ord(c) for c in text]
+        return [self.bos_token_id] + ids if add_special_tokens else ids
+
+    def decode(self, ids, **_):
+        return "".join(chr(int(i)) for i in ids if int(i) >= 9)
+
+
+def dist(probs: dict[str, float]) -> torch.Tensor:
+    """Logits whose softmax is exactly `probs`, the remaining mass spread evenly over the other tokens."""
+    rest = (1.0 - sum(probs.values())) / (V - len(probs))
+    logits = torch.full((V,), math.log(rest))
+    for ch, p in probs.items():
+        logits[ord(ch)] = math.log(p)
+    return logits
+
+
+U = {" ": 0.35, "a": 0.2, "b": 0.05}  # default next-token distribution
+
+
+class Bigram(torch.nn.Module):
+    """p(next | current token) = rows[current]; every other row is U. Accepts (and ignores) HF kwargs."""
+
+    def __init__(self, rows: dict[str, dict[str, float]] | None = None):
+        super().__init__()
+        table = dist(U).repeat(V, 1)  # (V, V)
+        for ch, probs in (rows or {}).items():
+            table[ord(ch)] = dist(probs)
+        self.table = torch.nn.Parameter(table, requires_grad=False)
+
+    def forward(self, input_ids, **_):
+        return SimpleNamespace(logits=self.table[input_ids], past_key_values=None)  # (b, L, V)
+
+
+def lp(p: float) -> float:
+    return math.log(p)
+
+
+def tiny_llama(seed: int = 0, vocab: int = V) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    cfg = tf.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    return tf.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+# ----------------------------------------------------------------------------- tiny data on disk
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def write_mmlu(root: Path, subjects: dict[str, list[tuple]]) -> None:
+    for split in ("dev", "test"):
+        (root / "mmlu" / split).mkdir(parents=True, exist_ok=True)
+    for subject, questions in subjects.items():
+        dev = "".join(f"Shot {i}?,ab,ba,aa,bb,A\n" for i in range(5))
+        (root / "mmlu" / "dev" / f"{subject}_dev.csv").write_text(dev)
+        test = "".join(f'"{q}",a,b,"a, b",bb,{ans}\n' for q, ans in questions)
+        (root / "mmlu" / "test" / f"{subject}_test.csv").write_text(test)
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    z = tmp_path / "zeroshot"
+    mc = [{"query": "Question: Q1?", "choices": ["aaaa", "b"], "gold": 0},
+          {"query": "Question: Q2?", "choices": ["aaaa", "b"], "gold": 1}]
+    for name in ("arc_easy", "arc_challenge", "boolq", "piqa", "openbook_qa"):
+        write_jsonl(z / f"{name}.jsonl", mc)
+    wino = {"context_options": ["Sam beat Ann so Sam", "Sam beat Ann so Ann"], "continuation": "ab"}
+    write_jsonl(z / "winogrande.jsonl", [{**wino, "gold": 0}, {**wino, "gold": 1}])
+    write_jsonl(z / "triviaqa_sm_sub.jsonl", [
+        {"context": "Question: Which?\nAnswer:", "answer": "ok", "aliases": ["OK", "okay"]},
+        {"context": "Question: Other?\nAnswer:", "answer": "yes", "aliases": []}])
+    (tmp_path / "hellaswag").mkdir()
+    with bz2.open(tmp_path / "hellaswag" / "hellaswag_val_full.txt.bz2", "wt") as f:
+        f.write("Ctx one\n0\naaaa\nb\nab\nba\nCtx two\n2\naaaa\nb\nab\nba\n")
+    write_mmlu(tmp_path, {"abstract_algebra": [("Q1", "B"), ("Q2", "C")], "philosophy": [("Q3", "B")]})
+    return tmp_path
+
+
+# ----------------------------------------------------------------------------- zero-shot multiple choice
+
+def test_loaders_build_lm_eval_prompts(data_dir):
+    item = zeroshot.load_query_choices(data_dir / "zeroshot" / "arc_easy.jsonl")[0]
+    assert item.contexts == ["Question: Q1?\nAnswer:"] * 2
+    assert item.continuations == [" aaaa", " b"] and item.norm_lens == [4, 1] and item.gold == 0
+    assert zeroshot.load_obqa(data_dir / "zeroshot" / "openbook_qa.jsonl")[0].contexts[0] == "Question: Q1?"
+    hs = zeroshot.load_hellaswag(data_dir / "hellaswag" / "hellaswag_val_full.txt.bz2")
+    assert len(hs) == 2 and hs[1].gold == 2 and hs[1].contexts[0] == "Ctx two" and hs[1].continuations[3] == " ba"
+    assert len(zeroshot.load_hellaswag(data_dir / "hellaswag" / "hellaswag_val_full.txt.bz2", limit=1)) == 1
+    w = zeroshot.load_winogrande(data_dir / "zeroshot" / "winogrande.jsonl")[0]
+    assert w.contexts == ["Sam beat Ann so Sam", "Sam beat Ann so Ann"] and w.continuations == [" ab", " ab"]
+
+
+def test_acc_and_acc_norm_choose_differently():
+    # context-free model: ll(" aaaa") = log .35 + 4 log .2 = -7.49 (per char -1.87)
+    #                     ll(" b")    = log .35 + log .05  = -4.05 (per char -4.05)
+    items = [zeroshot.MCItem(["Q:"] * 2, [" aaaa", " b"], gold, [4, 1]) for gold in (0, 1)]
+    lls = zeroshot.choice_loglikelihoods(Bigram(), Chars(), items, batch_size=3)
+    expected = [lp(.35) + 4 * lp(.2), lp(.35) + lp(.05)]
+    assert lls[0] == pytest.approx(expected, abs=1e-4)
+    m = zeroshot.mc_metrics(items, lls)
+    assert m["acc"] == 0.5 and m["acc_norm"] == 0.5  # acc picks " b" (item 2 right), acc_norm " aaaa" (item 1)
+    assert [int(torch.tensor(x).argmax()) for x in lls] == [1, 1]
+
+
+def test_winogrande_partial_scoring():
+    # the shared continuation " ab" differs only in p(" " | last context char): 'm' -> .6, 'n' -> .1
+    model = Bigram({"m": {" ": 0.6}, "n": {" ": 0.1}})
+    ctx = ["Sam beat Ann so Sam", "Sam beat Ann so Ann"]
+    items = [zeroshot.MCItem(ctx, [" ab"] * 2, 0, [2, 2]), zeroshot.MCItem(ctx, [" ab"] * 2, 1, [2, 2])]
+    lls = zeroshot.choice_loglikelihoods(model, Chars(), items)
+    assert lls[0] == pytest.approx([lp(.6) + lp(.2) + lp(.05), lp(.1) + lp(.2) + lp(.05)], abs=1e-4)
+    m = zeroshot.mc_metrics(items, lls, norm=False)
+    assert m["acc"] == 0.5 and "acc_norm" not in m
+
+
+def test_encode_pair_moves_trailing_space_and_truncate_keeps_continuation():
+    ctx, cont = encode_pair(Chars(), "Answer: ", "yes")
+    assert ctx == [ord(c) for c in "Answer:"] and cont == [ord(c) for c in " yes"]
+    r = truncate(Request(list(range(3, 13)), [20, 21, 22], shared=6), max_length=8)
+    assert r.continuation == [20, 21, 22] and r.context == list(range(7, 13)) and r.shared == 2
+
+
+# ----------------------------------------------------------------------------- batching and prefix reuse
+
+def _random_requests(n_items: int = 6, seed: int = 0) -> list[Request]:
+    rng = random.Random(seed)
+    reqs = []
+    for _ in range(n_items):
+        ctx = [rng.randrange(3, V) for _ in range(rng.randint(1, 14))]
+        for _ in range(rng.choice([2, 4])):
+            reqs.append(Request(ctx, [rng.randrange(3, V) for _ in range(rng.randint(1, 6))]))
+    return reqs
+
+
+def test_plan_batches_cover_every_request_once():
+    reqs = _random_requests(12, seed=1)
+    keys = [tuple(r.context[:-1]) for r in reqs]
+    rests = [r.context[-1:] + r.continuation[:-1] for r in reqs]
+    for bs in (1, 3, 8):
+        batches = _plan_batches(keys, rests, bs)
+        assert sorted(i for b in batches for i in b) == list(range(len(reqs)))
+        assert max(len(b) for b in batches) <= bs
+
+
+@pytest.mark.parametrize("batch_size", [3, 8])
+def test_batched_and_prefix_reuse_match_one_by_one(batch_size):
+    model = tiny_llama()
+    assert can_reuse_prefix(model) and not can_reuse_prefix(Bigram())
+    reqs = _random_requests()
+    one = [score_requests(model, [r], batch_size=1, reuse_prefix=False)[0] for r in reqs]
+    plain = score_requests(model, reqs, batch_size=batch_size, reuse_prefix=False)
+    reused = score_requests(model, reqs, batch_size=batch_size)  # automatic: prefix KV reuse on llama
+    for a, b, c in zip(one, plain, reused):
+        assert b.logprob == pytest.approx(a.logprob, abs=1e-4)
+        assert c.logprob == pytest.approx(a.logprob, abs=1e-4)
+        assert a.greedy == b.greedy == c.greedy
+
+
+def test_mmlu_prefix_cache_matches_no_cache():
+    model, tok = tiny_llama(seed=1), Chars()
+    shots = [(f"Shot {i}?", ["ab", "ba", "aa", "bb"], "A") for i in range(5)]
+    questions = [("What is it?", ["a", "b", "c", "d"], "B"), ("A longer question here?", ["x", "y", "z", "w"], "D"),
+                 ("Q?", ["1", "2", "3", "4"], "A")]
+    reqs, reduced = mmlu.subject_requests(tok, "abstract_algebra", shots, questions, 5, max_length=4096)
+    assert reduced == 0 and all(r.shared > 100 for r in reqs)
+    cached = score_requests(model, reqs, batch_size=2)
+    plain = score_requests(model, reqs, batch_size=2, reuse_prefix=False)
+    for a, b in zip(cached, plain):
+        assert a.candidates == pytest.approx(b.candidates, abs=1e-4)
+
+
+# ----------------------------------------------------------------------------- MMLU
+
+def test_mmlu_prompt_format():
+    shots = [("1+1?", ["1", "2", "3", "4"], "B")]
+    question = ("2+2?", ["4", "5", "6", "7"], "A")
+    text = mmlu.prompt_prefix("high_school_mathematics", shots) + mmlu.format_example(question, False)
+    assert text == ("The following are multiple choice questions (with answers) about high school mathematics.\n\n"
+                    "1+1?\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer: B\n\n2+2?\nA. 4\nB. 5\nC. 6\nD. 7\nAnswer:")
+    assert len(mmlu.CATEGORIES) == 57
+    assert set(mmlu.CATEGORIES.values()) == {"STEM", "humanities", "social sciences", "other"}
+
+
+def test_mmlu_letter_scoring(data_dir):
+    # after "Answer:" the shared " " of " A".." D" is appended; p(letter | " ") favours B for every question
+    model = Bigram({" ": {"B": 0.4, "C": 0.2, "A": 0.1, "D": 0.05}})
+    res = mmlu.evaluate_mmlu(model, Chars(), data_dir / "mmlu", num_fewshot=5)
+    assert res["n"] == 3 and res["acc"] == pytest.approx(2 / 3)
+    assert res["acc_subject_avg"] == pytest.approx(0.75)
+    assert res["subjects"]["abstract_algebra"] == {"acc": 0.5, "n": 2}
+    assert res["categories"] == {"STEM": {"acc": 0.5, "n": 2}, "humanities": {"acc": 1.0, "n": 1}}
+
+
+def test_mmlu_letters_as_continuations_when_not_single_tokens(data_dir):
+    class Spaced(Chars):  # " A" -> [" ", "A"] but " B" -> one token: no shared single-token layout
+        def encode(self, text, add_special_tokens=True, **_):
+            return [5] if text == " B" else super().encode(text, add_special_tokens)
+
+    assert mmlu.letter_tokens(Spaced()) is None
+    model = Bigram({" ": {"B": 0.4, "C": 0.2, "A": 0.1, "D": 0.05}, ":": {" ": 0.5, "\x05": 0.01}})
+    res = mmlu.evaluate_mmlu(model, Spaced(), data_dir / "mmlu", num_fewshot=5)
+    # " A" = log .5 + log .1 = -3.0, " B" = log .01 = -4.6, " C" = log .5 + log .2 = -2.3, " D" = -3.7: always C
+    assert res["acc"] == pytest.approx(1 / 3)  # only Q2 (gold C) is right
+
+
+# ----------------------------------------------------------------------------- factual QA
+
+def test_normalize_and_exact_match():
+    assert factual_qa.normalize_answer("  The Beatles!! ") == "beatles"
+    assert factual_qa.normalize_answer("An apple, a day") == "apple day"
+    assert factual_qa.exact_match("an Onion.", ["Allium", "onion"])
+    assert not factual_qa.exact_match("Paris, France", ["Paris"])
+
+
+def test_greedy_generation_stops_at_newline():
+    model = Bigram({":": {" ": 0.9}, " ": {"o": 0.9}, "o": {"k": 0.9}, "k": {"\n": 0.9}})
+    out = factual_qa.greedy_generate(model, Chars(), ["Question: Which?\nAnswer:", "Answer:"], batch_size=2)
+    assert out == ["ok", "ok"]
+    looping = Bigram({":": {" ": 0.9}, " ": {"a": 0.9}, "a": {"a": 0.9}})
+    assert factual_qa.greedy_generate(looping, Chars(), ["x:"], max_new_tokens=16) == ["a" * 15]  # " " + 15 "a"
+    newline_first = Bigram({":": {"\n": 0.9}, "\n": {"o": 0.9}, "o": {"k": 0.9}, "k": {"\n": 0.9}})
+    assert factual_qa.greedy_generate(newline_first, Chars(), ["Answer:"]) == ["ok"]  # a leading newline is skipped
+
+
+def test_batched_generation_matches_one_by_one():
+    model, tok = tiny_llama(seed=2), Chars()
+    prompts = ["Question: short?\nAnswer:", "Question: a much longer question, padded on the left?\nAnswer:", "Q:"]
+    batched = factual_qa.greedy_generate(model, tok, prompts, max_new_tokens=6, batch_size=3)
+    single = [factual_qa.greedy_generate(model, tok, [p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
+    assert batched == single
+    ids = torch.tensor([tok.encode(prompts[0], add_special_tokens=False)])
+    ref = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)[0, ids.shape[1]:]
+    assert single[0] == tok.decode(ref.tolist()).split("\n")[0].strip()
+
+
+def test_freebaseqa_file(tmp_path):
+    data = {"Questions": [
+        {"RawQuestion": "which word means fine?", "ProcessedQuestion": "which word means fine",
+         "Parses": [{"Answers": [{"AnswersName": ["OK"]}]}, {"Answers": [{"AnswersName": ["okay"]}]}]},
+        {"RawQuestion": "opposite of yes?", "Parses": [{"Answers": [{"AnswersName": ["no"]}]}]}]}
+    path = tmp_path / "FreebaseQA-eval.json"
+    path.write_text(json.dumps(data))
+    items = factual_qa.load_freebaseqa(path)
+    assert items[0].prompt == "Question: which word means fine?\nAnswer:" and items[0].aliases == ["OK", "okay"]
+    model = Bigram({":": {" ": 0.9}, " ": {"o": 0.9}, "o": {"k": 0.9}, "k": {"\n": 0.9}})
+    res = run_suite(model, Chars(), [f"freebaseqa={path}"], tmp_path / "nowhere")
+    assert res["freebaseqa"]["acc"] == 0.5 and res["freebaseqa"]["n"] == 2
+
+
+# ----------------------------------------------------------------------------- the suite
+
+def test_run_suite_all_tasks(data_dir):
+    model = Bigram({"m": {" ": 0.6}, "n": {" ": 0.1}, ":": {" ": 0.9},
+                    " ": {"B": 0.3, "o": 0.35, "a": 0.2, "b": 0.05}, "o": {"k": 0.9}, "k": {"\n": 0.9}})
+    res = run_suite(model, Chars(), ["all"], data_dir, batch_size=4)
+    assert list(res) == [t for t in TASKS if t != "freebaseqa"]
+    assert (res["arc_easy"]["acc"], res["arc_easy"]["acc_norm"]) == (0.5, 0.5)
+    assert res["winogrande"]["acc"] == 0.5 and "acc_norm" not in res["winogrande"]
+    assert res["boolq"]["main"] == "acc" and res["arc_challenge"]["main"] == "acc_norm"
+    assert res["mmlu"]["acc"] == pytest.approx(2 / 3) and res["mmlu"]["protocol"]["shots"] == 5
+    assert res["triviaqa"]["acc"] == 0.5 and res["triviaqa"]["examples"][0]["prediction"] == "ok"
+    for r in res.values():
+        assert {"n", "protocol", "seconds", "main"} <= set(r) and r["protocol"]["data"]
+    limited = run_suite(model, Chars(), ["arc_easy", "mmlu"], data_dir, limit=1)
+    assert limited["arc_easy"]["n"] == 1 and limited["arc_easy"]["protocol"]["n_total"] == 2
+    assert limited["mmlu"]["n"] == 2  # ceil(1 / 2 subjects) = 1 question per subject
+
+
+def test_errors(data_dir, tmp_path):
+    with pytest.raises(PrunepilotError, match="unknown task 'arc_hard'"):
+        run_suite(Bigram(), Chars(), ["arc_hard"], data_dir)
+    with pytest.raises(PrunepilotError, match="not found"):
+        run_suite(Bigram(), Chars(), ["arc_easy"], tmp_path / "empty")
+    with pytest.raises(PrunepilotError, match="freebaseqa=PATH"):
+        run_suite(Bigram(), Chars(), ["freebaseqa"], data_dir)
+    with pytest.raises(PrunepilotError, match="not a FreebaseQA"):
+        bad = tmp_path / "bad.json"
+        bad.write_text("[1, 2]")
+        run_suite(Bigram(), Chars(), [f"freebaseqa={bad}"], data_dir)
+
+
+def test_lm_eval_adapter_missing_dependency():
+    from prunepilot.eval import lm_eval_adapter
+
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        with pytest.raises(PrunepilotError, match="pip install lm-eval"):
+            lm_eval_adapter.run_lm_eval(Bigram(), Chars(), ["arc_easy"])
+    else:
+        pytest.skip("lm-eval installed; running it needs the network")
+
+
+# ----------------------------------------------------------------------------- real data
+
+def shared_dir() -> Path:
+    return Path(os.environ.get("PRUNEPILOT_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
+
+
+@pytest.mark.slow
+def test_real_arc_easy_stories260k():
+    root = shared_dir()
+    model_dir, data = root / "models" / "stories260K", root / "data"
+    if not (model_dir / "model.safetensors").exists() or not (data / "zeroshot" / "arc_easy.jsonl").exists():
+        pytest.skip(f"shared models/data not found under {root} (set PRUNEPILOT_SHARED)")
+    from prunepilot.modeling import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(model_dir)
+    res = run_suite(model, tok, ["arc_easy"], data, limit=20)["arc_easy"]
+    assert res["n"] == 20 and 0.0 <= res["acc"] <= 1.0 and res["protocol"]["n_total"] == 2376
+    items = zeroshot.load_query_choices(data / "zeroshot" / "arc_easy.jsonl", limit=5)
+    reqs = [Request(*encode_pair(tok, c, t)) for it in items for c, t in zip(it.contexts, it.continuations)]
+    reused, plain = score_requests(model, reqs), score_requests(model, reqs, reuse_prefix=False)
+    assert [r.logprob for r in reused] == pytest.approx([p.logprob for p in plain], abs=1e-3)
