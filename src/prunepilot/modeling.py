@@ -1,6 +1,7 @@
 """Loading models and tokenizers from local folders (safetensors, GGUF, SentencePiece) or hub names."""
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -111,6 +112,45 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: s
     except OSError as e:
         raise PrunepilotError(f"cannot load model {path}: {e}".splitlines()[0]) from e
     return model.to(device).eval()
+
+
+def _is_gguf(model) -> bool:
+    q = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(q, "quantization_config", None), "quant_method", None)
+    return q is not None and str(getattr(method, "value", method)).lower() == "gguf"
+
+
+@contextlib.contextmanager
+def gguf_detached(model):
+    """GGUF checkpoints are dequantized to ordinary float weights at load, but transformers keeps a GGUF
+    quantizer attached that makes save_pretrained refuse; detach it (and its config entry) while saving,
+    so the saved folder is an ordinary float checkpoint."""
+    if not _is_gguf(model):
+        yield
+        return
+    saved = {k: getattr(model, k) for k in ("hf_quantizer", "is_quantized", "quantization_method") if hasattr(model, k)}
+    qcfg = model.config.__dict__.pop("quantization_config", None)
+    try:
+        model.hf_quantizer, model.is_quantized = None, False
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(model, k, v)
+        if qcfg is not None:
+            model.config.quantization_config = qcfg
+
+
+def save_tokenizer(tokenizer, folder: str | Path) -> None:
+    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(folder)
+
+
+def save_model_files(model, tokenizer, folder: str | Path) -> None:
+    """model.save_pretrained + tokenizer into `folder` (GGUF-loaded models are saved as float weights).
+    Not atomic by itself: callers write into a temporary folder (io.atomic_dir)."""
+    with gguf_detached(model):
+        model.save_pretrained(folder)
+    save_tokenizer(tokenizer, folder)
 
 
 def load_model_and_tokenizer(path: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu",

@@ -5,6 +5,7 @@ import logging
 from pathlib import Path
 
 from .io import atomic_dir, atomic_write_json
+from .modeling import save_model_files
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +43,7 @@ def save_result(model, tokenizer, out_dir: str | Path, recipe, report: dict, ove
 
                 save_pruned(model, tokenizer, tmp / "model")
             else:
-                model.save_pretrained(tmp / "model")
-                if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
-                    tokenizer.save_pretrained(tmp / "model")
+                save_model_files(model, tokenizer, tmp / "model")
         (tmp / "recipe.yaml").write_text(recipe.to_yaml())
         atomic_write_json(tmp / "report.json", report)
         if report.get("layers"):

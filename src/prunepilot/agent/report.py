@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 from ..io import atomic_dir, atomic_write_json
+from ..modeling import save_model_files
 from .config import AgentConfig
 
 log = logging.getLogger(__name__)
@@ -99,8 +100,6 @@ def write_report(report: dict, out_dir: str | Path) -> None:
 def save_model(model, tokenizer, path: str | Path) -> Path:
     """model.save_pretrained + tokenizer into `path`, atomically (temp folder, then one rename)."""
     with atomic_dir(path, overwrite=True) as tmp:
-        model.save_pretrained(tmp)
-        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
-            tokenizer.save_pretrained(tmp)
+        save_model_files(model, tokenizer, tmp)
     log.info("saved pruned model to %s", path)
     return Path(path)

@@ -14,7 +14,6 @@ recorded widths, then loads the state dict.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
@@ -25,6 +24,7 @@ import torch
 from ..engine import ModelAdapter
 from ..errors import PrunepilotError
 from ..io import atomic_dir
+from ..modeling import gguf_detached, save_tokenizer
 from .slicing import block_widths, shrink_block
 
 log = logging.getLogger(__name__)
@@ -78,36 +78,6 @@ def plain_config(model, widths: list[dict]):
     return cfg, {k: expected[k] for k in extra}
 
 
-def _is_gguf(model) -> bool:
-    q = getattr(model, "hf_quantizer", None)
-    method = getattr(getattr(q, "quantization_config", None), "quant_method", None)
-    return q is not None and str(getattr(method, "value", method)).lower() == "gguf"
-
-
-@contextlib.contextmanager
-def gguf_detached(model):
-    """GGUF checkpoints are dequantized to ordinary float weights at load, but transformers keeps a GGUF
-    quantizer attached that makes save_pretrained refuse; detach it (and its config entry) while saving."""
-    if not _is_gguf(model):
-        yield
-        return
-    saved = {k: getattr(model, k) for k in ("hf_quantizer", "is_quantized", "quantization_method") if hasattr(model, k)}
-    qcfg = model.config.__dict__.pop("quantization_config", None)
-    try:
-        model.hf_quantizer, model.is_quantized = None, False
-        yield
-    finally:
-        for k, v in saved.items():
-            setattr(model, k, v)
-        if qcfg is not None:
-            model.config.quantization_config = qcfg
-
-
-def _save_tokenizer(tokenizer, folder: Path) -> None:
-    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
-        tokenizer.save_pretrained(folder)
-
-
 def save_pruned(model, tokenizer, path: str | Path, overwrite: bool = False) -> Path:
     """Save a structurally pruned model (and tokenizer) atomically: a temp folder, then one rename."""
     adapter, head_dim, widths = model_widths(model)
@@ -127,7 +97,7 @@ def save_pruned(model, tokenizer, path: str | Path, overwrite: bool = False) -> 
             info = {"format": FORMAT, "model_type": adapter.model_type, "head_dim": head_dim, "layers": widths}
             (tmp / WIDTHS_FILE).write_text(json.dumps(info, indent=1) + "\n")
             log.info("saved %s: per-layer widths in %s (load with prunepilot load_pruned)", path, WIDTHS_FILE)
-        _save_tokenizer(tokenizer, tmp)
+        save_tokenizer(tokenizer, tmp)
     return Path(path)
 
 
