@@ -33,7 +33,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, md_table, smollm2_path  # noqa: E402
 
-import prunepilot.structured.methods  # noqa: E402,F401  (registers the structured methods)
 from prunepilot.api import prune  # noqa: E402
 from prunepilot.data import TextSource, load_documents, tokenize_stream  # noqa: E402
 from prunepilot.eval.perplexity import perplexity_of_tokens  # noqa: E402

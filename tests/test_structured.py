@@ -7,7 +7,6 @@ import pytest
 import torch
 import transformers as tf
 
-import prunepilot.structured.methods  # noqa: F401  (registers wanda_sp, flap, flap_iterative)
 from prunepilot.api import prune
 from prunepilot.engine import ModelAdapter
 from prunepilot.errors import PrunepilotError

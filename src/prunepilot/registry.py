@@ -30,4 +30,6 @@ def available() -> dict[str, type]:
 
 
 def _load_builtin():
-    from . import methods  # noqa: F401  (importing registers the built-in methods)
+    # importing registers the built-in methods: unstructured / N:M, then structured
+    from . import methods  # noqa: F401
+    from .structured import methods as structured_methods  # noqa: F401
