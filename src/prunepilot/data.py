@@ -47,7 +47,8 @@ def data_root() -> Path:
     """Folder holding the shared data sets: $PRUNEPILOT_DATA, else ../shared/data from the cwd or repo."""
     if os.environ.get("PRUNEPILOT_DATA"):
         return Path(os.environ["PRUNEPILOT_DATA"])
-    for base in (Path.cwd(), Path(__file__).resolve().parents[3]):
+    repo = Path(__file__).resolve().parents[2]  # src/prunepilot/data.py -> repository root
+    for base in (Path.cwd(), repo):
         cand = base.parent / "shared" / "data"
         if cand.is_dir():
             return cand
