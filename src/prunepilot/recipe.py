@@ -5,14 +5,11 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
 from .errors import PrunepilotError
 from .masks import parse_pattern
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+from .schema import Strict, load_yaml_mapping, validate
 
 
 class CalibrationConfig(Strict):
@@ -76,23 +73,8 @@ class Recipe(Strict):
 
     @classmethod
     def from_dict(cls, data: dict) -> "Recipe":
-        try:
-            return cls.model_validate(data or {})
-        except ValidationError as e:
-            first = e.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "recipe"
-            raise PrunepilotError(f"invalid recipe: {where}: {first['msg']}"
-                                  + (f" ({len(e.errors()) - 1} more)" if len(e.errors()) > 1 else "")) from None
+        return validate(cls, data, "recipe")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "Recipe":
-        p = Path(path)
-        if not p.is_file():
-            raise PrunepilotError(f"recipe file {p} does not exist")
-        try:
-            data = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise PrunepilotError(f"recipe {p} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if data is not None and not isinstance(data, dict):
-            raise PrunepilotError(f"recipe {p} must be a YAML mapping")
-        return cls.from_dict(data)
+        return cls.from_dict(load_yaml_mapping(path, "recipe"))

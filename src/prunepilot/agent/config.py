@@ -10,13 +10,9 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
-from ..errors import PrunepilotError
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+from ..schema import Strict, load_yaml_mapping, validate
 
 
 class ControllerConfig(Strict):
@@ -98,23 +94,8 @@ class AgentConfig(Strict):
 
     @classmethod
     def from_dict(cls, data: dict | None) -> "AgentConfig":
-        try:
-            return cls.model_validate(data or {})
-        except ValidationError as e:
-            first = e.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "config"
-            more = f" ({len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
-            raise PrunepilotError(f"invalid agent config: {where}: {first['msg']}{more}") from None
+        return validate(cls, data, "agent config")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "AgentConfig":
-        p = Path(path)
-        if not p.is_file():
-            raise PrunepilotError(f"agent config {p} does not exist")
-        try:
-            data = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise PrunepilotError(f"agent config {p} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if data is not None and not isinstance(data, dict):
-            raise PrunepilotError(f"agent config {p} must be a YAML mapping")
-        return cls.from_dict(data)
+        return cls.from_dict(load_yaml_mapping(path, "agent config"))
