@@ -29,7 +29,7 @@ class AllocationConfig(Strict):
 
 class EvaluationConfig(Strict):
     datasets: list[str] = Field(default_factory=lambda: ["wikitext2"])
-    seqlen: int = Field(2048, ge=2)
+    seqlen: int | None = Field(None, ge=2)  # None: 2048, or the model's context when shorter
     max_windows: int | None = Field(None, ge=1)  # None = the whole test set
     batch_size: int = Field(1, ge=1)
     before: bool = True  # also measure the dense model

@@ -52,7 +52,7 @@ def add_agent_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-save-model", action="store_true", help="write journal and report only")
     p.add_argument("--ppl", action="append", metavar="DATASET",
                    help="also report perplexity on DATASET (wikitext2, c4, ...) before and after, repeatable")
-    p.add_argument("--ppl-seqlen", type=int, default=2048)
+    p.add_argument("--ppl-seqlen", type=int, help="window for --ppl (default 2048, or the model's context if shorter)")
     p.add_argument("--ppl-max-windows", type=int, help="score only the first N windows")
     return p
 

@@ -18,7 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import PrunepilotError
-from .loglik import encode, model_max_length
+from ..modeling import context_length
+from .loglik import encode
 from .zeroshot import _read_jsonl, stderr
 
 
@@ -81,7 +82,7 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 
     batches with a KV cache."""
     device = device or next(model.parameters()).device
     eos = getattr(tokenizer, "eos_token_id", None)
-    max_prompt = model_max_length(model) - max_new_tokens
+    max_prompt = context_length(model) - max_new_tokens
     encoded = [encode(tokenizer, p, add_bos)[-max_prompt:] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     outputs: list[str] = [""] * len(prompts)

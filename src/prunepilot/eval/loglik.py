@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..modeling import context_length
+
 log = logging.getLogger(__name__)
 
 
@@ -61,15 +63,6 @@ def encode_pair(tokenizer, context: str, continuation: str, add_bos: bool = Fals
     if not ctx:  # empty context: condition on EOS/BOS as lm-eval does with its prefix token
         ctx = [getattr(tokenizer, "eos_token_id", None) or getattr(tokenizer, "bos_token_id", None) or 0]
     return ctx, cont
-
-
-def model_max_length(model, default: int = 2048) -> int:
-    cfg = getattr(model, "config", None)
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(cfg, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return default
 
 
 def truncate(req: Request, max_length: int) -> Request:
@@ -240,7 +233,7 @@ def score_requests(model, requests: list[Request], batch_size: int = 8, device=N
             raise ValueError("candidates are scored after the context: give an empty continuation")
     device = device or next(model.parameters()).device
     reuse = can_reuse_prefix(model) if reuse_prefix is None else reuse_prefix
-    max_length = max_length or model_max_length(model)
+    max_length = max_length or context_length(model)
     requests = [truncate(r, max_length) for r in requests]
     split = [_split(r, reuse) for r in requests]
     keys, rests = [s[0] for s in split], [s[1] for s in split]

@@ -18,7 +18,8 @@ import math
 from pathlib import Path
 
 from ..errors import PrunepilotError
-from .loglik import Request, encode, model_max_length, score_requests
+from ..modeling import context_length
+from .loglik import Request, encode, score_requests
 from .zeroshot import stderr
 
 log = logging.getLogger(__name__)
@@ -162,7 +163,7 @@ def evaluate_mmlu(model, tokenizer, mmlu_dir: str | Path, num_fewshot: int = 5, 
                   batch_size: int = 8, device=None, add_bos: bool = False, subjects: list[str] | None = None) -> dict:
     mmlu_dir = Path(mmlu_dir)
     subjects = subjects or list_subjects(mmlu_dir)
-    max_length = model_max_length(model)
+    max_length = context_length(model)
     if letter_tokens(tokenizer) is None:
         log.warning("MMLU: ' A'..' D' are not one distinct token each; scoring them as continuations")
     requests, owner, golds, reduced, n_total = [], [], [], 0, 0

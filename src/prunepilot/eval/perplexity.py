@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from ..data import TextSource, load_documents, tokenize_stream
 from ..errors import PrunepilotError
+from ..modeling import context_length, default_eval_seqlen
 
 
 @torch.no_grad()
@@ -24,6 +25,9 @@ def perplexity_of_tokens(model, tokens: torch.Tensor, seqlen: int, batch_size: i
     """tokens: (n_tokens,) long. Returns {"ppl", "nll", "seqlen", "windows", "tokens"}."""
     if seqlen < 2:
         raise PrunepilotError(f"perplexity seqlen must be >= 2, got {seqlen}")
+    if seqlen > context_length(model, default=seqlen):
+        raise PrunepilotError(f"perplexity seqlen {seqlen} exceeds the model's context of {context_length(model)} "
+                              f"tokens; choose a shorter window")
     n_windows = tokens.numel() // seqlen
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)
@@ -44,10 +48,13 @@ def perplexity_of_tokens(model, tokens: torch.Tensor, seqlen: int, batch_size: i
             "windows": n_windows, "tokens": counted, "seconds": round(time.time() - t0, 2)}
 
 
-def perplexity(model, tokenizer, source: str | TextSource, seqlen: int = 2048, batch_size: int = 1,
+def perplexity(model, tokenizer, source: str | TextSource, seqlen: int | None = 2048, batch_size: int = 1,
                max_windows: int | None = None, device=None) -> dict:
-    """Perplexity of `model` on a text source (a preset such as ``wikitext2``, a file, a folder ...)."""
+    """Perplexity of `model` on a text source (a preset such as ``wikitext2``, a file, a folder ...).
+
+    seqlen None: 2048, or the model's context when that is shorter."""
     src = TextSource.parse(source) if isinstance(source, str) else source
+    seqlen = seqlen or default_eval_seqlen(model)
     tokens = tokenize_stream(tokenizer, load_documents(src), add_special_tokens=True)
     result = perplexity_of_tokens(model, tokens, seqlen, batch_size, max_windows, device, desc=f"ppl {src.domain}")
     return {"dataset": src.domain, "source": str(src), **result}
