@@ -235,9 +235,11 @@ def test_mmlu_letter_scoring(data_dir):
 
 
 def test_mmlu_letters_as_continuations_when_not_single_tokens(data_dir):
-    class Spaced(Chars):  # " A" -> [" ", "A"] but " B" -> one token: no shared single-token layout
+    class Spaced(Chars):  # "...: A" ends [" ", "A"] but "...: B" ends in one token: no shared single-token layout
         def encode(self, text, add_special_tokens=True, **_):
-            return [5] if text == " B" else super().encode(text, add_special_tokens)
+            if text.endswith(" B"):
+                return super().encode(text[:-2], add_special_tokens) + [5]
+            return super().encode(text, add_special_tokens)
 
     assert mmlu.letter_tokens(Spaced()) is None
     model = Bigram({" ": {"B": 0.4, "C": 0.2, "A": 0.1, "D": 0.05}, ":": {" ": 0.5, "\x05": 0.01}})
@@ -247,6 +249,26 @@ def test_mmlu_letters_as_continuations_when_not_single_tokens(data_dir):
 
 
 # ----------------------------------------------------------------------------- factual QA
+
+def test_mmlu_letters_are_tokenized_in_context_like_the_shots():
+    class DummyPrefix(Chars):  # SentencePiece-like: a word-initial space is part of the token ("▁A" = 200 + ord)
+        def encode(self, text, add_special_tokens=True, **_):
+            ids, i = [], 0
+            text = " " + text  # the dummy prefix
+            while i < len(text):
+                if text[i] == " " and i + 1 < len(text) and text[i + 1] != " ":
+                    ids.append(200 + ord(text[i + 1]))
+                    i += 2
+                else:
+                    ids.append(ord(text[i]))
+                    i += 1
+            return ids
+
+    tok = DummyPrefix()
+    assert tok.encode(" A") == [32, 265]  # on its own " A" would be a space token + "▁A": one space too many
+    shared, letters = mmlu.letter_tokens(tok)
+    assert shared == [] and letters == [265, 266, 267, 268]  # in context: "...Answer:" + "▁A", as in the shots
+
 
 def test_normalize_and_exact_match():
     assert factual_qa.normalize_answer("  The Beatles!! ") == "beatles"
@@ -263,6 +285,8 @@ def test_greedy_generation_stops_at_newline():
     assert factual_qa.greedy_generate(looping, Chars(), ["x:"], max_new_tokens=16) == ["a" * 15]  # " " + 15 "a"
     newline_first = Bigram({":": {"\n": 0.9}, "\n": {"o": 0.9}, "o": {"k": 0.9}, "k": {"\n": 0.9}})
     assert factual_qa.greedy_generate(newline_first, Chars(), ["Answer:"]) == ["ok"]  # a leading newline is skipped
+    comma = Bigram({":": {" ": 0.9}, " ": {"o": 0.9}, "o": {"k": 0.9}, "k": {",": 0.9}, ",": {" ": 0.9}})
+    assert factual_qa.greedy_generate(comma, Chars(), ["Answer:"]) == ["ok"]  # lm-eval's triviaqa stops: \n . ,
 
 
 def test_batched_generation_matches_one_by_one():
@@ -273,7 +297,7 @@ def test_batched_generation_matches_one_by_one():
     assert batched == single
     ids = torch.tensor([tok.encode(prompts[0], add_special_tokens=False)])
     ref = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)[0, ids.shape[1]:]
-    assert single[0] == tok.decode(ref.tolist()).split("\n")[0].strip()
+    assert single[0] == factual_qa.cut_at_stop(tok.decode(ref.tolist()))[0].strip()
 
 
 def test_freebaseqa_file(tmp_path):
@@ -320,6 +344,16 @@ def test_errors(data_dir, tmp_path):
         bad = tmp_path / "bad.json"
         bad.write_text("[1, 2]")
         run_suite(Bigram(), Chars(), [f"freebaseqa={bad}"], data_dir)
+
+
+def test_lm_eval_results_keep_filtered_generation_metrics():
+    from prunepilot.eval.lm_eval_adapter import _convert
+
+    assert _convert({"acc,none": 0.5, "acc_stderr,none": 0.1, "alias": "arc_easy"}) == {"acc": 0.5, "acc_stderr": 0.1}
+    trivia = _convert({"exact_match,remove_whitespace": 0.31, "exact_match_stderr,remove_whitespace": 0.01})
+    assert trivia == {"exact_match": 0.31, "exact_match_stderr": 0.01, "filters": {"exact_match": "remove_whitespace"}}
+    gsm = _convert({"exact_match,strict-match": 0.2, "exact_match,flexible-extract": 0.3})
+    assert gsm["exact_match"] == 0.2 and gsm["filters"] == {"exact_match": "strict-match"}
 
 
 def test_lm_eval_adapter_missing_dependency():

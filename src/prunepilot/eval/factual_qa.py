@@ -1,10 +1,11 @@
 """Factual open QA (TriviaQA subset, FreebaseQA): greedy generation, exact match against any alias.
 
 Prompt: "Question: {question}\\nAnswer:" (the TriviaQA copy already holds it in "context"). Generation is
-greedy, at most `max_new_tokens` (16) new tokens, stopping at the first newline after some text, or EOS;
-the answer is the first line of the stripped text. (lm-eval stops at the very first newline, which gives
-chat-tuned models that open with "\n" an empty answer.) Exact match compares SQuAD-normalised strings (lowercase, punctuation and
-the articles a/an/the removed, whitespace collapsed) with every alias.
+greedy, at most `max_new_tokens` (16) new tokens, stopping at EOS or at the first of lm-eval's triviaqa stop
+strings "\\n", ".", "," once past leading whitespace; the answer is the text before that stop. (lm-eval
+stops at the very first "\\n", which gives chat-tuned models that open with "\\n" an empty answer, so leading
+whitespace is skipped first.) Exact match compares SQuAD-normalised strings (lowercase, punctuation and the
+articles a/an/the removed, whitespace collapsed) with every alias.
 """
 from __future__ import annotations
 
@@ -21,6 +22,16 @@ from ..errors import PrunepilotError
 from ..modeling import context_length
 from .loglik import encode
 from .zeroshot import _read_jsonl, stderr
+
+
+STOPS = ("\n", ".", ",")  # lm-eval triviaqa `until`
+
+
+def cut_at_stop(text: str, stops=STOPS) -> tuple[str, bool]:
+    """(text before the first stop string after leading whitespace, whether a stop was found)."""
+    text = text.lstrip()
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    return (text, False) if cut < 0 else (text[:cut], True)
 
 
 @dataclass
@@ -77,9 +88,9 @@ def exact_match(prediction: str, aliases: list[str]) -> bool:
 
 @torch.inference_mode()
 def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 16, batch_size: int = 8,
-                    device=None, add_bos: bool = False, stop: str = "\n") -> list[str]:
-    """Greedy continuation of each prompt, cut at the first `stop` after leading whitespace; left-padded
-    batches with a KV cache."""
+                    device=None, add_bos: bool = False, stops=STOPS) -> list[str]:
+    """Greedy continuation of each prompt, cut at the first of `stops` after leading whitespace;
+    left-padded batches with a KV cache."""
     device = device or next(model.parameters()).device
     eos = getattr(tokenizer, "eos_token_id", None)
     max_prompt = context_length(model) - max_new_tokens
@@ -89,12 +100,12 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 
     for start in tqdm(range(0, len(order), batch_size), desc="generate", leave=False):
         rows = order[start:start + batch_size]
         for i, text in zip(rows, _generate_batch(model, tokenizer, [encoded[i] for i in rows], max_new_tokens,
-                                                 device, eos, stop)):
+                                                 device, eos, stops)):
             outputs[i] = text
     return outputs
 
 
-def _generate_batch(model, tokenizer, seqs: list[list[int]], max_new_tokens: int, device, eos, stop: str) -> list[str]:
+def _generate_batch(model, tokenizer, seqs: list[list[int]], max_new_tokens: int, device, eos, stops) -> list[str]:
     b, L = len(seqs), max(len(s) for s in seqs)
     ids = torch.zeros((b, L), dtype=torch.long)
     mask = torch.zeros((b, L), dtype=torch.long)
@@ -113,7 +124,7 @@ def _generate_batch(model, tokenizer, seqs: list[list[int]], max_new_tokens: int
         for r in range(b):
             if not done[r]:
                 generated[r].append(int(nxt[r]))
-                done[r] = int(nxt[r]) == eos or stop in tokenizer.decode(generated[r]).lstrip()
+                done[r] = int(nxt[r]) == eos or cut_at_stop(tokenizer.decode(generated[r]), stops)[1]
         if bool(done.all()):
             break
         ids = nxt[:, None]  # (b, 1)
@@ -123,7 +134,7 @@ def _generate_batch(model, tokenizer, seqs: list[list[int]], max_new_tokens: int
     for gen in generated:
         if gen and gen[-1] == eos:
             gen = gen[:-1]
-        texts.append(tokenizer.decode(gen).lstrip().split(stop)[0].strip())
+        texts.append(cut_at_stop(tokenizer.decode(gen), stops)[0].strip())
     return texts
 
 

@@ -15,6 +15,11 @@ from .suite import TASKS
 INSTALL_HINT = "lm-eval-harness is not installed: pip install lm-eval  (or pip install 'prunepilot[lmeval]')"
 
 
+def require_lm_eval() -> None:
+    """Raise the install hint unless lm-eval can be imported."""
+    _import_lm_eval()
+
+
 def _import_lm_eval():
     try:
         import lm_eval
@@ -25,12 +30,20 @@ def _import_lm_eval():
 
 
 def _convert(task_metrics: dict) -> dict:
-    """lm-eval's {"acc,none": x, "acc_stderr,none": y, "alias": ..} -> {"acc": x, "acc_stderr": y}."""
-    out = {}
+    """lm-eval's {"acc,none": x, "acc_stderr,none": y, "alias": ..} -> {"acc": x, "acc_stderr": y}.
+
+    Generation tasks report under a named filter ("exact_match,remove_whitespace", gsm8k's "strict-match"):
+    the unfiltered value ("none") wins, else the first filter listed; the filter used is kept in "filters"."""
+    out, filters = {}, {}
     for key, value in task_metrics.items():
         metric, _, filt = key.partition(",")
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and filt in ("none", ""):
-            out[metric] = value
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        if metric not in out or (filt in ("none", "") and filters[metric] not in ("none", "")):
+            out[metric], filters[metric] = value, filt
+    named = {m: f for m, f in filters.items() if f not in ("none", "") and not m.endswith("_stderr")}
+    if named:
+        out["filters"] = named
     return out
 
 
@@ -52,7 +65,8 @@ def run_lm_eval(model, tokenizer, tasks: list[str], limit: int | None = None, ba
         res = _convert(metrics)
         n = out.get("n-samples", {}).get(task, {}).get("effective")
         spec = TASKS.get(task)
-        res["main"] = spec.main if spec and spec.main in res else ("acc" if "acc" in res else next(iter(res), "acc"))
+        scores = [m for m in res if m != "filters" and not m.endswith("_stderr")]
+        res["main"] = spec.main if spec and spec.main in res else ("acc" if "acc" in res else next(iter(scores), "acc"))
         res["n"] = n
         res["protocol"] = {"harness": f"lm-eval {version}", "limit": limit,
                            "shots": out.get("n-shot", {}).get(task, num_fewshot)}

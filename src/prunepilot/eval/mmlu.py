@@ -5,7 +5,8 @@ dev examples "Q\\nA. ..\\nB. ..\\nC. ..\\nD. ..\\nAnswer: X\\n\\n", then the tes
 The prediction is the argmax of the next-token log-probs of " A", " B", " C", " D" (one forward per
 question). When a prompt exceeds the model's context, shots are dropped for that question (as the
 reference code does). The k-shot prefix of a subject is computed once and its KV cache reused by all the
-subject's questions (see loglik.py).
+subject's questions (see loglik.py). Questions and choices are used exactly as in the CSV files, as the
+hendrycks code does (lm-eval strips surrounding whitespace from the question: 1,165 test questions differ).
 
 Reports accuracy over all questions (micro, as hendrycks and lm-eval), the mean of subject accuracies,
 and per-subject and per-category accuracy with the standard mapping of the 57 subjects.
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from ..errors import PrunepilotError
 from ..modeling import context_length
-from .loglik import Request, encode, score_requests
+from .loglik import Request, encode, encode_pair, score_requests
 from .zeroshot import stderr
 
 log = logging.getLogger(__name__)
@@ -98,14 +99,23 @@ def prompt_prefix(subject: str, shots: list[Row]) -> str:
     return header + "".join(format_example(s, True) for s in shots)
 
 
+ANSWER_PROBE = "\nAnswer:"  # every prompt ends with this; letters are tokenized after it, as in the shots
+
+
 def letter_tokens(tokenizer) -> tuple[list[int], list[int]] | None:
     """(shared leading tokens of " A".." D", one distinguishing token id per letter), or None.
 
-    BPE tokenizers give one token each (" A"); a SentencePiece tokenizer may give ["▁", "A"]: the shared "▁"
-    is appended to the prompt and the letters compared one token later, which ranks them identically.
-    None when the letters do not end in one distinct token each (then each " X" is scored as a continuation).
+    The letters are tokenized in context, as the tail of "\\nAnswer: A" beyond the tokens of "\\nAnswer:"
+    (encoding " A" on its own would give a SentencePiece tokenizer's dummy-prefix "▁" an extra space).
+    BPE tokenizers give one token each (" A"); some tokenizers give ["▁", "A"]: the shared "▁" is appended to
+    the prompt and the letters compared one token later, which ranks them identically. None when the letters
+    do not end in one distinct token each (then each " X" is scored as a continuation).
     """
-    encs = [encode(tokenizer, " " + letter) for letter in LETTERS]
+    base = encode(tokenizer, ANSWER_PROBE)
+    whole = [encode(tokenizer, f"{ANSWER_PROBE} {letter}") for letter in LETTERS]
+    if any(w[:len(base)] != base for w in whole):  # the tokenizer merges ":" with the letter: no clean split
+        return None
+    encs = [w[len(base):] for w in whole]
     n = 0
     while all(len(e) > n + 1 for e in encs) and len({e[n] for e in encs}) == 1:
         n += 1
@@ -150,7 +160,10 @@ def subject_requests(tokenizer, subject: str, shots: list[Row], questions: list[
         if letters:
             requests.append(Request(full, [], letters[1], shared=shared))
         else:
-            requests += [Request(full, encode(tokenizer, " " + x), shared=shared) for x in LETTERS]
+            prompt = text + format_example(q, False)
+            for x in LETTERS:
+                ctx, cont = encode_pair(tokenizer, prompt, " " + x, add_bos)
+                requests.append(Request(ctx, cont, shared=_common_prefix_len(prefix_ids[k], ctx)))
     return requests, reduced
 
 

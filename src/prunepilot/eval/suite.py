@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 
 from ..errors import PrunepilotError
+from ..modeling import context_length
 from . import factual_qa, mmlu, zeroshot
 
 log = logging.getLogger(__name__)
@@ -53,17 +54,17 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in [
     TaskSpec("winogrande", "mc", "zeroshot/winogrande.jsonl", "acc",
              "partial scoring: log p(' ' + continuation | context option), acc only",
              zeroshot.load_winogrande, norm=False),
-    TaskSpec("boolq", "mc", "zeroshot/boolq.jsonl", "acc", "Passage: {p}\\nQuestion: {q}?\\nAnswer: {no|yes}",
-             zeroshot.load_query_choices, norm=False),
+    TaskSpec("boolq", "mc", "zeroshot/boolq.jsonl", "acc", "{passage}\\nQuestion: {q}?\\nAnswer: {no|yes}",
+             zeroshot.load_boolq, norm=False),
     TaskSpec("openbookqa", "mc", "zeroshot/openbook_qa.jsonl", "acc_norm", "{question_stem} {choice}",
              zeroshot.load_obqa),
     TaskSpec("mmlu", "mmlu", "mmlu", "acc",
              "hendrycks prompt, dev split as shots, argmax of next-token log p(' A'..' D') after 'Answer:'"),
     TaskSpec("triviaqa", "qa", "zeroshot/triviaqa_sm_sub.jsonl", "acc",
-             "Question: {q}\\nAnswer: greedy <= 16 tokens, stop at newline; normalised exact match vs aliases",
+             "Question: {q}\\nAnswer: greedy <= 16 tokens, stop at \\n . ,; normalised exact match vs aliases",
              factual_qa.load_triviaqa),
     TaskSpec("freebaseqa", "qa", "freebaseqa/FreebaseQA-eval.json", "acc",
-             "Question: {RawQuestion}\\nAnswer: greedy <= 16 tokens, stop at newline; normalised exact match",
+             "Question: {RawQuestion}\\nAnswer: greedy <= 16 tokens, stop at \\n . ,; normalised exact match",
              factual_qa.load_freebaseqa, needs_user_file=True),
 ]}
 ZERO_SHOT_MC = [n for n, t in TASKS.items() if t.kind == "mc"]
@@ -96,7 +97,8 @@ def resolve_tasks(tasks: list[str] | str, data_dir: str | Path) -> list[tuple[st
 
 def _run_task(model, tokenizer, spec: TaskSpec, path: Path, limit: int | None, batch_size: int, device,
               num_fewshot_mmlu: int, add_bos: bool) -> dict:
-    protocol = {"data": str(path), "limit": limit, "prompt": spec.prompt, "add_bos": add_bos}
+    protocol = {"data": str(path), "limit": limit, "prompt": spec.prompt, "add_bos": add_bos,
+                "max_length": context_length(model)}  # longer prompts lose context tokens from the left
     if spec.kind == "mmlu":
         subjects = mmlu.list_subjects(path)
         per_subject = mmlu.per_subject_limit(limit, len(subjects))
@@ -114,7 +116,8 @@ def _run_task(model, tokenizer, spec: TaskSpec, path: Path, limit: int | None, b
         protocol.update(shots=0, scoring=_MC if spec.norm else "sum log p(' ' + continuation | context), acc")
     else:
         res = factual_qa.evaluate_qa(model, tokenizer, items, batch_size=batch_size, device=device, add_bos=add_bos)
-        protocol.update(shots=0, scoring="greedy generation, max 16 new tokens, normalised exact match")
+        protocol.update(shots=0, scoring=f"greedy generation, max 16 new tokens, stops {list(factual_qa.STOPS)}, "
+                                         "normalised exact match")
     protocol["n_total"] = n_total
     return {**res, "main": spec.main, "protocol": protocol}
 

@@ -2,7 +2,8 @@
 
 Prompts follow lm-eval-harness on the local data copies (see ../shared/README.md):
 
-- ARC, BoolQ, PIQA: ``query`` (which starts "Question: ..." / "Passage: ...") + "\\nAnswer:"; choice " {choice}".
+- ARC, PIQA: ``query`` (which starts "Question: ...") + "\\nAnswer:"; choice " {choice}".
+- BoolQ: ``query`` without its "Passage: " prefix + "\\nAnswer:"; choices " no" / " yes".
 - OpenBookQA: the question stem as is; choice " {choice}".
 - HellaSwag: the preprocessed context; choice " {ending}".
 - WinoGrande (partial scoring): the shared continuation " {rest of sentence}" given each of the 2 contexts.
@@ -54,6 +55,15 @@ def load_query_choices(path: Path, limit: int | None = None, answer_prompt: bool
     for row in _read_jsonl(path, limit):
         query = row["query"].rstrip("\n") + "\nAnswer:" if answer_prompt else row["query"]
         items.append(_choice_item(query, row["choices"], row["gold"]))
+    return items
+
+
+def load_boolq(path: Path, limit: int | None = None) -> list[MCItem]:
+    """BoolQ: lm-eval's prompt is "{passage}\nQuestion: {question}?\nAnswer:"; the local copy's query starts
+    with "Passage: ", which is dropped."""
+    items = load_query_choices(path, limit)
+    for item in items:
+        item.contexts = [c.removeprefix("Passage: ") for c in item.contexts]
     return items
 
 
