@@ -86,6 +86,20 @@ def test_bad_arguments_give_one_line_and_exit_2(argv, message, tmp_path, capsys)
     assert len(err) == 1 and err[0].startswith("prunepilot: error:") and message in err[0], err
 
 
+def test_eval_all_tasks_and_perplexity_window_capped_to_the_context(tmp_path, capsys):
+    model = str(shared_path("models", "stories260K"))  # context 512 tokens
+    out = tmp_path / "eval.json"
+    assert main(["eval", model, "--tasks", "all", "--limit", "2", "--ppl", "tinystories", "--max-windows", "2",
+                 "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["results"]) == {"arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "boolq",
+                                      "openbookqa", "mmlu", "triviaqa"}  # every task whose data ships
+    assert result["perplexity"]["tinystories"]["seqlen"] == 512  # default 2048 shortened to the context
+    capsys.readouterr()
+    assert main(["eval", model, "--ppl", "tinystories", "--seqlen", "1024"]) == 2
+    assert "exceeds the model's context of 512" in capsys.readouterr().err
+
+
 def test_console_script_exit_code_and_methods(tmp_path):
     r = subprocess.run([sys.executable, "-m", "prunepilot", "prune", "/does/not/exist", "--out", str(tmp_path)],
                        capture_output=True, text=True)

@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--eval", action="append", metavar="DATASET",
                    help="perplexity set(s) to measure before and after (default wikitext2); 'none' to skip")
-    p.add_argument("--eval-seqlen", type=int)
+    p.add_argument("--eval-seqlen", type=int, help="perplexity window (default 2048, or the model's context if "
+                                                  "shorter)")
     p.add_argument("--eval-max-windows", type=int, help="score only the first N windows (quick runs)")
     p.add_argument("--out", required=True, help="output folder (model/, recipe.yaml, report.json, sparsity.png)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
@@ -49,11 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="perplexity and zero-shot / MMLU / QA scores of a (pruned) model")
     _add_model_args(p)
     p.add_argument("--ppl", action="append", metavar="DATASET", help="perplexity set(s): wikitext2, c4, ...")
-    p.add_argument("--tasks", help="comma-separated tasks (arc_easy,hellaswag,mmlu,...; 'all')")
+    p.add_argument("--tasks", help="comma-separated tasks (arc_easy,hellaswag,mmlu,...; 'all'); NAME=PATH reads "
+                                   "another data file")
+    p.add_argument("--harness-tasks", help="comma-separated lm-evaluation-harness tasks run on the loaded model "
+                                           "(needs `pip install lm-eval` and the harness's data)")
+    p.add_argument("--num-fewshot", type=int, help="shots for --harness-tasks (default: each task's own)")
     p.add_argument("--data-dir", help="folder laid out like ../shared/data (default: that folder)")
     p.add_argument("--limit", type=int, help="first N items of each task (quick runs)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seqlen", type=int, default=2048, help="perplexity window")
+    p.add_argument("--seqlen", type=int, help="perplexity window (default 2048, or the model's context if shorter)")
     p.add_argument("--max-windows", type=int, help="perplexity: score only the first N windows")
     p.add_argument("--label", help="name of this model in comparison reports")
     p.add_argument("--out", help="write results JSON here")
@@ -104,7 +109,7 @@ def _ppl_all(model, tokenizer, datasets, seqlen, max_windows, batch_size=1) -> d
 
 def cmd_prune(args) -> int:
     from .api import prune, resolve_device
-    from .modeling import load_model_and_tokenizer
+    from .modeling import context_length, load_model_and_tokenizer
     from .registry import get_method
     from .report import save_result
 
@@ -118,6 +123,9 @@ def cmd_prune(args) -> int:
     model, tokenizer = load_model_and_tokenizer(args.model, recipe.dtype, str(device), args.gguf_file)
     load_s = time.time() - t0
     ev = recipe.evaluation
+    if ev.datasets and ev.seqlen and ev.seqlen > context_length(model):  # fail before pruning, not after
+        raise PrunepilotError(f"evaluation seqlen {ev.seqlen} exceeds the model's context of "
+                              f"{context_length(model)} tokens; pass a shorter --eval-seqlen")
     before = _ppl_all(model, tokenizer, ev.datasets, ev.seqlen, ev.max_windows, ev.batch_size) if ev.before else {}
     n_params_before = sum(p.numel() for p in model.parameters())
     report = prune(model, recipe, tokenizer)
@@ -142,19 +150,29 @@ def cmd_eval(args) -> int:
     from .io import atomic_write_json
     from .modeling import load_model_and_tokenizer
 
-    if not args.ppl and not args.tasks:
-        raise PrunepilotError("nothing to evaluate: give --ppl DATASET and/or --tasks TASKS")
+    if not args.ppl and not args.tasks and not args.harness_tasks:
+        raise PrunepilotError("nothing to evaluate: give --ppl DATASET, --tasks TASKS and/or --harness-tasks TASKS")
+    if args.harness_tasks:
+        from .eval.lm_eval_adapter import require_lm_eval
+
+        require_lm_eval()  # fail before loading the model
     device = resolve_device(args.device)
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype or "float32", str(device), args.gguf_file)
     result = {"model": args.model, "label": args.label or Path(args.model).name, "results": {}, "perplexity": {}}
     if args.ppl:
         result["perplexity"] = _ppl_all(model, tokenizer, args.ppl, args.seqlen, args.max_windows)
     if args.tasks:
-        from .eval.suite import TASKS, run_suite
+        from .eval.suite import run_suite
 
-        tasks = list(TASKS) if args.tasks == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]  # "all" is expanded by run_suite
         result["results"] = run_suite(model, tokenizer, tasks, Path(args.data_dir) if args.data_dir else data_root(),
                                       limit=args.limit, batch_size=args.batch_size, device=device)
+    if args.harness_tasks:
+        from .eval.lm_eval_adapter import run_lm_eval
+
+        harness = [t.strip() for t in args.harness_tasks.split(",") if t.strip()]
+        result["results"].update(run_lm_eval(model, tokenizer, harness, limit=args.limit, batch_size=args.batch_size,
+                                             num_fewshot=args.num_fewshot, device=device))
     if args.out:
         atomic_write_json(args.out, result)
     print(json.dumps(result, indent=2, default=str))
