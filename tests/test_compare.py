@@ -67,3 +67,11 @@ def test_errors(tmp_path):
         build_comparison([write(tmp_path / "x.json", {"results": {}})], tmp_path)
     with pytest.raises(PrunepilotError, match="no result files"):
         build_comparison([], tmp_path)
+    with pytest.raises(PrunepilotError, match="'results' must map names to objects"):
+        build_comparison([write(tmp_path / "flat.json", {"model": "m", "results": {"arc_easy": 0.4}})], tmp_path)
+    with pytest.raises(PrunepilotError, match="'perplexity' must map"):
+        build_comparison([write(tmp_path / "ppl.json", {"model": "m", "perplexity": {"wikitext2": 25.0}})], tmp_path)
+    ok = write(tmp_path / "null.json", {"model": "m", "results": None})  # null sections read as empty
+    assert build_comparison([ok], tmp_path / "out").exists()
+    with pytest.raises(PrunepilotError, match="not a folder"):
+        build_comparison([ok], ok)

@@ -60,8 +60,11 @@ def load_results(path: str | Path) -> dict:
         raise PrunepilotError(f"{path} is not valid JSON: {e}") from e
     if not isinstance(doc, dict) or "model" not in doc:
         raise PrunepilotError(f"{path}: expected a JSON object with a 'model' key (see prunepilot.compare)")
-    doc.setdefault("results", {})
-    doc.setdefault("perplexity", {})
+    for section, example in (("results", '{"arc_easy": {"acc": 0.61}}'), ("perplexity", '{"wikitext2": {"ppl": 29.1}}')):
+        value = doc.get(section) or {}
+        if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+            raise PrunepilotError(f"{path}: '{section}' must map names to objects, e.g. {example}")
+        doc[section] = value
     return doc
 
 
@@ -147,7 +150,7 @@ def plot_comparison(docs: list[dict], labels: list[str], path: Path) -> Path:
         values = [task_score(t, doc["results"][t]) if t in doc["results"] else None for t in task_cols]
         values += [zero_shot_average(doc, common)] if common else []
         xs = [g + (i - (len(docs) - 1) / 2) * width for g in range(len(groups))]
-        ax.bar(xs, [100 * v if v is not None else 0 for v in values], width=width, label=label)
+        ax.bar(xs, [100 * v if v is not None else float("nan") for v in values], width=width, label=label)  # nan: no bar
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels(groups, rotation=30, ha="right")
     ax.set_ylabel("score (%)")
@@ -176,6 +179,8 @@ def build_comparison(result_files: list[Path], out_dir: Path) -> Path:
     docs = [load_results(f) for f in files]
     labels = _labels(docs, files)
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise PrunepilotError(f"output path {out_dir} exists and is not a folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     md = atomic_write_text(out_dir / "comparison.md", "# Comparison\n\n" + comparison_table(docs, labels))
     if any(d["results"] for d in docs):
