@@ -343,6 +343,33 @@ def test_journal_survives_a_truncated_last_line(tmp_path):
         f.write(b'{"type": "iteration", "iter')
     header, recs = j.read()
     assert header["version"] == 1 and recs == [{"type": "iteration", "iteration": 0}]
+    j.drop_partial_tail()  # what a resume does before appending: the next record starts on a fresh line
+    j.append({"type": "iteration", "iteration": 1})
+    assert [r["iteration"] for r in j.read()[1]] == [0, 1]
+    cut = Journal(tmp_path / "cut.jsonl")
+    cut.path.write_bytes(b'{"type": "hea')  # killed during the very first write
+    assert cut.exists() and not cut.has_header() and j.has_header()
+
+
+def test_nan_or_inf_perplexity_is_rolled_back_and_labelled_so():
+    from prunepilot.agent.loop import _accepted, _label
+
+    for bad in (float("nan"), float("inf")):
+        assert not _accepted(bad, 0.15) and _label(bad, 0.15, 0.1) == "poor-rolled-back"
+    assert _accepted(0.15, 0.15) and _label(0.01, 0.15, 0.1) == "excellent" and _label(0.1, 0.15, 0.1) == "good"
+
+
+def test_mask_fingerprint_sees_masks_not_counts():
+    from prunepilot.agent.journal import mask_fingerprint
+
+    model = tiny_model("llama")
+    ad = ModelAdapter(model)
+    w = weight_2d(ad.linears(0)["model.layers.0.mlp.up_proj"])
+    with torch.no_grad():
+        w[0, 0] = 0.0
+        a = mask_fingerprint(ad)
+        w[0, 0], w[0, 1] = 1.0, 0.0  # same number of zeros, another position
+    assert mask_fingerprint(ad) != a
 
 
 def test_config_is_strict_and_round_trips_yaml(tmp_path):

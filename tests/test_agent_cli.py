@@ -50,13 +50,16 @@ def test_agent_command_writes_model_report_plot_and_resumes(tmp_path, capsys):
 
     with pytest.raises(PrunepilotError, match="--resume"):
         run_agent_command(args)
-    # resuming a finished run replays it and ends where it was
-    assert run_agent_command(parse(["agent", model, "--target", "0.2", "--out", str(out), "--resume", *QUICK])) == 0
+    # resuming a finished run replays it and ends where it was (its own agent.yaml supplies --target 0.2)
+    assert run_agent_command(parse(["agent", model, "--out", str(out), "--resume", *QUICK])) == 0
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert again["global_sparsity"] == summary["global_sparsity"] and again["iterations"] == summary["iterations"]
     # a changed calibration setting cannot resume that journal
     with pytest.raises(PrunepilotError, match="settings changed"):
         run_agent_command(parse(["agent", model, "--out", str(out), "--resume", *QUICK, "--seed", "7"]))
+    assert AgentConfig.from_yaml(out / "agent.yaml").seed == 0  # a refused resume leaves the settings alone
+    with pytest.raises(PrunepilotError, match="not a folder"):
+        run_agent_command(parse(["agent", model, "--out", str(out / "report.json"), *QUICK]))
 
 
 def test_unreachable_endpoint_is_one_clear_line_with_strict_controller(tmp_path, capsys):

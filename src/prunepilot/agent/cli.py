@@ -24,7 +24,8 @@ def add_agent_parser(subparsers) -> argparse.ArgumentParser:
                     "Writes journal.jsonl, report.json, trajectory.png and model/ into --out.")
     p.add_argument("model", help="local model folder (safetensors or GGUF) or a Hugging Face hub name")
     p.add_argument("--out", required=True, help="output folder (journal.jsonl, report.json, trajectory.png, model/)")
-    p.add_argument("--config", help="agent.yaml (AgentConfig); the options below override its values")
+    p.add_argument("--config", help="agent.yaml (AgentConfig); the options below override its values (with "
+                                    "--resume the default is the run's own --out/agent.yaml)")
     p.add_argument("--target", type=float, help="target global sparsity of the prunable linears (default 0.5)")
     p.add_argument("--controller", choices=["builtin", "openai", "hf"], help="who decides (default builtin)")
     p.add_argument("--base-url", help="openai: endpoint base URL, e.g. http://127.0.0.1:8000/v1")
@@ -60,7 +61,9 @@ def add_agent_parser(subparsers) -> argparse.ArgumentParser:
 def config_from_args(args):
     from .config import AgentConfig
 
-    data = AgentConfig.from_yaml(args.config).model_dump() if args.config else AgentConfig().model_dump()
+    saved = Path(args.out) / "agent.yaml"
+    base = args.config or (saved if args.resume and saved.is_file() else None)  # resume: the run's own settings
+    data = AgentConfig.from_yaml(base).model_dump() if base else AgentConfig().model_dump()
     top = {"target_sparsity": args.target, "max_iterations": args.max_iterations,
            "rollback_threshold": args.rollback_threshold, "eval_tokens": args.eval_tokens,
            "eval_seqlen": args.eval_seqlen, "grad_refresh_every": args.grad_refresh,
@@ -87,6 +90,8 @@ def run_agent_command(args) -> int:
     cfg = config_from_args(args)
     make_controller(cfg)  # fail fast on a missing --base-url / --model-name (loads nothing)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise PrunepilotError(f"output path {out} exists and is not a folder")
     if (out / "journal.jsonl").exists() and not args.resume:
         raise PrunepilotError(f"{out / 'journal.jsonl'} exists: pass --resume to continue it or choose another --out")
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, "cpu", args.gguf_file)

@@ -1,8 +1,10 @@
 """Append-only JSONL journal of an agent run: a header line, then one line per iteration.
 
-Each record is written with a single os.write of one complete line, then fsync'ed, so a crash leaves
-at worst a truncated last line, which `read` drops with a warning. A run resumes by replaying the
-accepted iterations' `applied` extras in order (see loop.py).
+Each record is one complete line written with os.write (looping over short writes), then fsync'ed, so
+a crash leaves at worst a truncated last line: `read` drops it with a warning and `drop_partial_tail`
+cuts it off before a resumed run appends. A run resumes by replaying the accepted iterations'
+`applied` extras in order (see loop.py); each record's `mask_hash` checks that the replay produced the
+same masks.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..engine import ModelAdapter, weight_2d
@@ -35,7 +38,9 @@ class Journal:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, line)
+            view = memoryview(line)
+            while view:
+                view = view[os.write(fd, view):]
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -48,6 +53,27 @@ class Journal:
                     os.close(dfd)
             except OSError:
                 pass
+
+    def drop_partial_tail(self) -> None:
+        """Cut an interrupted last write (bytes after the last newline) so that appends start on a fresh line."""
+        data = self.path.read_bytes()
+        keep = data.rfind(b"\n") + 1
+        if keep < len(data):
+            log.warning("journal %s: removing a truncated last line (%d bytes)", self.path, len(data) - keep)
+            with open(self.path, "r+b") as f:
+                f.truncate(keep)
+                f.flush()
+                os.fsync(f.fileno())
+
+    def has_header(self) -> bool:
+        """True when the first complete line is a header (a crash can cut the very first write short)."""
+        if not self.exists():
+            return False
+        first, sep, _ = self.path.read_bytes().partition(b"\n")
+        try:
+            return bool(sep) and json.loads(first).get("type") == "header"
+        except (json.JSONDecodeError, AttributeError):
+            return False
 
     def read(self) -> tuple[dict, list[dict]]:
         """(header, iteration records). A malformed last line (interrupted write) is dropped."""
@@ -69,6 +95,16 @@ class Journal:
         if header.get("version") != VERSION:
             raise PrunepilotError(f"journal {self.path} has version {header.get('version')}, expected {VERSION}")
         return header, [r for r in records[1:] if r.get("type") == "iteration"]
+
+
+def mask_fingerprint(adapter: ModelAdapter) -> str:
+    """sha256 over which weights of every prunable linear are zero: equal masks, equal hash."""
+    h = hashlib.sha256()
+    for name, lin in adapter.all_linears().items():
+        zero = (weight_2d(lin).detach() == 0).to("cpu").contiguous().numpy()
+        h.update(name.encode())
+        h.update(np.packbits(zero).tobytes())
+    return h.hexdigest()[:16]
 
 
 def model_fingerprint(adapter: ModelAdapter) -> str:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ from ..io import atomic_write_text
 from .config import AgentConfig
 from .controllers import make_controller
 from .decision import Feedback, Observation
-from .journal import VERSION, Journal, model_fingerprint
+from .journal import VERSION, Journal, mask_fingerprint, model_fingerprint
 from .profile import Profile, gradient_importance, prune_and_profile, zero_counts
 
 log = logging.getLogger(__name__)
@@ -134,8 +135,12 @@ def _feedback(rec: dict) -> Feedback:
                     len(rec.get("applied", {})))
 
 
+def _accepted(change: float, threshold: float) -> bool:
+    return math.isfinite(change) and change <= threshold  # a NaN / inf perplexity is never accepted
+
+
 def _label(change: float, threshold: float, gain: float) -> str:
-    if change > threshold:
+    if not _accepted(change, threshold):
         return "poor-rolled-back"
     if gain <= 0:
         return "no-op"
@@ -157,6 +162,8 @@ def run_agent(model, tokenizer, config: AgentConfig | dict, out_dir: str | Path,
     cfg = config if isinstance(config, AgentConfig) else AgentConfig.from_dict(config)
     t_start = time.time()
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise PrunepilotError(f"output path {out_dir} exists and is not a folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     adapter = ModelAdapter(model, cfg.include, cfg.ignore)
@@ -168,6 +175,9 @@ def run_agent(model, tokenizer, config: AgentConfig | dict, out_dir: str | Path,
     if journal.exists() and not resume:
         raise PrunepilotError(f"{journal.path} already exists: pass --resume to continue that run, "
                               "or choose another output folder")
+    if resume and journal.exists() and not journal.has_header():  # killed while writing the first line
+        log.warning("%s holds no complete header: starting the run afresh", journal.path)
+        journal.path.unlink()
     model.eval()
 
     calib_summary: dict = {}
@@ -177,7 +187,6 @@ def run_agent(model, tokenizer, config: AgentConfig | dict, out_dir: str | Path,
             tokenizer, c.sources, c.n_samples, c.seqlen, cfg.seed, cfg.eval_tokens, cfg.eval_seqlen)
     data_hash = _data_hash(calibration, held_out)
     guard = make_controller(cfg, str(device), controller)
-    atomic_write_text(out_dir / "agent.yaml", cfg.to_yaml())
 
     def fresh_inputs():
         return capture_block_inputs(model, adapter, calibration, device, cfg.calibration.batch_size)
@@ -195,21 +204,27 @@ def run_agent(model, tokenizer, config: AgentConfig | dict, out_dir: str | Path,
     fingerprint = model_fingerprint(adapter)
     records: list[dict] = []
     if resume and journal.exists():
+        journal.drop_partial_tail()
         header, records = journal.read()
         _check_header(header, cfg, fingerprint, data_hash, names, journal.path)
+        _warn_changed_settings(out_dir / "agent.yaml", cfg)
+        atomic_write_text(out_dir / "agent.yaml", cfg.to_yaml())
         baseline, grad = header["baseline_ppl"], header["grad"]
         s = None
         for rec in tqdm(records, desc="replaying journal", leave=False):
-            if rec["accepted"] and rec["applied"]:
+            if rec["accepted"]:  # even a step that applied nothing refreshed the profile
                 s = prune_and_profile(adapter, fresh_inputs(), device, rec["applied"], q, desc="replay")
-                if sum(zero_counts(adapter)[1].values()) != rec["zeros_after"]:
+                same = (mask_fingerprint(adapter) == rec["mask_hash"] if "mask_hash" in rec
+                        else sum(zero_counts(adapter)[1].values()) == rec["zeros_after"])
+                if not same:
                     raise PrunepilotError(f"replaying {journal.path} iteration {rec['iteration']} gave different "
-                                          "masks: the starting model or the environment changed")
+                                          "masks: the starting model, the data or the environment changed")
             grad = rec.get("grad", grad)
         if s is None:
             s = prune_and_profile(adapter, fresh_inputs(), device, {}, q, desc="profile")
         log.info("resumed %s: %d iterations replayed", journal.path, len(records))
     else:
+        atomic_write_text(out_dir / "agent.yaml", cfg.to_yaml())
         s = prune_and_profile(adapter, fresh_inputs(), device, {}, q, desc="profile")
         baseline = held_ppl()
         grad = gradients()
@@ -260,7 +275,7 @@ def run_agent(model, tokenizer, config: AgentConfig | dict, out_dir: str | Path,
             gain = zeros_try / total - current
             change = ppl / ppl_acc - 1
             label = _label(change, cfg.rollback_threshold, gain)
-            ok = change <= cfg.rollback_threshold
+            ok = _accepted(change, cfg.rollback_threshold)
             if ok:
                 s, ppl_acc = new_s, ppl
                 since_grad += 1
@@ -274,6 +289,7 @@ def run_agent(model, tokenizer, config: AgentConfig | dict, out_dir: str | Path,
             if ok and cfg.grad_refresh_every and since_grad >= cfg.grad_refresh_every and cfg.grad_samples:
                 grad = rec["grad"] = gradients()
                 since_grad = 0
+        rec["mask_hash"] = mask_fingerprint(adapter)  # after a rollback: the restored masks
         rec["seconds"] = round(time.time() - t0, 2)
         journal.append(rec)
         records.append(rec)
@@ -296,6 +312,28 @@ def run_agent(model, tokenizer, config: AgentConfig | dict, out_dir: str | Path,
     return AgentResult(out_dir, stop_reason, len(records), report["accepted"], report["rollbacks"],
                        report["global_sparsity"], baseline, report["final_ppl"],
                        {n: zeros[n] / numel[n] for n in names}, report, time.time() - t_start)
+
+
+def _warn_changed_settings(saved_path: Path, cfg: AgentConfig) -> None:
+    """Settings outside the replay key may change on resume (e.g. a higher target), but then the run is no
+    longer the one an uninterrupted run would have made: say so."""
+    if not saved_path.is_file():
+        return
+    old = AgentConfig.from_yaml(saved_path).model_dump(mode="json")
+    new = cfg.model_dump(mode="json")
+
+    def flat(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                yield from flat(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}", v
+
+    old_f = dict(flat(old))
+    changed = [f"{k}: {old_f.get(k)!r} -> {v!r}" for k, v in flat(new) if old_f.get(k) != v]
+    if changed:
+        log.warning("resuming with changed settings (%s); the result differs from an uninterrupted run with the "
+                    "saved ones", "; ".join(changed))
 
 
 def _check_header(header: dict, cfg: AgentConfig, fingerprint: str, data_hash: str, names: list[str], path) -> None:
