@@ -65,3 +65,14 @@ def test_rows_joined_with_blank_lines(tmp_path):
     r = perplexity(Rec(128), tok, str(tmp_path / "t.jsonl"), seqlen=7)
     assert seen["ids"][0].tolist() == tok.encode("ab\n\ncd")  # BOS + the joined text, one window
     assert r["dataset"] == "t" and r["tokens"] == 6
+
+
+def test_a_ruined_model_has_infinite_perplexity_not_an_overflow():
+    class Confident(UniformLM):  # puts all its mass on token 0, which never comes
+        def forward(self, ids, **_):
+            logits = torch.zeros(*ids.shape, self.vocab)
+            logits[..., 0] = 1e4
+            return type("Out", (), {"logits": logits})()
+
+    r = perplexity_of_tokens(Confident(5), torch.arange(32) % 4 + 1, seqlen=16)
+    assert r["ppl"] == math.inf and r["nll"] == pytest.approx(1e4)

@@ -44,7 +44,8 @@ def perplexity_of_tokens(model, tokens: torch.Tensor, seqlen: int, batch_size: i
                               reduction="sum")
         total_nll += nll.item()
         counted += ids[:, 1:].numel()
-    return {"ppl": math.exp(total_nll / counted), "nll": total_nll / counted, "seqlen": seqlen,
+    nll = total_nll / counted
+    return {"ppl": math.exp(nll) if nll < 700 else math.inf, "nll": nll, "seqlen": seqlen,
             "windows": n_windows, "tokens": counted, "seconds": round(time.time() - t0, 2)}
 
 
