@@ -204,6 +204,22 @@ def test_validator_rejects_bad_output(kind):
         parse_decision(BAD[kind], NAMES)
 
 
+def test_validator_bounds_hostile_output():
+    layer = json.dumps(NAMES[0])
+    hostile = {
+        "huge value": json.dumps(_with(stop_pruning="x" * 2_000_000)),
+        "deep nesting": '{"reasoning": ' + "[" * 100_000 + "]" * 100_000 + "}",
+        "huge int": '{"reasoning": "", "stop_pruning": false, "layer_decisions": [{"layer": ' + layer
+                    + ', "extra_sparsity": 1' + "0" * 400 + "}]}",
+        "duplicate key": '{"reasoning": "a", "reasoning": "b", "stop_pruning": true, "layer_decisions": []}',
+        "too long": json.dumps(_with(reasoning="y" * 600_000)),
+    }
+    for kind, text in hostile.items():
+        with pytest.raises(DecisionError) as err:
+            parse_decision(text, NAMES)
+        assert len(str(err.value)) < 300, kind  # messages go into the retry prompt and the journal
+
+
 def test_validator_accepts_fenced_or_wrapped_json_and_stop():
     d = parse_decision("Sure!\n```json\n" + json.dumps(GOOD) + "\n```\nGood luck.", NAMES)
     assert d.extras() == {NAMES[0]: 0.05} and not d.stop_pruning
@@ -377,8 +393,9 @@ def test_config_is_strict_and_round_trips_yaml(tmp_path):
         AgentConfig.from_dict({"colour": "red"})
     with pytest.raises(PrunepilotError, match="controller.kind"):
         AgentConfig.from_dict({"controller": {"kind": "gpt"}})
-    with pytest.raises(PrunepilotError, match="base_url"):
-        AgentConfig.from_dict({"controller": {"base_url": "ftp://x"}})
+    for bad in ("ftp://x", "http://", "localhost:8000/v1"):
+        with pytest.raises(PrunepilotError, match="base_url"):
+            AgentConfig.from_dict({"controller": {"base_url": bad}})
     cfg = AgentConfig(target_sparsity=0.4, controller={"kind": "openai", "base_url": "http://127.0.0.1:1/v1"})
     p = tmp_path / "agent.yaml"
     p.write_text(cfg.to_yaml())
@@ -402,6 +419,9 @@ class _Server:
                     self.send_error(503)
                     return
                 content = outer.reply(body)
+                if isinstance(content, int):  # an HTTP error status
+                    self.send_error(content)
+                    return
                 data = content if isinstance(content, bytes) else json.dumps(
                     {"id": "x", "object": "chat.completion", "model": body.get("model"),
                      "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
@@ -466,6 +486,29 @@ def test_openai_garbage_falls_back_to_builtin(tmp_path, caplog):
     assert len(srv.requests) == 6  # 3 attempts per iteration, 2 iterations
     assert res.report["fallbacks"] == 2 and res.global_sparsity > 0.1
     assert "gave no valid decision in 3 attempt(s)" in caplog.text
+
+
+def test_endpoint_without_json_schema_support_is_asked_again_without_it(tmp_path):
+    calib, held = tiny_data()
+    names = list(ModelAdapter(tiny_model("llama")).all_linears())
+    answer = json.dumps({"reasoning": "r", "stop_pruning": False,
+                         "layer_decisions": [{"layer": names[0], "extra_sparsity": 0.1}]})
+    with _Server(lambda body: 400 if "response_format" in body else answer) as srv:
+        res = run_agent(tiny_model("llama"), None, _openai_cfg(srv.url), tmp_path, calibration=calib, held_out=held)
+    assert ["response_format" in r["body"] for r in srv.requests] == [True, False, False]  # asked once with it
+    assert res.report["fallbacks"] == 0 and res.iterations == 2
+
+
+def test_auth_failure_disables_the_endpoint_bad_request_fails_one_answer(tmp_path):
+    calib, held = tiny_data()
+    with _Server(lambda body: 401) as srv:
+        res = run_agent(tiny_model("llama"), None, _openai_cfg(srv.url), tmp_path / "a", calibration=calib,
+                        held_out=held)
+    assert len(srv.requests) == 1 and res.report["fallbacks"] == 2  # not asked again after a 401
+    with _Server(lambda body: 422) as srv:
+        res = run_agent(tiny_model("llama"), None, _openai_cfg(srv.url, invalid_retries=1, json_schema=False),
+                        tmp_path / "b", calibration=calib, held_out=held)
+    assert len(srv.requests) == 4 and res.report["fallbacks"] == 2  # re-asked every iteration, never retried blind
 
 
 def test_unreachable_endpoint_warns_once_and_falls_back_or_fails_strict(tmp_path, caplog):

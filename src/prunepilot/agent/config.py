@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlparse
 
 import yaml
 from pydantic import Field, field_validator
@@ -35,8 +36,10 @@ class ControllerConfig(Strict):
     @field_validator("base_url")
     @classmethod
     def _url(cls, v: str | None) -> str | None:
-        if v is not None and not v.startswith(("http://", "https://")):
-            raise ValueError(f"base_url must start with http:// or https://, got {v!r}")
+        if v is not None:
+            url = urlparse(v)
+            if url.scheme not in ("http", "https") or not url.hostname:
+                raise ValueError(f"base_url must be http(s)://HOST[:PORT][/PATH], got {v!r}")
         return v
 
 

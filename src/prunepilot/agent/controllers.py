@@ -14,6 +14,7 @@ run; with ``strict`` a PrunepilotError instead.
 """
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import math
@@ -35,6 +36,14 @@ log = logging.getLogger(__name__)
 
 class ControllerUnavailable(RuntimeError):
     """The controller cannot be reached or loaded at all (as opposed to answering badly)."""
+
+
+class BadRequest(DecisionError):
+    """The endpoint refused this request (HTTP 400/413/422: unsupported option, prompt too long ...):
+    a failed answer for this iteration, not a reason to stop asking."""
+
+
+MAX_RESPONSE_BYTES = 8 << 20  # a chat completion larger than this is not a decision
 
 
 # ------------------------------------------------------------------------------------------ builtin
@@ -157,7 +166,13 @@ class BuiltinPolicy:
 # ------------------------------------------------------------------------------------------- openai
 
 class OpenAIController:
-    """POST {base_url}/chat/completions with urllib; returns the message content (untrusted text)."""
+    """POST {base_url}/chat/completions with urllib; returns the message content (untrusted text).
+
+    Transport errors (refused, timeouts, 408/409/429/5xx, cut responses) are retried with backoff; 401/403/
+    404 mean the endpoint is unusable (ControllerUnavailable); 400/413/422 fail this answer only. An endpoint
+    that rejects response_format json_schema is asked again without it, and not sent it again. timeout_s
+    bounds each whole request (connect + reading the body), and bodies are capped at MAX_RESPONSE_BYTES.
+    """
     name = "openai"
 
     def __init__(self, cfg: ControllerConfig):
@@ -166,6 +181,7 @@ class OpenAIController:
         if not cfg.model_name:
             raise PrunepilotError("controller openai needs a model name (--model-name)")
         self.cfg = cfg
+        self.use_schema = cfg.json_schema
         self.url = cfg.base_url.rstrip("/") + "/chat/completions"
         self.api_key = None
         if cfg.api_key_env:
@@ -176,10 +192,19 @@ class OpenAIController:
     def propose(self, obs: Observation, errors: list[str] | None = None) -> str:
         body = {"model": self.cfg.model_name, "messages": build_messages(obs, errors, self.cfg.table_rows),
                 "temperature": self.cfg.temperature, "max_tokens": self.cfg.max_tokens}
-        if self.cfg.json_schema:
+        if self.use_schema:
             body["response_format"] = {"type": "json_schema", "json_schema": {
                 "name": "pruning_decision", "strict": True, "schema": decision_schema(obs.layer_names)}}
-        raw = self._post(body)
+        try:
+            raw = self._post(body)
+        except BadRequest as e:
+            if "response_format" not in body:
+                raise
+            log.info("%s refused the request with response_format json_schema (%s); asking without it from now on",
+                     self.url, e)
+            self.use_schema = False
+            del body["response_format"]
+            raw = self._post(body)
         try:
             envelope = json.loads(raw)
             content = envelope["choices"][0]["message"]["content"]
@@ -199,18 +224,36 @@ class OpenAIController:
             if attempt:
                 time.sleep(self.cfg.retry_backoff_s * 2 ** (attempt - 1))
             req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
+            deadline = time.monotonic() + self.cfg.timeout_s
             try:
                 with urllib.request.urlopen(req, timeout=self.cfg.timeout_s) as resp:
-                    return resp.read().decode("utf-8", errors="replace")
+                    return self._read(resp, deadline)
             except urllib.error.HTTPError as e:
                 detail = e.read()[:200].decode("utf-8", errors="replace") if e.fp else ""
                 reason = f"HTTP {e.code} {e.reason} {detail}".strip()
+                if e.code in (400, 413, 422):
+                    raise BadRequest(f"{self.url}: {reason}") from None
                 if e.code not in (408, 409, 429) and e.code < 500:  # auth, not found ...: retrying won't help
                     raise ControllerUnavailable(f"{self.url}: {reason}") from None
-            except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError, OSError) as e:
+            except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError, OSError,
+                    http.client.HTTPException) as e:
                 reason = str(getattr(e, "reason", e)) or type(e).__name__
             log.debug("controller request %d/%d to %s failed: %s", attempt + 1, attempts, self.url, reason)
         raise ControllerUnavailable(f"{self.url} unreachable after {attempts} attempt(s): {reason}")
+
+    def _read(self, resp, deadline: float) -> str:
+        """The response body, read in chunks against the request's deadline and the size cap."""
+        chunks, size = [], 0
+        while True:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"response not complete within {self.cfg.timeout_s:g}s")
+            chunk = resp.read(1 << 16)
+            if not chunk:
+                return b"".join(chunks).decode("utf-8", errors="replace")
+            size += len(chunk)
+            if size > MAX_RESPONSE_BYTES:
+                raise DecisionError(f"response larger than {MAX_RESPONSE_BYTES} bytes")
+            chunks.append(chunk)
 
 
 # ----------------------------------------------------------------------------------------------- hf
