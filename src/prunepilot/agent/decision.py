@@ -36,6 +36,7 @@ class Observation:
     rollback_threshold: float
     last: Feedback | None = None
     history: list[Feedback] = field(default_factory=list)
+    max_layer_sparsity: float = 1.0  # no layer is pruned beyond this
 
     @property
     def layer_names(self) -> list[str]:

@@ -258,7 +258,7 @@ def run_agent(model, tokenizer, config: AgentConfig | dict, out_dir: str | Path,
         history = [_feedback(r) for r in records]
         obs = Observation(it, cfg.max_iterations, cfg.target_sparsity, current,
                           Profile(names, numel, zeros, s, grad).rows(), ppl_acc, baseline, cfg.rollback_threshold,
-                          history[-1] if history else None, history)
+                          history[-1] if history else None, history, cfg.max_layer_sparsity)
         decision = guard.decide(obs)
         rec = {"type": "iteration", "iteration": it, "source": decision.source, "decision": decision.to_dict(),
                "warnings": decision.warnings, "sparsity_before": current, "ppl_before": ppl_acc}

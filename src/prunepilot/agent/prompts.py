@@ -24,6 +24,8 @@ USER_TEMPLATE = """Iteration {iteration} (at most {max_iterations}; {iterations_
 Global sparsity: current {current:.4f}, target {target:.4f}, still to prune {remaining:.4f}.
 Held-out perplexity: baseline {baseline_ppl:.3f}, current {current_ppl:.3f} ({ppl_vs_baseline:+.1%} vs baseline).
 Rollback threshold: {threshold:.0%} perplexity rise over the last accepted step.
+No layer is pruned beyond {max_layer:.0%} sparsity; if your step would pass the target, every extra_sparsity
+is scaled down by the same factor. A layer's share of the global gain is weights x (1 - sparsity) x extra.
 
 Feedback on your last decision:
 {feedback}
@@ -31,8 +33,8 @@ Feedback on your last decision:
 Recent iterations (iteration | gain | ppl change | label | source):
 {history}
 
-Layer profile ({n_rows} of {n_layers} layers, sorted by z_s ascending):
-layer | sparsity | z_s | z_g
+Layer profile ({n_rows} of {n_layers} layers, {total_weights} weights in all, sorted by z_s ascending):
+layer | weights | sparsity | z_s | z_g
 {table}
 {errors}
 Reply with the JSON decision."""
@@ -43,14 +45,17 @@ def _feedback(obs: Observation) -> str:
     if fb is None:
         return "(first iteration: no previous decision)"
     verdict = "accepted" if fb.accepted else "ROLLED BACK (weights restored)"
+    whose = ("The built-in policy made that decision (your answer was invalid or the endpoint unavailable); "
+             "its reasoning" if fb.source.endswith("fallback") else "Your reasoning then")
     return (f"iteration {fb.iteration}: label {fb.label}, {verdict}; global sparsity gain {fb.gain:+.4f}; "
             f"perplexity {fb.ppl_before:.3f} -> {fb.ppl_after:.3f} ({fb.ppl_change:+.1%}).\n"
-            f"Your reasoning then: {fb.reasoning[:600] or '(none)'}")
+            f"{whose}: {fb.reasoning[:600] or '(none)'}")
 
 
 def render_user_prompt(obs: Observation, errors: list[str] | None = None, table_rows: int | None = None) -> str:
     rows = obs.rows[:table_rows] if table_rows else obs.rows
-    table = "\n".join(f"{r['layer']} | {r['sparsity']:.3f} | {r['z_s']:+.2f} | {r['z_g']:+.2f}" for r in rows)
+    table = "\n".join(f"{r['layer']} | {r['numel']} | {r['sparsity']:.3f} | {r['z_s']:+.2f} | {r['z_g']:+.2f}"
+                      for r in rows)
     hist = obs.history[-8:]
     history = "\n".join(f"{h.iteration} | {h.gain:+.4f} | {h.ppl_change:+.1%} | {h.label} | {h.source}"
                         for h in hist) or "(none)"
@@ -65,7 +70,8 @@ def render_user_prompt(obs: Observation, errors: list[str] | None = None, table_
         baseline_ppl=obs.baseline_ppl, current_ppl=obs.current_ppl,
         ppl_vs_baseline=obs.current_ppl / obs.baseline_ppl - 1 if obs.baseline_ppl else 0.0,
         threshold=obs.rollback_threshold, feedback=_feedback(obs), history=history,
-        n_rows=len(rows), n_layers=len(obs.rows), table=table, errors=err)
+        n_rows=len(rows), n_layers=len(obs.rows), table=table, errors=err, max_layer=obs.max_layer_sparsity,
+        total_weights=sum(r["numel"] for r in obs.rows))
 
 
 def build_messages(obs: Observation, errors: list[str] | None = None, table_rows: int | None = None) -> list[dict]:
