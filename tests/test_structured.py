@@ -93,10 +93,11 @@ def test_global_selection_by_hand():
     with pytest.raises(PrunepilotError, match="at most 8"):
         select_global(cands, 9.0)  # capacity: 2*1 + 1*3 + 3*1 = 8
     mlp, attn = Candidates(0, "mlp", torch.zeros(10), 2.0), Candidates(0, "attn", torch.zeros(3), 10.0)
-    assert split_uniform_layer(mlp, attn, 14.0, 0.4) == (2, 1)   # int(0.4*3)=1 group, channels fill 4
-    assert split_uniform_layer(mlp, attn, 14.0, 0.3) == (7, 0)   # int(0.9)=0 groups: channels only
-    assert split_uniform_layer(mlp, attn, 9.0, 0.4) == (4, 0)    # a group would overshoot
-    assert split_uniform_layer(mlp, attn, 38.0, 0.9) == (9, 2)   # 2 groups + 9 channels = 38
+    assert split_uniform_layer(mlp, attn, 14.0, 1) == (2, 1)   # 1 group (10), channels fill 4
+    assert split_uniform_layer(mlp, attn, 14.0, 0) == (7, 0)   # no group: channels only
+    assert split_uniform_layer(mlp, attn, 9.0, 1) == (4, 0)    # a group would overshoot
+    assert split_uniform_layer(mlp, attn, 38.0, 2) == (9, 2)   # 2 groups + 9 channels = 38
+    assert split_uniform_layer(mlp, attn, 38.0, 5) == (9, 2)   # one group is always kept
 
 
 # ---------------------------------------------------------------------------------------------- slicing
@@ -197,6 +198,20 @@ def test_parameter_count_matches_target(ratios, steps):
     if ratios == "uniform":
         assert rep.extra["uniform_widths"]
         assert model.config.intermediate_size == rep.extra["layers"][0]["intermediate_size"]
+
+
+def test_iterative_uniform_removes_as_many_kv_groups_as_one_shot():
+    """Each of k steps removes a small share of what is left; the KV-group count must still follow the
+    cumulative ratio (flooring each step's share alone removed no group and over-pruned the MLP)."""
+    widths = {}
+    for method, steps in (("flap", 1), ("flap_iterative", 4)):
+        torch.manual_seed(0)
+        cfg = tf.LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=352, num_hidden_layers=2,
+                             num_attention_heads=16, num_key_value_heads=8)  # fresh: pruning rewrites the config
+        model = tf.LlamaForCausalLM(cfg).eval()
+        rep = prune(model, recipe(method, 0.5, ratios="uniform", steps=steps), calibration=IDS)
+        widths[method] = [(w["num_kv_heads"], w["intermediate_size"]) for w in rep.extra["layers"]]
+    assert widths["flap_iterative"] == widths["flap"] == [(4, widths["flap"][0][1])] * 2
 
 
 def test_structured_calibration_defaults(monkeypatch):

@@ -18,6 +18,7 @@ What `sparsity` counts (recipe.structured.target):
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -215,8 +216,14 @@ class StructuredPruner:
         else:
             now = self.ledger.measure(i)
             budget = now + self.ledger.overhead(i) - keep_frac * self.ledger.dense_layer[i]
-            k_c, k_g = split_uniform_layer(by_kind.get("mlp"), by_kind.get("attn"), max(budget, 0.0),
-                                           max(budget, 0.0) / now)
+            # KV groups: floor(removed fraction x dense groups), with the fraction counted cumulatively
+            # against the dense layer, so k small iterative steps remove as many groups as one step would
+            # (flooring each step's small share of what is left gave 0 groups every step)
+            dense_g = self.ledger.dense_units[i]["attn"]
+            gone_g = dense_g - (by_kind["attn"].n if "attn" in by_kind else dense_g)
+            removed = 1 - (now - max(budget, 0.0)) / self.ledger.dense_layer[i]  # after this step
+            groups = math.floor(removed * dense_g + 1e-9) - gone_g
+            k_c, k_g = split_uniform_layer(by_kind.get("mlp"), by_kind.get("attn"), max(budget, 0.0), groups)
             ks = {"mlp": k_c, "attn": k_g}
         return {k: lowest(c.scores, ks[k]) for k, c in by_kind.items()}
 

@@ -159,16 +159,17 @@ def lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def split_uniform_layer(mlp: Candidates | None, attn: Candidates | None, budget: float,
-                        fraction: float) -> tuple[int, int]:
+                        groups_wanted: int) -> tuple[int, int]:
     """How many (channels, KV groups) one layer removes under uniform per-layer ratios.
 
-    KV groups are coarse, so attention goes first: int(fraction * n_groups) groups (floored, as the
-    Wanda-sp/FLAP reference code does per module, and never above the budget); MLP channels fill the rest
-    of the budget; when channels run out (keep one), further groups are taken. Returns (k_channels, k_groups).
+    KV groups are coarse, so attention goes first: `groups_wanted` groups (the caller floors the layer's
+    ratio times its dense group count, as the Wanda-sp/FLAP reference code does per module), never above the
+    budget; MLP channels fill the rest of the budget; when channels run out (keep one), further groups are
+    taken. Returns (k_channels, k_groups).
     """
     k_g = 0
     if attn is not None:
-        k_g = min(attn.n - 1, max(0, math.floor(fraction * attn.n + 1e-9)))
+        k_g = min(attn.n - 1, max(0, groups_wanted))
         while k_g > 0 and k_g * attn.cost > budget + 1e-9:
             k_g -= 1
     left = budget - (k_g * attn.cost if attn is not None else 0)
