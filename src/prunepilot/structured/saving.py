@@ -140,8 +140,8 @@ def load_pruned(path: str | Path, dtype: str | torch.dtype = "float32", device: 
     if info.get("format") != FORMAT:
         raise PrunepilotError(f"{widths_file}: unknown format {info.get('format')!r} (expected {FORMAT})")
     config = AutoConfig.from_pretrained(str(folder), **kwargs)
-    with no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, **kwargs)
+    with no_init_weights():  # built in the target dtype: buffers such as rotary inv_freq stay as from_pretrained keeps them
+        model = AutoModelForCausalLM.from_config(config, dtype=parse_dtype(dtype), **kwargs)
     model.tie_weights()  # no_init_weights skips the tying post_init would do
     adapter = ModelAdapter(model)
     if len(info["layers"]) != len(adapter.blocks):
@@ -158,4 +158,4 @@ def load_pruned(path: str | Path, dtype: str | torch.dtype = "float32", device: 
     if untied or unexpected:
         raise PrunepilotError(f"{folder}: checkpoint does not match the model: missing {untied[:3]}, "
                               f"unexpected {list(unexpected)[:3]}")
-    return model.to(device=device, dtype=parse_dtype(dtype)).eval()
+    return model.to(device).eval()
