@@ -270,6 +270,19 @@ def test_non_uniform_result_round_trips_with_widths_file(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders left behind
 
 
+def test_bfloat16_result_reloads_exactly_with_widths_file(tmp_path):
+    tiny_model("llama").to(torch.bfloat16).save_pretrained(tmp_path / "dense")
+    model = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.bfloat16,
+                                                    attn_implementation="eager").eval()
+    rep = prune(model, recipe("flap", 0.45), calibration=IDS)
+    assert not rep.extra["uniform_widths"]
+    save_pruned(model, None, tmp_path / "m")
+    again = load_pruned(tmp_path / "m", dtype="bfloat16", attn_implementation="eager")
+    assert next(again.parameters()).dtype == torch.bfloat16
+    assert again.model.rotary_emb.inv_freq.dtype == model.model.rotary_emb.inv_freq.dtype
+    assert torch.equal(logits(again), logits(model))
+
+
 # ---------------------------------------------------------------------------------------------- errors, speed
 
 def test_bad_inputs_are_clear_errors():
@@ -286,6 +299,11 @@ def test_bad_inputs_are_clear_errors():
         prune(tiny_model("llama"), recipe("flap", 0.3))
     with pytest.raises(PrunepilotError, match="keep at least one"):
         keep_kv_groups(tiny_model("llama").model.layers[0], [], 16)
+    for bad in (torch.zeros(0, 16, dtype=torch.long), IDS[0], IDS.float(), IDS[:, :1], [[1, 2, 3]]):
+        with pytest.raises(PrunepilotError, match="token ids"):  # given ids are checked, never silently used
+            prune(tiny_model("llama"), recipe("flap", 0.3), calibration=bad)
+        with pytest.raises(PrunepilotError, match="token ids"):
+            prune(tiny_model("llama"), {"method": "wanda", "device": "cpu"}, calibration=bad)
 
 
 def test_measure_speed_reports_throughput():

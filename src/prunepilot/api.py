@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from . import allocation
-from .data import calibration_blocks
+from .data import calibration_blocks, check_token_ids
 from .engine import ModelAdapter, capture_block_inputs, collect, sequential_pass, weight_2d
 from .errors import PrunepilotError
 from .masks import parse_pattern
@@ -120,6 +120,8 @@ def prune(model, recipe: Recipe | dict, tokenizer=None, calibration: torch.Tenso
     needs_data = method.needs_calibration or recipe.allocation.kind == "owl"
     if needs_data and calibration is None:
         calibration, calib_summary = calibration_for(tokenizer, recipe)
+    elif calibration is not None:
+        calibration = check_token_ids(calibration)
     if calibration is not None:
         calib_summary.setdefault("n_samples", int(calibration.shape[0]))
         calib_summary.setdefault("seqlen", int(calibration.shape[1]))

@@ -190,6 +190,20 @@ def tokenize_stream(tokenizer, docs: list[str], add_special_tokens: bool = False
     return torch.tensor(ids, dtype=torch.long)
 
 
+def check_token_ids(ids, what: str = "calibration", dims: int = 2) -> torch.Tensor:
+    """Token ids given directly instead of text: an integer tensor of shape (n_samples, seqlen) (dims=2)
+    or (n_tokens,) (dims=1), with at least 2 tokens per row."""
+    if not isinstance(ids, torch.Tensor):
+        raise PrunepilotError(f"{what} token ids must be a torch tensor, got {type(ids).__name__}")
+    shape = "(n_samples, seqlen)" if dims == 2 else "(n_tokens,)"
+    if ids.dim() != dims or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise PrunepilotError(f"{what} token ids must be an integer tensor of shape {shape}, got {ids.dtype} "
+                              f"{tuple(ids.shape)}")
+    if ids.numel() == 0 or ids.shape[-1] < 2:
+        raise PrunepilotError(f"{what} token ids {tuple(ids.shape)}: need at least one row of >= 2 tokens")
+    return ids.long()
+
+
 def split_counts(weights: list[float], total: int) -> list[int]:
     """Split `total` samples by weights (largest remainder: counts sum to total exactly)."""
     s = sum(weights)

@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..api import resolve_device
-from ..data import TextSource, load_documents, split_counts, tokenize_stream
+from ..data import TextSource, check_token_ids, load_documents, split_counts, tokenize_stream
 from ..engine import ModelAdapter, capture_block_inputs, weight_2d
 from ..errors import PrunepilotError
 from ..eval.perplexity import perplexity_of_tokens
@@ -181,6 +181,10 @@ def run_agent(model, tokenizer, config: AgentConfig | dict, out_dir: str | Path,
     model.eval()
 
     calib_summary: dict = {}
+    if calibration is not None:
+        calibration = check_token_ids(calibration)
+    if held_out is not None:
+        held_out = check_token_ids(held_out, "held-out", dims=1)
     if calibration is None or held_out is None:
         c = cfg.calibration
         calibration, held_out, calib_summary = calibration_and_heldout(

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..api import PruneReport, resolve_device
-from ..data import calibration_blocks
+from ..data import calibration_blocks, check_token_ids
 from ..engine import BlockInputs, ModelAdapter, capture_block_inputs, collect, input_hooks, run_block, sequential_pass
 from ..errors import PrunepilotError
 from ..masks import check_sparsity
@@ -298,6 +298,11 @@ def prune_structured(model, recipe, method: StructuredMethod, tokenizer=None,
         raise PrunepilotError(f"structured method {method.name} does not take an N:M pattern ({recipe.pattern})")
     if recipe.include:
         log.warning("structured pruning ignores include/ignore patterns: every decoder block is pruned")
+    if recipe.allocation.kind != "uniform":
+        log.warning("structured pruning ignores allocation %s: structured.ratios (global or uniform) decides "
+                    "the per-layer amounts", recipe.allocation.kind)
+    if "steps" in recipe.structured.model_fields_set and not method.iterative and recipe.structured.steps > 1:
+        log.warning("%s prunes in one step; structured.steps applies to flap_iterative", method.name)
     device = resolve_device(recipe.device)
     adapter = ModelAdapter(model)
     layouts = model_layouts(adapter)
@@ -314,6 +319,7 @@ def prune_structured(model, recipe, method: StructuredMethod, tokenizer=None,
     if calibration is None:
         calibration, calib_summary = structured_calibration(recipe, method, tokenizer)
     else:
+        calibration = check_token_ids(calibration)
         calib_summary = {"n_samples": int(calibration.shape[0]), "seqlen": int(calibration.shape[1]),
                          "sources": "given token ids"}
     timings["calibration_data_s"] = time.time() - t0

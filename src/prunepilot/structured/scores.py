@@ -7,7 +7,9 @@ heads) because that is where a removed channel/head stops contributing:
     FLAP (WIFV):  s_j = Var(X_j) · ‖W[:, j]‖²              fluctuation of the input x column energy
 
 Attention columns are aggregated per head (head_dim columns) and per KV group (group_size heads).
-Lower score = removed first.
+Lower score = removed first. (FLAP's reference code squares the attention metric before standardising
+it; the paper's formula, used here, does not. Unit costs are exact parameter counts rather than the
+reference's fixed 512/3 head-versus-channel weight.)
 """
 from __future__ import annotations
 

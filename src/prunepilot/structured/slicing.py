@@ -232,8 +232,9 @@ def keep_kv_groups(block: nn.Module, keep, head_dim: int, mean: torch.Tensor | N
                         ("num_key_value_heads", keep.numel()), ("num_kv_heads", keep.numel())):
         if isinstance(getattr(attn, attr, None), int):
             setattr(attn, attr, value)
-    if hasattr(attn, "num_key_value_groups"):  # heads per KV head: unchanged by construction
-        assert attn.num_key_value_groups == gs, (attn.num_key_value_groups, gs)
+    if getattr(attn, "num_key_value_groups", gs) != gs:  # heads per KV head: unchanged by construction
+        raise PrunepilotError(f"attention module has num_key_value_groups={attn.num_key_value_groups}, but its "
+                              f"projections give {gs} query heads per KV head")
 
 
 # ---------------------------------------------------------------------------------------------- widths
