@@ -76,3 +76,17 @@ def test_a_ruined_model_has_infinite_perplexity_not_an_overflow():
 
     r = perplexity_of_tokens(Confident(5), torch.arange(32) % 4 + 1, seqlen=16)
     assert r["ppl"] == math.inf and r["nll"] == pytest.approx(1e4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2", "opt"])
+def test_sequential_perplexity_equals_the_full_forward(arch):
+    from prunepilot.eval.perplexity import perplexity_sequential
+    from tiny_models import tiny_model
+
+    model = tiny_model(arch)
+    tokens = torch.randint(3, 128, (100,), generator=torch.Generator().manual_seed(0))
+    full = perplexity_of_tokens(model, tokens, seqlen=24, batch_size=2)
+    seq = perplexity_sequential(model, tokens, seqlen=24, device="cpu", batch_size=2)
+    assert (seq["windows"], seq["tokens"], seq["seqlen"]) == (full["windows"], full["tokens"], 24) == (4, 92, 24)
+    assert seq["nll"] == pytest.approx(full["nll"], rel=1e-5)
+    assert all("forward" not in vars(b) for b in model.modules())  # the block stubs are gone

@@ -79,7 +79,7 @@ class AgentConfig(Strict):
     profile_percentile: float = Field(0.10, ge=0, le=1)  # Wanda score percentile s per layer
     grad_refresh_every: int = Field(3, ge=0)         # recompute gradients after k accepted steps (0: once)
     grad_samples: int = Field(8, ge=0)               # calibration samples for gradients (0: no gradient signal)
-    grad_mode: Literal["full", "blockwise"] = "full"
+    grad_mode: Literal["full", "blockwise"] = "full"  # blockwise: one block on the device (models that do not fit)
     seed: int = 0
     device: str = "auto"
     include: list[str] = Field(default_factory=list)

@@ -36,7 +36,7 @@ from ..api import resolve_device
 from ..data import TextSource, check_token_ids, load_documents, split_counts, tokenize_stream
 from ..engine import ModelAdapter, capture_block_inputs, weight_2d
 from ..errors import PrunepilotError
-from ..eval.perplexity import perplexity_of_tokens
+from ..eval.perplexity import perplexity_sequential
 from ..io import atomic_write_text
 from .config import AgentConfig
 from .controllers import make_controller
@@ -195,9 +195,8 @@ def run_agent(model, tokenizer, config: AgentConfig | dict, out_dir: str | Path,
     def fresh_inputs():
         return capture_block_inputs(model, adapter, calibration, device, cfg.calibration.batch_size)
 
-    def held_ppl() -> float:
-        model.to(device)
-        return perplexity_of_tokens(model, held_out, cfg.eval_seqlen, device=device, desc="held-out ppl")["ppl"]
+    def held_ppl() -> float:  # one block on the device at a time, like the pruning passes
+        return perplexity_sequential(model, held_out, cfg.eval_seqlen, device, desc="held-out ppl")["ppl"]
 
     def gradients() -> dict[str, float]:
         if cfg.grad_samples == 0:

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..engine import ModelAdapter, capture_block_inputs, collect, sequential_pass, weight_2d
+from ..engine import (ModelAdapter, blocks_bypassed, capture_block_inputs, collect, run_block, sequential_pass,
+                      weight_2d)
 from ..engine.capture import BlockInputs, move_outside_blocks
 from ..engine.sequential import block_output
 from ..methods.base import InputNormState
@@ -213,6 +214,8 @@ def _gradient_full(model, adapter, ids, device) -> dict[str, float]:
             for n, lin in linears.items():
                 acc[n] += _alive_abs_mean(lin.weight)
                 lin.weight.grad = None
+    for block in adapter.blocks:  # back to the engine's layout: blocks off the device between passes
+        block.to("cpu")
     return {n: v / ids.shape[0] for n, v in acc.items()}
 
 
@@ -222,40 +225,24 @@ def _gradient_blockwise(model, adapter, ids, device) -> dict[str, float]:
     n, blocks = ids.shape[0], adapter.blocks
     inputs = capture_block_inputs(model, adapter, ids, device, batch_size=1, storage_device="cpu")
     acts = [inputs.hidden]                                       # acts[i][b]: input of block i, (1, seq, hidden)
-    tuple_out = False
-    with torch.no_grad():
-        for i, block in enumerate(tqdm(blocks, desc="gradients fwd", leave=False)):
-            block.to(device)
-            outs = []
-            for b in range(n):
-                out = block(acts[i][b].to(device), *inputs.args[b][i], **inputs.kwargs[b][i])
-                tuple_out = isinstance(out, (tuple, list))
-                outs.append(block_output(out).to("cpu"))
-            acts.append(outs)
-            block.to("cpu")
+
+    def keep(i, block, inp):  # every block boundary is kept (on the CPU) for the backward sweep
+        inp.hidden = run_block(block, i, inp)
+        acts.append(inp.hidden)
+
+    sequential_pass(adapter, inputs, device, keep, desc="gradients fwd", propagate=False)
 
     acc = {name: 0.0 for name in adapter.all_linears()}
     with _GradOnly(model, [lin.weight for lin in adapter.all_linears().values()]), torch.enable_grad():
-        # dL/d(last hidden): run the model with every block stubbed to pass the injected final hidden
-        # state through, so the final norm and head (whatever the architecture) compute the loss.
+        # dL/d(last hidden): the final norm and head (whatever the architecture) on the injected last state
         move_outside_blocks(model, adapter, device)
-        grads, injected = [], {}
-
-        def stub(*args, **kwargs):
-            h = injected["h"]
-            return (h,) if tuple_out else h
-
-        try:
-            for block in blocks:
-                block.forward = stub
+        grads = []
+        with blocks_bypassed(adapter, inputs.block_returns_tuple) as injected:
             for b in range(n):
                 injected["h"] = acts[-1][b].to(device).requires_grad_(True)
                 x = ids[b:b + 1].to(device)
                 _nll(model(x, use_cache=False).logits, x).backward()
                 grads.append(injected["h"].grad.to("cpu"))
-        finally:
-            for block in blocks:
-                del block.forward
         # then each block, last to first, recomputing its forward with grad
         for i in tqdm(reversed(range(len(blocks))), total=len(blocks), desc="gradients bwd", leave=False):
             block = blocks[i].to(device)

@@ -32,6 +32,7 @@ class BlockInputs:
     hidden: list[torch.Tensor]
     args: list[list[tuple]] = field(default_factory=list)
     kwargs: list[list[dict]] = field(default_factory=list)
+    block_returns_tuple: bool = False  # learnt when a block runs (GPT-2 blocks return tuples, Llama tensors)
 
     @property
     def n_batches(self) -> int:

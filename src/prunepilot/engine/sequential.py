@@ -33,9 +33,29 @@ def run_block(block: nn.Module, i: int, inputs: BlockInputs) -> list[torch.Tenso
     outs = []
     for b, hidden in enumerate(inputs.hidden):
         dev = next(block.parameters()).device
-        out = block_output(block(hidden.to(dev), *inputs.args[b][i], **inputs.kwargs[b][i]))
-        outs.append(out.to(hidden.device))
+        out = block(hidden.to(dev), *inputs.args[b][i], **inputs.kwargs[b][i])
+        inputs.block_returns_tuple = isinstance(out, (tuple, list))
+        outs.append(block_output(out).to(hidden.device))
     return outs
+
+
+@contextlib.contextmanager
+def blocks_bypassed(adapter: ModelAdapter, returns_tuple: bool):
+    """While active every decoder block ignores its input and returns injected["h"], so a model forward
+    runs only the modules outside the blocks: the embeddings, then the final norm and the head applied to
+    the injected last hidden state, whatever the architecture. Yields the `injected` dict to fill."""
+    injected: dict = {}
+
+    def stub(*args, **kwargs):
+        return (injected["h"],) if returns_tuple else injected["h"]
+
+    try:
+        for block in adapter.blocks:
+            block.forward = stub
+        yield injected
+    finally:
+        for block in adapter.blocks:
+            vars(block).pop("forward", None)  # the class method is back
 
 
 @contextlib.contextmanager

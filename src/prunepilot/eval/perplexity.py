@@ -19,13 +19,11 @@ from ..errors import PrunepilotError
 from ..modeling import context_length, default_eval_seqlen
 
 
-@torch.no_grad()
-def perplexity_of_tokens(model, tokens: torch.Tensor, seqlen: int, batch_size: int = 1,
-                         max_windows: int | None = None, device=None, desc: str = "ppl") -> dict:
-    """tokens: (n_tokens,) long. Returns {"ppl", "nll", "seqlen", "windows", "tokens"}."""
+def _windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None, model=None) -> torch.Tensor:
+    """The first non-overlapping windows of `seqlen` tokens (the tail shorter than a window is dropped)."""
     if seqlen < 2:
         raise PrunepilotError(f"perplexity seqlen must be >= 2, got {seqlen}")
-    if seqlen > context_length(model, default=seqlen):
+    if model is not None and seqlen > context_length(model, default=seqlen):
         raise PrunepilotError(f"perplexity seqlen {seqlen} exceeds the model's context of {context_length(model)} "
                               f"tokens; choose a shorter window")
     n_windows = tokens.numel() // seqlen
@@ -33,20 +31,58 @@ def perplexity_of_tokens(model, tokens: torch.Tensor, seqlen: int, batch_size: i
         n_windows = min(n_windows, max_windows)
     if n_windows == 0:
         raise PrunepilotError(f"text has {tokens.numel()} tokens, fewer than one window of {seqlen}")
-    device = device or next(model.parameters()).device
-    windows = tokens[: n_windows * seqlen].view(n_windows, seqlen)  # (windows, seqlen)
-    total_nll, counted = 0.0, 0
-    t0 = time.time()
-    for i in tqdm(range(0, n_windows, batch_size), desc=desc, leave=False):
-        ids = windows[i:i + batch_size].to(device)
-        logits = model(ids, use_cache=False).logits.float()  # (b, seqlen, vocab)
-        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                              reduction="sum")
-        total_nll += nll.item()
-        counted += ids[:, 1:].numel()
+    return tokens[: n_windows * seqlen].view(n_windows, seqlen)  # (windows, seqlen)
+
+
+def _window_nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    """Summed next-token NLL of a batch of windows. logits (b, seqlen, vocab), ids (b, seqlen)."""
+    logits = logits.float()
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                           reduction="sum").item()
+
+
+def _result(total_nll: float, counted: int, seqlen: int, n_windows: int, t0: float) -> dict:
     nll = total_nll / counted
     return {"ppl": math.exp(nll) if nll < 700 else math.inf, "nll": nll, "seqlen": seqlen,
             "windows": n_windows, "tokens": counted, "seconds": round(time.time() - t0, 2)}
+
+
+@torch.no_grad()
+def perplexity_of_tokens(model, tokens: torch.Tensor, seqlen: int, batch_size: int = 1,
+                         max_windows: int | None = None, device=None, desc: str = "ppl") -> dict:
+    """tokens: (n_tokens,) long. Returns {"ppl", "nll", "seqlen", "windows", "tokens", "seconds"}."""
+    windows = _windows(tokens, seqlen, max_windows, model)
+    device = device or next(model.parameters()).device
+    total_nll, counted = 0.0, 0
+    t0 = time.time()
+    for i in tqdm(range(0, windows.shape[0], batch_size), desc=desc, leave=False):
+        ids = windows[i:i + batch_size].to(device)
+        total_nll += _window_nll(model(ids, use_cache=False).logits, ids)
+        counted += ids[:, 1:].numel()
+    return _result(total_nll, counted, seqlen, windows.shape[0], t0)
+
+
+@torch.no_grad()
+def perplexity_sequential(model, tokens: torch.Tensor, seqlen: int, device, batch_size: int = 1,
+                          max_windows: int | None = None, desc: str = "ppl") -> dict:
+    """perplexity_of_tokens computed with the sequential engine: one decoder block on `device` at a time
+    (the rest stays where it is, normally the CPU), so models larger than the device can be scored.
+    Same windows, same result (up to float rounding)."""
+    from ..engine import ModelAdapter, blocks_bypassed, capture_block_inputs, sequential_pass
+
+    windows = _windows(tokens, seqlen, max_windows, model)  # (n, seqlen)
+    t0 = time.time()
+    adapter = ModelAdapter(model)
+    inputs = capture_block_inputs(model, adapter, windows, device, batch_size)
+    sequential_pass(adapter, inputs, device, lambda i, block, inp: None, desc=desc)
+    total_nll, counted = 0.0, 0
+    with blocks_bypassed(adapter, inputs.block_returns_tuple) as injected:
+        for b, hidden in enumerate(inputs.hidden):
+            ids = windows[b * batch_size:(b + 1) * batch_size].to(device)
+            injected["h"] = hidden.to(device)
+            total_nll += _window_nll(model(ids, use_cache=False).logits, ids)
+            counted += ids[:, 1:].numel()
+    return _result(total_nll, counted, seqlen, windows.shape[0], t0)
 
 
 def perplexity(model, tokenizer, source: str | TextSource, seqlen: int | None = 2048, batch_size: int = 1,
