@@ -41,6 +41,24 @@ def test_prune_save_reload_keeps_sparsity(tmp_path, capsys):
         assert torch.equal(a, b), n
 
 
+def test_structured_methods_keep_their_defaults_from_the_command_line(tmp_path, capsys):
+    model = str(shared_path("models", "stories260K"))
+    common = ["--sparsity", "0.2", "--n-samples", "4", "--eval", "none", "--no-save-model", "--device", "cpu"]
+    assert main(["prune", model, "--method", "flap_iterative", "--steps", "2", "--out", str(tmp_path / "a"), *common]) == 0
+    rep = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert rep["calibration"]["sources"] == ["wiki", "web", "code", "math"] and rep["calibration"]["seqlen"] == 128
+    assert len(rep["extra"]["steps"]) == 2 and rep["extra"]["ratios"] == "global"
+    saved = yaml.safe_load((tmp_path / "a" / "recipe.yaml").read_text())
+    assert saved == {"method": "flap_iterative", "sparsity": 0.2, "calibration": {"n_samples": 4},
+                     "evaluation": {"datasets": []}, "structured": {"steps": 2}, "device": "cpu"}  # only what was said
+    assert main(["prune", model, "--method", "wanda_sp", "--out", str(tmp_path / "b"), *common]) == 0
+    rep = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert rep["extra"]["ratios"] == "uniform" and not rep["extra"]["bias_compensation"]  # Wanda-sp's defaults
+    assert main(["prune", model, "--method", "wanda_sp", "--ratios", "global", "--out", str(tmp_path / "c"),
+                 *common]) == 0
+    assert json.loads((tmp_path / "c" / "report.json").read_text())["extra"]["ratios"] == "global"
+
+
 def test_output_folder_is_not_clobbered(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()

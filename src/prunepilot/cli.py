@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", type=float, help="fraction of weights (or parameters, structured) to remove")
     p.add_argument("--pattern", help="unstructured (default) or N:M such as 2:4, 4:8")
     p.add_argument("--allocation", choices=["uniform", "owl", "explicit"], help="per-layer sparsity allocation")
+    p.add_argument("--ratios", choices=["global", "uniform"],
+                   help="structured: one global ranking across layers (FLAP) or the same ratio in every layer")
+    p.add_argument("--steps", type=int, help="flap_iterative: steps to reach the target (default 5)")
     p.add_argument("--calib", action="append", metavar="SPEC",
                    help="calibration source, repeatable: preset (wiki, web, code, math), file, folder or "
                         "hf:NAME[,CONFIG][@SPLIT]; optional DOMAIN= prefix, #START:END range, :WEIGHT suffix")
@@ -79,25 +82,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _recipe_from_args(args):
+    """The recipe file's own mapping with the flags the user gave on top. Only what the user states is set:
+    unset fields keep their method-dependent defaults (flap_iterative calibrates on wiki+web+code+math at
+    seqlen 128, wanda_sp uses uniform ratios ...)."""
     from .recipe import Recipe
+    from .schema import load_yaml_mapping
 
-    data = Recipe.from_yaml(args.recipe).model_dump() if args.recipe else Recipe().model_dump()
-    for key, value in (("method", args.method), ("sparsity", args.sparsity), ("pattern", args.pattern),
-                       ("device", args.device), ("dtype", args.dtype)):
-        if value is not None:
-            data[key] = value
-    if args.allocation:
-        data["allocation"]["kind"] = args.allocation
-    for key, value in (("sources", args.calib), ("n_samples", args.n_samples), ("seqlen", args.seqlen),
-                       ("seed", args.seed)):
-        if value is not None:
-            data["calibration"][key] = value
-    if args.eval:
-        data["evaluation"]["datasets"] = [] if args.eval == ["none"] else args.eval
-    if args.eval_seqlen is not None:
-        data["evaluation"]["seqlen"] = args.eval_seqlen
-    if args.eval_max_windows is not None:
-        data["evaluation"]["max_windows"] = args.eval_max_windows
+    data = (load_yaml_mapping(args.recipe, "recipe") or {}) if args.recipe else {}
+    flags = {
+        (): {"method": args.method, "sparsity": args.sparsity, "pattern": args.pattern, "device": args.device,
+             "dtype": args.dtype},
+        ("allocation",): {"kind": args.allocation},
+        ("structured",): {"ratios": args.ratios, "steps": args.steps},
+        ("calibration",): {"sources": args.calib, "n_samples": args.n_samples, "seqlen": args.seqlen,
+                           "seed": args.seed},
+        ("evaluation",): {"datasets": ([] if args.eval == ["none"] else args.eval),
+                          "seqlen": args.eval_seqlen, "max_windows": args.eval_max_windows},
+    }
+    for path, values in flags.items():
+        values = {k: v for k, v in values.items() if v is not None}
+        if not values:
+            continue
+        section = data
+        for key in path:
+            if not isinstance(section.get(key, {}), dict):
+                raise PrunepilotError(f"recipe: {key} must be a mapping")
+            section = section.setdefault(key, {})
+        section.update(values)
     return Recipe.from_dict(data)
 
 

@@ -69,7 +69,9 @@ class Recipe(Strict):
         return v
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """The settings that were stated (everything else keeps its method-dependent default when the file
+        is read back, so it reproduces the run; report.json records the values actually used)."""
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_unset=True), sort_keys=False)
 
     @classmethod
     def from_dict(cls, data: dict) -> "Recipe":
