@@ -8,7 +8,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from conftest import shared_path
+from conftest import REPO, shared_path
 from prunepilot.cli import main
 from prunepilot.io import atomic_dir
 from prunepilot.errors import PrunepilotError
@@ -137,3 +137,17 @@ def test_recipe_rejects_unknown_keys():
         Recipe.from_dict({"calibration": {"n_sample": 3}})
     r = Recipe.from_dict({"method": "sparsegpt", "pattern": "2:4"})
     assert Recipe.from_dict(yaml.safe_load(r.to_yaml())) == r
+
+
+def test_shipped_recipes_are_valid():
+    from prunepilot.agent import AgentConfig
+    from prunepilot.recipe import Recipe
+    from prunepilot.registry import get_method
+
+    recipes = sorted((REPO / "recipes").glob("*.yaml"))
+    assert len(recipes) >= 5
+    for path in recipes:
+        if path.name.startswith("agent"):
+            AgentConfig.from_yaml(path)
+        else:
+            get_method(Recipe.from_yaml(path).method)
