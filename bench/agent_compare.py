@@ -5,10 +5,11 @@ allocation), and the agent loop with the built-in policy; plus 2:4 and 4:8 magni
 construction). Every method starts from the same dense model and uses the same calibration windows
 (C4 docs 0-149, the "web" preset, minus the tail the agent holds out for its rollback check).
 Evaluation: WikiText-2 test perplexity (rows joined with "\\n\\n", non-overlapping windows), the first
---max-windows windows of --eval-seqlen tokens. Optional zero-shot / MMLU columns with --tasks (needs
-prunepilot.eval.suite).
+--max-windows windows of --eval-seqlen tokens; with --tasks, the evaluation suite on the first --limit items
+of each task (MMLU: about --limit questions over all 57 subjects, 5-shot), and the zero-shot average over the
+multiple-choice tasks given.
 
-    python bench/agent_compare.py --out docs/bench/agent.md
+    python bench/agent_compare.py --tasks zeroshot,triviaqa,mmlu --limit 100 --out docs/bench/agent.md
 """
 from __future__ import annotations
 
@@ -37,12 +38,13 @@ def main():
     ap.add_argument("--sparsities", default="0.45,0.5")
     ap.add_argument("--n-samples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--eval-seqlen", type=int, default=1024)
+    ap.add_argument("--eval-seqlen", type=int, default=2048)
     ap.add_argument("--max-windows", type=int, default=24, help="WikiText-2 windows per eval (0 = all)")
     ap.add_argument("--agent-eval-tokens", type=int, default=4096, help="held-out tokens for the rollback check")
     ap.add_argument("--agent-grad-samples", type=int, default=4)
     ap.add_argument("--max-iterations", type=int, default=30)
-    ap.add_argument("--tasks", help="comma-separated eval-suite tasks (arc_easy,piqa,mmlu ...), optional")
+    ap.add_argument("--tasks", help="comma-separated eval-suite tasks (arc_easy,piqa,mmlu ...; 'zeroshot' = the 7 "
+                                    "zero-shot multiple-choice tasks), optional")
     ap.add_argument("--limit", type=int, default=200, help="items per task for --tasks")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--skip", default="", help="comma-separated methods to skip: wanda,owl,agent,nm")
@@ -54,15 +56,14 @@ def main():
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     skip = set(filter(None, args.skip.split(",")))
-    tasks = [t.strip() for t in args.tasks.split(",")] if args.tasks else []
-    run_suite = None
-    if tasks:
-        try:
-            from prunepilot.data import data_root
-            from prunepilot.eval.suite import run_suite
-        except ImportError as e:
-            print(f"--tasks ignored: the eval suite is not available ({e})", flush=True)
-            tasks = []
+    from prunepilot.data import data_root
+    from prunepilot.eval.suite import ZERO_SHOT_MC, run_suite
+
+    tasks = []
+    for t in (args.tasks.split(",") if args.tasks else []):
+        tasks += ZERO_SHOT_MC if t.strip() == "zeroshot" else [t.strip()]
+    mc_tasks = [t for t in tasks if t in ZERO_SHOT_MC]
+    columns = tasks + (["zero-shot avg"] if mc_tasks else [])
 
     t0 = time.time()
     model, tok = load_model_and_tokenizer(args.model)
@@ -77,7 +78,9 @@ def main():
         scores = {}
         if tasks:
             res = run_suite(model, tok, tasks, data_root(), limit=args.limit, batch_size=8)
-            scores = {t: res[t]["main"] for t in tasks if t in res}
+            scores = {t: 100 * res[t][res[t]["main"]] for t in tasks}  # the task's reported metric, in %
+            if mc_tasks:
+                scores["zero-shot avg"] = sum(scores[t] for t in mc_tasks) / len(mc_tasks)
         return ppl, scores
 
     rows, protocol = [], {}
@@ -86,7 +89,7 @@ def main():
         ppl, scores = evaluate()
         protocol.update(seqlen=ppl["seqlen"], windows=ppl["windows"], tokens=ppl["tokens"])
         rows.append([name, target, round(sparsity, 4), ppl["ppl"], *extra, round(prune_s, 1), ppl["seconds"],
-                     *[scores.get(t, float("nan")) for t in tasks]])
+                     *[scores.get(t, float("nan")) for t in columns]])
         print(f"{name:24s} target {target} sparsity {sparsity:.4f} wikitext2 ppl {ppl['ppl']:.3f} "
               f"(seqlen {ppl['seqlen']}, {ppl['windows']} windows, {ppl['tokens']} tokens) prune {prune_s:.1f}s "
               f"eval {ppl['seconds']}s {extra} {scores or ''}", flush=True)
@@ -120,13 +123,13 @@ def main():
             record(f"magnitude {pattern}", 0.5, rep.global_sparsity, time.time() - t)
 
     headers = ["method", "target", "sparsity", "wikitext2 ppl", "iterations", "rollbacks", "prune wall s",
-               "eval wall s", *tasks]
+               "eval wall s", *columns]
     table = md_table(headers, rows)
     text = (f"{table}\n\nProtocol: model {args.model}; calibration C4 docs 0-149 ('web'), {args.n_samples} x "
             f"{args.seqlen} tokens, seed 0, the same windows for every method (the agent additionally holds out "
             f"the last {held.numel()} tokens of that stream for its rollback check); WikiText-2 test, seqlen "
             f"{protocol.get('seqlen')}, {protocol.get('windows')} windows = {protocol.get('tokens')} scored tokens"
-            f"{f'; tasks {tasks} (limit {args.limit})' if tasks else ''}; agent: built-in policy, rollback "
+            f"{f'; tasks (score in %, acc_norm for arc_challenge/hellaswag/openbookqa, else acc; TriviaQA exact match; MMLU 5-shot) on the first {args.limit} items each' if tasks else ''}; agent: built-in policy, rollback "
             f"threshold 15%, {args.agent_grad_samples} gradient samples; {machine()}; total "
             f"{time.time() - t0:.0f}s\n")
     print(text, flush=True)

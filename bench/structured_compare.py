@@ -105,7 +105,7 @@ def main():
             recipe = {"method": method, "sparsity": s, "device": "cpu",
                       "calibration": {"sources": sources, "n_samples": args.n_samples, "seqlen": args.seqlen,
                                       "batch_size": 8},
-                      "structured": {"steps": args.steps}}
+                      "structured": {"steps": args.steps} if method == "flap_iterative" else {}}
             t0 = time.time()
             rep = prune(model, recipe, tok)
             prune_s = time.time() - t0
