@@ -40,7 +40,9 @@ from prunepilot.modeling import load_model_and_tokenizer  # noqa: E402
 from prunepilot.structured.speed import measure_speed  # noqa: E402
 
 EVALS = [("wikitext2", "wikitext2"), ("c4", "c4"), ("code", "code-test")]
-METHODS = [("wanda_sp", ["web"]), ("flap", ["web"]), ("flap_iterative", ["wiki", "web", "code", "math"])]
+METHODS = "wanda_sp:web,flap:web,flap_iterative:wiki+web+code+math"
+# ablations that separate the two changes of the iterative multi-domain variant:
+#   --methods flap:wiki+web+code+math,flap_iterative:web
 
 
 def main():
@@ -57,12 +59,15 @@ def main():
     ap.add_argument("--speed-repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1 is far faster than oversubscribing a busy 2-core machine)")
+    ap.add_argument("--methods", default=METHODS, help="comma-separated METHOD:SOURCE+SOURCE... rows to run")
+    ap.add_argument("--no-dense", action="store_true", help="skip the dense row's perplexity (ablation runs)")
     ap.add_argument("--quick", action="store_true", help="small smoke run: 8 samples, 2 windows of 256, 2 steps")
     ap.add_argument("--out")
     args = ap.parse_args()
     if args.quick:
         args.n_samples, args.max_windows, args.steps, args.speed_repeats = 8, 2, 2, 2
         args.eval_seqlen, args.speed_new = 256, 8
+    methods = [(m, src.split("+")) for m, _, src in (entry.partition(":") for entry in args.methods.split(","))]
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -91,16 +96,17 @@ def main():
 
     n_params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     t0 = time.time()
-    dense_ppl = evaluate(dense_model)
+    dense_ppl = None if args.no_dense else evaluate(dense_model)
     speed(dense_model)
     dense_speed = {k: statistics.median(r[k] for r in (speed(dense_model) for _ in range(3)))
                    for k in ("prefill_tok_s", "decode_tok_s")}
     print(f"dense: {dense_ppl} {dense_speed} ({time.time() - t0:.0f}s)", flush=True)
     headers = ["removed", "method", "calibration", "params (M)", "block sparsity", "wikitext2 ppl", "c4 ppl",
                "code ppl", "prefill x", "decode x", "prune s"]
-    rows = [["0%", "dense", "-", n_params(dense_model) / 1e6, 0.0, *(dense_ppl[n] for n, _ in EVALS), 1.0, 1.0, "-"]]
+    rows = [] if dense_ppl is None else [
+        ["0%", "dense", "-", n_params(dense_model) / 1e6, 0.0, *(dense_ppl[n] for n, _ in EVALS), 1.0, 1.0, "-"]]
     for s in args.sparsities:
-        for method, sources in METHODS:
+        for method, sources in methods:
             model = copy.deepcopy(dense_model)
             recipe = {"method": method, "sparsity": s, "device": "cpu",
                       "calibration": {"sources": sources, "n_samples": args.n_samples, "seqlen": args.seqlen,
