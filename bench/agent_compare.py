@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Snapshot, machine, md_table, smollm2_path  # noqa: E402
+from common import Snapshot, machine, md_table, publish, smollm2_path  # noqa: E402
 
 from prunepilot.agent import AgentConfig, run_agent  # noqa: E402
 from prunepilot.agent.loop import calibration_and_heldout  # noqa: E402
@@ -125,18 +125,14 @@ def main():
     headers = ["method", "target", "sparsity", "wikitext2 ppl", "iterations", "rollbacks", "prune wall s",
                "eval wall s", *columns]
     table = md_table(headers, rows)
-    text = (f"{table}\n\nProtocol: model {args.model}; calibration C4 docs 0-149 ('web'), {args.n_samples} x "
-            f"{args.seqlen} tokens, seed 0, the same windows for every method (the agent additionally holds out "
-            f"the last {held.numel()} tokens of that stream for its rollback check); WikiText-2 test, seqlen "
-            f"{protocol.get('seqlen')}, {protocol.get('windows')} windows = {protocol.get('tokens')} scored tokens"
-            f"{f'; tasks (score in %, acc_norm for arc_challenge/hellaswag/openbookqa, else acc; TriviaQA exact match; MMLU 5-shot) on the first {args.limit} items each' if tasks else ''}; agent: built-in policy, rollback "
-            f"threshold 15%, {args.agent_grad_samples} gradient samples; {machine()}; total "
-            f"{time.time() - t0:.0f}s\n")
-    print(text, flush=True)
-    if args.out:
-        from prunepilot.io import atomic_write_text
-
-        atomic_write_text(args.out, text)
+    tasks_note = (f"; tasks (score in %: acc_norm for arc_challenge/hellaswag/openbookqa, else acc; TriviaQA "
+                  f"exact match; MMLU 5-shot) on the first {args.limit} items each" if tasks else "")
+    publish(table, f"model {args.model}; calibration C4 docs 0-149 ('web'), {args.n_samples} x {args.seqlen} tokens, "
+                   f"seed 0, the same windows for every method (the agent additionally holds out the last "
+                   f"{held.numel()} tokens of that stream for its rollback check); WikiText-2 test, seqlen "
+                   f"{protocol.get('seqlen')}, {protocol.get('windows')} windows = {protocol.get('tokens')} scored "
+                   f"tokens{tasks_note}; agent: built-in policy, rollback threshold 15%, {args.agent_grad_samples} "
+                   f"gradient samples; {machine()}; total {time.time() - t0:.0f}s", args.out)
 
 
 if __name__ == "__main__":

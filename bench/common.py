@@ -38,3 +38,14 @@ def md_table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def publish(table: str, protocol: str, out: str | None) -> str:
+    """Print the table with its protocol and, with --out, write the same text atomically."""
+    text = f"{table}\n\nProtocol: {protocol}\n"
+    print(text, flush=True)
+    if out:
+        from prunepilot.io import atomic_write_text
+
+        atomic_write_text(out, text)
+    return text

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, md_table, smollm2_path  # noqa: E402
+from common import machine, md_table, publish, smollm2_path  # noqa: E402
 
 from prunepilot.api import prune  # noqa: E402
 from prunepilot.data import TextSource, load_documents, tokenize_stream  # noqa: E402
@@ -133,12 +133,7 @@ def main():
                 f"{dense_speed['prefill_tok_s']:.0f} "
                 f"prefill / {dense_speed['decode_tok_s']:.1f} decode tok/s. 'block sparsity' = fraction of the decoder "
                 f"blocks' linear parameters removed (compensation biases counted). {machine()}")
-    text = f"{table}\n\nProtocol: {protocol}\n"
-    print(text)
-    if args.out:
-        from prunepilot.io import atomic_write_text
-
-        atomic_write_text(args.out, text)
+    publish(table, protocol, args.out)
 
 
 if __name__ == "__main__":

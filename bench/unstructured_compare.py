@@ -16,7 +16,7 @@ import time
 import torch
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from common import Snapshot, machine, md_table, smollm2_path  # noqa: E402
+from common import Snapshot, machine, md_table, publish, smollm2_path  # noqa: E402
 
 from prunepilot.api import prune  # noqa: E402
 from prunepilot.eval.perplexity import perplexity  # noqa: E402
@@ -62,12 +62,7 @@ def main():
     protocol = (f"model {args.model}; calibration C4 docs 0-149 ('web'), {args.n_samples} x {args.seqlen} tokens, "
                 f"seed 0; WikiText-2 test, seqlen {dense['seqlen']}, {dense['windows']} windows = {dense['tokens']} "
                 f"scored tokens; {machine()}")
-    text = f"{table}\n\nProtocol: {protocol}\n"
-    print(text)
-    if args.out:
-        from prunepilot.io import atomic_write_text
-
-        atomic_write_text(args.out, text)
+    publish(table, protocol, args.out)
 
 
 if __name__ == "__main__":

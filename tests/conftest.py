@@ -38,6 +38,18 @@ def smollm2():
     return load_model_and_tokenizer(shared_path("models", "smollm2-135m-instruct"))
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models are overhead-bound: one torch thread is as fast alone and far faster on a busy 2-core
+    machine, where OpenMP threads spin against each other. Modules opt in with usefixtures("one_thread")."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _shared_env(monkeypatch):
     if SHARED.exists() and "PRUNEPILOT_DATA" not in os.environ:

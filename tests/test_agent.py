@@ -22,13 +22,7 @@ from prunepilot.methods.wanda import wanda_scores
 from tiny_models import tiny_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run far faster single-threaded on a shared, busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 class Killed(BaseException):

@@ -22,13 +22,7 @@ from prunepilot.eval.suite import TASKS, run_suite
 V = 128  # ASCII
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and a busy 2-core machine makes OpenMP spin; restore after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 class Chars:

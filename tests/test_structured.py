@@ -20,13 +20,7 @@ from prunepilot.structured.slicing import block_layout, keep_kv_groups, keep_mlp
 from prunepilot.structured.speed import measure_speed
 from tiny_models import GATED, tiny_model
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models are overhead-bound: one thread is as fast alone and far faster on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 IDS = torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(0))
