@@ -151,3 +151,18 @@ def test_shipped_recipes_are_valid():
             AgentConfig.from_yaml(path)
         else:
             get_method(Recipe.from_yaml(path).method)
+
+
+def test_outputs_get_ordinary_permissions(tmp_path):
+    import os
+
+    from prunepilot.io import atomic_dir, atomic_write_json
+
+    mask = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "out") as tmp:
+            atomic_write_json(tmp / "report.json", {"a": 1})
+        assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+        assert (tmp_path / "out" / "report.json").stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(mask)
