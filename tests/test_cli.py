@@ -23,6 +23,7 @@ def test_prune_save_reload_keeps_sparsity(tmp_path, capsys):
     assert main(["prune", str(model_dir), "--method", "sparsegpt", "--sparsity", "0.5", "--out", str(out), *QUICK]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["global_sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert report["environment"]["torch"] == torch.__version__  # every result says what produced it
     ppl = report["perplexity_after"]["tinystories"]
     assert ppl["seqlen"] == 128 and ppl["windows"] == 8 and ppl["tokens"] == 8 * 127
     assert report["perplexity_before"]["tinystories"]["ppl"] < ppl["ppl"]

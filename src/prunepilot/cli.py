@@ -122,7 +122,7 @@ def cmd_prune(args) -> int:
     from .api import prune, resolve_device
     from .modeling import context_length, load_model_and_tokenizer
     from .registry import get_method
-    from .report import save_result
+    from .report import environment, save_result
 
     recipe = _recipe_from_args(args)
     get_method(recipe.method, **recipe.method_options)  # fail fast on a bad method name
@@ -141,7 +141,8 @@ def cmd_prune(args) -> int:
     n_params_before = sum(p.numel() for p in model.parameters())
     report = prune(model, recipe, tokenizer)
     after = _ppl_all(model, tokenizer, ev.datasets, ev.seqlen, ev.max_windows, ev.batch_size)
-    result = {"model": args.model, **report.to_dict(), "parameters_before": n_params_before,
+    result = {"model": args.model, "environment": environment(device), **report.to_dict(),
+              "parameters_before": n_params_before,
               "parameters_after": sum(p.numel() for p in model.parameters()),
               "perplexity_before": before, "perplexity_after": after}
     result["timings"]["load_s"] = load_s
@@ -169,7 +170,10 @@ def cmd_eval(args) -> int:
         require_lm_eval()  # fail before loading the model
     device = resolve_device(args.device)
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype or "float32", str(device), args.gguf_file)
-    result = {"model": args.model, "label": args.label or Path(args.model).name, "results": {}, "perplexity": {}}
+    from .report import environment
+
+    result = {"model": args.model, "label": args.label or Path(args.model).name, "environment": environment(device),
+              "results": {}, "perplexity": {}}
     if args.ppl:
         result["perplexity"] = _ppl_all(model, tokenizer, args.ppl, args.seqlen, args.max_windows)
     if args.tasks:

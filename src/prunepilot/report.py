@@ -10,6 +10,22 @@ from .modeling import save_model_files
 log = logging.getLogger(__name__)
 
 
+def environment(device=None) -> dict:
+    """Versions and hardware a result was produced with (stored in every report)."""
+    import platform
+
+    import torch
+    import transformers
+
+    from . import __version__
+
+    env = {"prunepilot": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+           "python": platform.python_version(), "machine": platform.machine(), "cpu_threads": torch.get_num_threads()}
+    if device is not None and torch.device(device).type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return env
+
+
 def plot_layer_sparsity(report: dict, path: Path) -> None:
     """Bar plot of the achieved sparsity of every pruned linear, blocks in order (matplotlib, Agg)."""
     import matplotlib

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..io import atomic_dir, atomic_write_json
 from ..modeling import save_model_files
+from ..report import environment
 from .config import AgentConfig
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,7 @@ def build_report(cfg: AgentConfig, header: dict, records: list[dict], numel: dic
                            "scale": r.get("scale", 1.0), "seconds": r.get("seconds")})
     return {
         "kind": "agent",
+        "environment": environment(cfg.device if cfg.device != "auto" else None),
         "controller": cfg.controller.kind,
         "target_sparsity": cfg.target_sparsity,
         "global_sparsity": sum(zeros.values()) / total,
