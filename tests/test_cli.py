@@ -115,6 +115,10 @@ def test_eval_all_tasks_and_perplexity_window_capped_to_the_context(tmp_path, ca
                                       "openbookqa", "mmlu", "triviaqa"}  # every task whose data ships
     assert result["perplexity"]["tinystories"]["seqlen"] == 512  # default 2048 shortened to the context
     capsys.readouterr()
+    assert main(["eval", model, "--speed", "--out", str(out)]) == 0
+    speed = json.loads(out.read_text())["speed"]
+    assert speed["prefill_tok_s"] > 0 and speed["decode_tok_s"] > 0 and speed["seq_len"] == 128
+    capsys.readouterr()
     assert main(["eval", model, "--ppl", "tinystories", "--seqlen", "1024"]) == 2
     assert "exceeds the model's context of 512" in capsys.readouterr().err
 

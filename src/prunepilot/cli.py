@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seqlen", type=int, help="perplexity window (default 2048, or the model's context if shorter)")
     p.add_argument("--max-windows", type=int, help="perplexity: score only the first N windows")
+    p.add_argument("--speed", action="store_true",
+                   help="also measure prefill / decode tokens per second (batch 1, 128-token prompt, 32 new tokens)")
     p.add_argument("--label", help="name of this model in comparison reports")
     p.add_argument("--out", help="write results JSON here")
 
@@ -162,8 +164,9 @@ def cmd_eval(args) -> int:
     from .io import atomic_write_json
     from .modeling import load_model_and_tokenizer
 
-    if not args.ppl and not args.tasks and not args.harness_tasks:
-        raise PrunepilotError("nothing to evaluate: give --ppl DATASET, --tasks TASKS and/or --harness-tasks TASKS")
+    if not (args.ppl or args.tasks or args.harness_tasks or args.speed):
+        raise PrunepilotError("nothing to evaluate: give --ppl DATASET, --tasks TASKS, --harness-tasks TASKS "
+                              "and/or --speed")
     if args.harness_tasks:
         from .eval.lm_eval_adapter import require_lm_eval
 
@@ -188,6 +191,10 @@ def cmd_eval(args) -> int:
         harness = [t.strip() for t in args.harness_tasks.split(",") if t.strip()]
         result["results"].update(run_lm_eval(model, tokenizer, harness, limit=args.limit, batch_size=args.batch_size,
                                              num_fewshot=args.num_fewshot, device=device))
+    if args.speed:
+        from .structured.speed import measure_speed
+
+        result["speed"] = measure_speed(model)
     if args.out:
         atomic_write_json(args.out, result)
     print(json.dumps(result, indent=2, default=str))
