@@ -89,7 +89,7 @@ def main() -> None:
                                                     limit=args.limit, batch_size=args.batch_size))
     eval_s = sum(r["seconds"] for r in results.values())
 
-    print(f"\n| task | metric | score (%) | n | n (full set) | protocol | seconds | est. full set (min) |")
+    print("\n| task | metric | score (%) | n | n (full set) | protocol | seconds | est. full set (min) |")
     print("|---|---|---|---|---|---|---|---|")
     full_total = 0.0
     for name, r in results.items():

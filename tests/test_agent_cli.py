@@ -3,7 +3,6 @@ import argparse
 import json
 
 import pytest
-import torch
 
 from prunepilot.agent.cli import add_agent_parser, run_agent_command
 from prunepilot.errors import PrunepilotError
