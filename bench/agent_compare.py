@@ -45,7 +45,8 @@ def main():
     ap.add_argument("--max-iterations", type=int, default=30)
     ap.add_argument("--tasks", help="comma-separated eval-suite tasks (arc_easy,piqa,mmlu ...; 'zeroshot' = the 7 "
                                     "zero-shot multiple-choice tasks), optional")
-    ap.add_argument("--limit", type=int, default=200, help="items per task for --tasks")
+    ap.add_argument("--limit", type=int, default=100, help="items per task for --tasks")
+    ap.add_argument("--qa-shots", type=int, default=5, help="TriviaQA shots (a 135M model answers nothing 0-shot)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--skip", default="", help="comma-separated methods to skip: wanda,owl,agent,nm")
     ap.add_argument("--out")
@@ -77,7 +78,7 @@ def main():
         ppl = perplexity(model, tok, "wikitext2", args.eval_seqlen, max_windows=mw)
         scores = {}
         if tasks:
-            res = run_suite(model, tok, tasks, data_root(), limit=args.limit, batch_size=8)
+            res = run_suite(model, tok, tasks, data_root(), limit=args.limit, batch_size=8, qa_shots=args.qa_shots)
             scores = {t: 100 * res[t][res[t]["main"]] for t in tasks}  # the task's reported metric, in %
             if mc_tasks:
                 scores["zero-shot avg"] = sum(scores[t] for t in mc_tasks) / len(mc_tasks)
@@ -126,7 +127,7 @@ def main():
                "eval wall s", *columns]
     table = md_table(headers, rows)
     tasks_note = (f"; tasks (score in %: acc_norm for arc_challenge/hellaswag/openbookqa, else acc; TriviaQA "
-                  f"exact match; MMLU 5-shot) on the first {args.limit} items each" if tasks else "")
+                  f"{args.qa_shots}-shot exact match; MMLU 5-shot) on the first {args.limit} items each" if tasks else "")
     publish(table, f"model {args.model}; calibration C4 docs 0-149 ('web'), {args.n_samples} x {args.seqlen} tokens, "
                    f"seed 0, the same windows for every method (the agent additionally holds out the last "
                    f"{held.numel()} tokens of that stream for its rollback check); WikiText-2 test, seqlen "

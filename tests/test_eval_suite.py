@@ -294,6 +294,21 @@ def test_batched_generation_matches_one_by_one():
     assert single[0] == factual_qa.cut_at_stop(tok.decode(ref.tolist()))[0].strip()
 
 
+def test_qa_shots_come_from_the_end_of_the_file_and_are_not_evaluated(data_dir):
+    seen = []
+
+    class Recorder(Bigram):
+        def forward(self, input_ids, **kw):
+            seen.append(Chars().decode(input_ids[0].tolist()))
+            return super().forward(input_ids, **kw)
+
+    res = run_suite(Recorder(), Chars(), ["triviaqa"], data_dir, qa_shots=1, batch_size=1)["triviaqa"]
+    assert res["n"] == 1 and res["protocol"]["shots"] == 1 and res["protocol"]["n_total"] == 1
+    assert seen[0].startswith("Question: Other?\nAnswer: yes\n\nQuestion: Which?\nAnswer:")  # shot = last item
+    with pytest.raises(PrunepilotError, match="cannot give 2 shots"):
+        run_suite(Bigram(), Chars(), ["triviaqa"], data_dir, qa_shots=2)
+
+
 def test_freebaseqa_file(tmp_path):
     data = {"Questions": [
         {"RawQuestion": "which word means fine?", "ProcessedQuestion": "which word means fine",

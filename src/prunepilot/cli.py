@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="folder laid out like ../shared/data (default: that folder)")
     p.add_argument("--limit", type=int, help="first N items of each task (quick runs)")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--qa-shots", type=int, default=0,
+                   help="answered examples before each TriviaQA/FreebaseQA question (default 0, as lm-eval; small "
+                        "models need a few to answer briefly)")
     p.add_argument("--seqlen", type=int, help="perplexity window (default 2048, or the model's context if shorter)")
     p.add_argument("--max-windows", type=int, help="perplexity: score only the first N windows")
     p.add_argument("--speed", action="store_true",
@@ -184,7 +187,8 @@ def cmd_eval(args) -> int:
 
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]  # "all" is expanded by run_suite
         result["results"] = run_suite(model, tokenizer, tasks, Path(args.data_dir) if args.data_dir else data_root(),
-                                      limit=args.limit, batch_size=args.batch_size, device=device)
+                                      limit=args.limit, batch_size=args.batch_size, device=device,
+                                      qa_shots=args.qa_shots)
     if args.harness_tasks:
         from .eval.lm_eval_adapter import run_lm_eval
 

@@ -138,14 +138,23 @@ def _generate_batch(model, tokenizer, seqs: list[list[int]], max_new_tokens: int
     return texts
 
 
+def shot_prefix(shots: list[QAItem]) -> str:
+    """k-shot examples, each "{prompt} {first alias}\\n\\n" (the first alias is the reference answer)."""
+    return "".join(f"{s.prompt} {s.aliases[0]}\n\n" for s in shots)
+
+
 def evaluate_qa(model, tokenizer, items: list[QAItem], max_new_tokens: int = 16, batch_size: int = 8, device=None,
-                add_bos: bool = False) -> dict:
+                add_bos: bool = False, shots: list[QAItem] | None = None) -> dict:
+    """Exact match of greedy answers; `shots` (k answered examples) precede every prompt. Small models given
+    the bare prompt tend to answer with a sentence or nothing; a few shots teach the short-answer format."""
     if not items:
         raise PrunepilotError("no QA items to evaluate")
-    preds = greedy_generate(model, tokenizer, [it.prompt for it in items], max_new_tokens, batch_size, device, add_bos)
+    prefix = shot_prefix(shots or [])
+    preds = greedy_generate(model, tokenizer, [prefix + it.prompt for it in items], max_new_tokens, batch_size,
+                            device, add_bos)
     hits = [exact_match(p, it.aliases) for p, it in zip(preds, items)]
     em = sum(hits) / len(hits)
     examples = [{"prompt": it.prompt, "prediction": p, "correct": h} for it, p, h in list(zip(items, preds, hits))[:5]]
-    tokens = {"prompt_tokens": sum(len(encode(tokenizer, it.prompt, add_bos)) for it in items)}
+    tokens = {"prompt_tokens": sum(len(encode(tokenizer, prefix + it.prompt, add_bos)) for it in items)}
     return {"acc": em, "exact_match": em, "acc_stderr": stderr(em, len(hits)), "n": len(hits), "examples": examples,
             "tokens": tokens}

@@ -96,7 +96,7 @@ def resolve_tasks(tasks: list[str] | str, data_dir: str | Path) -> list[tuple[st
 
 
 def _run_task(model, tokenizer, spec: TaskSpec, path: Path, limit: int | None, batch_size: int, device,
-              num_fewshot_mmlu: int, add_bos: bool) -> dict:
+              num_fewshot_mmlu: int, add_bos: bool, qa_shots: int = 0) -> dict:
     protocol = {"data": str(path), "limit": limit, "prompt": spec.prompt, "add_bos": add_bos,
                 "max_length": context_length(model)}  # longer prompts lose context tokens from the left
     if spec.kind == "mmlu":
@@ -108,6 +108,11 @@ def _run_task(model, tokenizer, spec: TaskSpec, path: Path, limit: int | None, b
                         scoring="next-token letter log-prob", n_total=res.pop("n_total"))
         return {**res, "main": spec.main, "protocol": protocol}
     items = spec.loader(path)
+    shots = []
+    if spec.kind == "qa" and qa_shots:  # the file's last k items are the shots and are not evaluated
+        if len(items) <= qa_shots:
+            raise PrunepilotError(f"task {spec.name}: {len(items)} items cannot give {qa_shots} shots and questions")
+        shots, items = items[-qa_shots:], items[:-qa_shots]
     n_total, items = len(items), items[:limit]
     if not items:
         raise PrunepilotError(f"task {spec.name}: no items in {path}")
@@ -115,17 +120,21 @@ def _run_task(model, tokenizer, spec: TaskSpec, path: Path, limit: int | None, b
         res = zeroshot.evaluate_mc(model, tokenizer, items, spec.norm, batch_size, device, add_bos, desc=spec.name)
         protocol.update(shots=0, scoring=_MC if spec.norm else "sum log p(' ' + continuation | context), acc")
     else:
-        res = factual_qa.evaluate_qa(model, tokenizer, items, batch_size=batch_size, device=device, add_bos=add_bos)
-        protocol.update(shots=0, scoring=f"greedy generation, max 16 new tokens, stops {list(factual_qa.STOPS)}, "
-                                         "normalised exact match")
+        res = factual_qa.evaluate_qa(model, tokenizer, items, batch_size=batch_size, device=device, add_bos=add_bos,
+                                     shots=shots)
+        protocol.update(shots=qa_shots, scoring=f"greedy generation, max 16 new tokens, stops "
+                                                f"{list(factual_qa.STOPS)}, normalised exact match")
+        if qa_shots:
+            protocol["shots_from"] = f"the file's last {qa_shots} items (not evaluated)"
     protocol["n_total"] = n_total
     return {**res, "main": spec.main, "protocol": protocol}
 
 
 def run_suite(model, tokenizer, tasks: list[str], data_dir: str | Path, limit: int | None = None, batch_size: int = 8,
-              device=None, num_fewshot_mmlu: int = 5, add_bos: bool = False) -> dict:
+              device=None, num_fewshot_mmlu: int = 5, add_bos: bool = False, qa_shots: int = 0) -> dict:
     """Evaluate `model` on `tasks`; returns {task: {"acc", "acc_norm"?, "main", "n", "protocol", "seconds"}}.
 
+    qa_shots: answered examples before each factual-QA question (0 = lm-eval's triviaqa protocol).
     device: where to run (the model is moved there if needed); default: the model's device.
     add_bos: prepend BOS to every prompt (lm-eval's default for most models is no BOS).
     """
@@ -133,6 +142,8 @@ def run_suite(model, tokenizer, tasks: list[str], data_dir: str | Path, limit: i
         raise PrunepilotError(f"limit must be >= 1, got {limit}")
     if batch_size < 1:
         raise PrunepilotError(f"batch_size must be >= 1, got {batch_size}")
+    if qa_shots < 0:
+        raise PrunepilotError(f"qa_shots must be >= 0, got {qa_shots}")
     resolved = resolve_tasks(tasks, data_dir)
     if device is not None and next(model.parameters()).device != torch.device(device):
         model.to(device)
@@ -143,7 +154,8 @@ def run_suite(model, tokenizer, tasks: list[str], data_dir: str | Path, limit: i
     try:
         for name, spec, path in resolved:
             t0 = time.time()
-            res = _run_task(model, tokenizer, spec, path, limit, batch_size, device, num_fewshot_mmlu, add_bos)
+            res = _run_task(model, tokenizer, spec, path, limit, batch_size, device, num_fewshot_mmlu, add_bos,
+                            qa_shots)
             res["seconds"] = round(time.time() - t0, 2)
             results[name] = res
             log.info("%s: %s=%.4f n=%d (%.1fs)", name, spec.main, res[spec.main], res["n"], res["seconds"])
