@@ -61,6 +61,7 @@ def main():
                     help="torch threads (1 is far faster than oversubscribing a busy 2-core machine)")
     ap.add_argument("--methods", default=METHODS, help="comma-separated METHOD:SOURCE+SOURCE... rows to run")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense row's perplexity (ablation runs)")
+    ap.add_argument("--skip-ppl", action="store_true", help="speed and sizes only (perplexity columns left empty)")
     ap.add_argument("--quick", action="store_true", help="small smoke run: 8 samples, 2 windows of 256, 2 steps")
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -78,6 +79,8 @@ def main():
     proto = {}
 
     def evaluate(model) -> dict:
+        if args.skip_ppl:
+            return {name: float("nan") for name, _ in EVALS}
         out = {}
         for name, _ in EVALS:
             r = perplexity_of_tokens(model, streams[name], args.eval_seqlen, max_windows=mw)
@@ -101,10 +104,12 @@ def main():
     dense_speed = {k: statistics.median(r[k] for r in (speed(dense_model) for _ in range(3)))
                    for k in ("prefill_tok_s", "decode_tok_s")}
     print(f"dense: {dense_ppl} {dense_speed} ({time.time() - t0:.0f}s)", flush=True)
-    headers = ["removed", "method", "calibration", "params (M)", "block sparsity", "wikitext2 ppl", "c4 ppl",
-               "code ppl", "prefill x", "decode x", "prune s"]
-    rows = [] if dense_ppl is None else [
-        ["0%", "dense", "-", n_params(dense_model) / 1e6, 0.0, *(dense_ppl[n] for n, _ in EVALS), 1.0, 1.0, "-"]]
+    headers = ["removed", "method", "calibration", "params (M)", "block sparsity", "KV groups kept", "MLP channels kept",
+               "wikitext2 ppl", "c4 ppl", "code ppl", "prefill x", "decode x", "prune s"]
+    cfg = dense_model.config
+    dense_units = (cfg.num_key_value_heads * cfg.num_hidden_layers, cfg.intermediate_size * cfg.num_hidden_layers)
+    rows = [] if dense_ppl is None else [["0%", "dense", "-", n_params(dense_model) / 1e6, 0.0, 1.0, 1.0,
+                                          *(dense_ppl[n] for n, _ in EVALS), 1.0, 1.0, "-"]]
     for s in args.sparsities:
         for method, sources in methods:
             model = copy.deepcopy(dense_model)
@@ -117,8 +122,10 @@ def main():
             prune_s = time.time() - t0
             ppl = evaluate(model)
             sp = speed_ratios(model)
+            kept = (sum(w["num_kv_heads"] for w in rep.extra["layers"]) / dense_units[0],
+                    sum(w["intermediate_size"] for w in rep.extra["layers"]) / dense_units[1])
             rows.append([f"{s:.0%}", method, "+".join(sources), n_params(model) / 1e6, rep.extra["achieved_sparsity"],
-                         *(ppl[n] for n, _ in EVALS), sp["prefill_tok_s"], sp["decode_tok_s"],
+                         *kept, *(ppl[n] for n, _ in EVALS), sp["prefill_tok_s"], sp["decode_tok_s"],
                          round(prune_s, 1)])
             print(f"{s:.0%} {method}: {ppl} prefill x{rows[-1][-3]:.2f} decode x{rows[-1][-2]:.2f} "
                   f"({prune_s:.0f}s prune)", flush=True)
