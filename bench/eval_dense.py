@@ -35,6 +35,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=None, help="first N items of each task (MMLU: ~N over all subjects)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--num-fewshot-mmlu", type=int, default=5)
+    p.add_argument("--qa-shots", type=int, default=5,
+                   help="TriviaQA shots (the file's last K items; 0 = lm-eval's protocol, where a 135M model scores 0)")
     p.add_argument("--add-bos", action="store_true", help="prepend BOS to prompts (lm-eval default: no)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default=None)
@@ -80,7 +82,8 @@ def main() -> None:
     results: dict = {}
     for task in tasks:
         res = run_suite(model, tok, [task], args.data, limit=args.limit, batch_size=args.batch_size,
-                        device=args.device, num_fewshot_mmlu=args.num_fewshot_mmlu, add_bos=args.add_bos)
+                        device=args.device, num_fewshot_mmlu=args.num_fewshot_mmlu, add_bos=args.add_bos,
+                        qa_shots=args.qa_shots)
         name, r = next(iter(res.items()))
         results[name] = r
         print(f"  {name}: {r['main']}={r[r['main']]:.4f} n={r['n']} in {r['seconds']:.1f}s", flush=True)
