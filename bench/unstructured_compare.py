@@ -33,8 +33,16 @@ def main():
     ap.add_argument("--eval-seqlen", type=int, default=2048)
     ap.add_argument("--max-windows", type=int, default=48, help="0 = whole WikiText-2 test set")
     ap.add_argument("--sparsity", type=float, default=0.5)
+    ap.add_argument("--configs", help="comma-separated METHOD:PATTERN rows to run (default: all 9), "
+                    "e.g. wanda:2:4,sparsegpt:unstructured")
     ap.add_argument("--out")
     args = ap.parse_args()
+    configs = CONFIGS
+    if args.configs:
+        configs = [tuple(c.split(":", 1)) for c in args.configs.split(",")]
+        unknown = [c for c in configs if c not in CONFIGS]
+        if unknown:
+            ap.error(f"unknown configs {unknown}; choose from {[m + ':' + p for m, p in CONFIGS]}")
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
     model, tok = load_model_and_tokenizer(args.model)
@@ -48,7 +56,7 @@ def main():
     dense = ppl()
     rows = [["dense", "-", 0.0, dense["ppl"], "-", round(time.time() - t0, 1)]]
     print(f"dense: {dense['ppl']:.3f}", flush=True)
-    for method, pattern in CONFIGS:
+    for method, pattern in configs:
         snap.restore(model)
         recipe = {"method": method, "sparsity": args.sparsity, "pattern": pattern, "device": "cpu",
                   "calibration": {"sources": ["web"], "n_samples": args.n_samples, "seqlen": args.seqlen}}
