@@ -22,7 +22,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from prunepilot.compare import results_document, save_results  # noqa: E402
+from prunepilot.compare import load_results, results_document, save_results  # noqa: E402
 from prunepilot.eval.suite import DEFAULT_TASKS, resolve_tasks, run_suite  # noqa: E402
 from prunepilot.modeling import load_model_and_tokenizer  # noqa: E402
 
@@ -42,7 +42,25 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--device", default=None)
     p.add_argument("--label", default="dense")
     p.add_argument("--out", type=Path, default=None, help="result JSON (compare.py schema)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the tasks already in --out (same model, limit and shots) and run only the rest; "
+                        "full sets take hours on a CPU, so a long run can be split over several invocations")
     return p.parse_args()
+
+
+def previous_results(args: argparse.Namespace) -> dict:
+    """Finished tasks from an earlier run's --out, if it evaluated the same model with the same protocol."""
+    if args.out is None:
+        sys.exit("eval_dense: --resume needs --out")
+    if not args.out.exists():
+        return {}
+    doc = load_results(args.out)
+    if doc["model"] != Path(args.model).name or doc.get("limit") != args.limit:
+        sys.exit(f"eval_dense: {args.out} holds model {doc['model']!r} with limit {doc.get('limit')}; "
+                 f"not resuming a run with a different model or limit")
+    shots = {"mmlu": args.num_fewshot_mmlu, "triviaqa": args.qa_shots}
+    return {t: r for t, r in doc["results"].items()
+            if t not in shots or r.get("protocol", {}).get("shots", 0) == shots[t]}
 
 
 def full_set_seconds(res: dict) -> float:
@@ -73,14 +91,19 @@ def main() -> None:
     tasks = DEFAULT_TASKS if args.tasks == "all" else args.tasks.split(",")
     resolve_tasks(tasks, args.data)  # fail on a bad task or a missing file before loading the model
 
+    results: dict = previous_results(args) if args.resume else {}
+    if results:
+        print(f"resuming: {', '.join(results)} already in {args.out}", flush=True)
+
     t_start = time.time()
     model, tok = load_model_and_tokenizer(args.model, device=args.device or "cpu")
     load_s = time.time() - t_start
     print(f"model {args.model} loaded in {load_s:.1f}s; torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{platform.processor() or platform.machine()}", flush=True)
 
-    results: dict = {}
     for task in tasks:
+        if task in results:
+            continue
         res = run_suite(model, tok, [task], args.data, limit=args.limit, batch_size=args.batch_size,
                         device=args.device, num_fewshot_mmlu=args.num_fewshot_mmlu, add_bos=args.add_bos,
                         qa_shots=args.qa_shots)
