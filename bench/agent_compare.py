@@ -48,7 +48,8 @@ def main():
     ap.add_argument("--limit", type=int, default=100, help="items per task for --tasks")
     ap.add_argument("--qa-shots", type=int, default=5, help="TriviaQA shots (a 135M model answers nothing 0-shot)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
-    ap.add_argument("--skip", default="", help="comma-separated methods to skip: wanda,owl,agent,nm")
+    ap.add_argument("--skip", default="", help="comma-separated rows to skip: dense,wanda,owl,agent,nm (rows of one code version "
+                    "can be run in separate invocations and their tables joined)")
     ap.add_argument("--out")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -95,7 +96,8 @@ def main():
               f"(seqlen {ppl['seqlen']}, {ppl['windows']} windows, {ppl['tokens']} tokens) prune {prune_s:.1f}s "
               f"eval {ppl['seconds']}s {extra} {scores or ''}", flush=True)
 
-    record("dense", "-", 0.0, 0.0)
+    if "dense" not in skip:
+        record("dense", "-", 0.0, 0.0)
     for target in [float(s) for s in args.sparsities.split(",")]:
         for name, alloc in (("wanda uniform", "uniform"), ("wanda + OWL", "owl")):
             if ("wanda" if alloc == "uniform" else "owl") in skip:
