@@ -50,6 +50,7 @@ def main():
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--skip", default="", help="comma-separated rows to skip: dense,wanda,owl,agent,nm (rows of one code version "
                     "can be run in separate invocations and their tables joined)")
+    ap.add_argument("--nm-patterns", default="2:4,4:8", help="N:M patterns of the magnitude baseline rows")
     ap.add_argument("--out")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -119,7 +120,7 @@ def main():
             record("agent (builtin policy)", target, res.global_sparsity, time.time() - t,
                    (res.iterations, res.rollbacks))
     if "nm" not in skip:
-        for pattern in ("2:4", "4:8"):
+        for pattern in args.nm_patterns.split(","):
             snap.restore(model)
             t = time.time()
             rep = prune(model, {"method": "magnitude", "sparsity": 0.5, "pattern": pattern, "device": "cpu"})
