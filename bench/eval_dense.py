@@ -43,7 +43,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--label", default="dense")
     p.add_argument("--out", type=Path, default=None, help="result JSON (compare.py schema)")
     p.add_argument("--resume", action="store_true",
-                   help="keep the tasks already in --out (same model, limit and shots) and run only the rest; "
+                   help="keep the tasks already in --out (same model, limit, shots and BOS) and run only the rest; "
                         "full sets take hours on a CPU, so a long run can be split over several invocations")
     return p.parse_args()
 
@@ -60,7 +60,8 @@ def previous_results(args: argparse.Namespace) -> dict:
                  f"not resuming a run with a different model or limit")
     shots = {"mmlu": args.num_fewshot_mmlu, "triviaqa": args.qa_shots}
     return {t: r for t, r in doc["results"].items()
-            if t not in shots or r.get("protocol", {}).get("shots", 0) == shots[t]}
+            if r.get("protocol", {}).get("add_bos") == args.add_bos
+            and (t not in shots or r.get("protocol", {}).get("shots", 0) == shots[t])}
 
 
 def full_set_seconds(res: dict) -> float:

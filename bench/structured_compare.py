@@ -73,8 +73,9 @@ def main():
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dense_model, tok = load_model_and_tokenizer(args.model)
-    streams = {name: tokenize_stream(tok, load_documents(TextSource.parse(src)), add_special_tokens=True)
-               for name, src in EVALS}
+    streams = {} if args.skip_ppl else {
+        name: tokenize_stream(tok, load_documents(TextSource.parse(src)), add_special_tokens=True)
+        for name, src in EVALS}
     mw = args.max_windows or None
     proto = {}
 
@@ -132,6 +133,7 @@ def main():
             del model
     table = md_table(headers, rows)
     evals = "; ".join(f"{n}: seqlen {p[0]}, {p[1]} windows = {p[2]} scored tokens" for n, p in proto.items())
+    evals = "not measured (--skip-ppl)" if args.skip_ppl else evals
     protocol = (f"model {args.model}; calibration {args.n_samples} x {args.seqlen} tokens, seed 0 (web = C4 docs "
                 f"0-149; wiki = WikiText-2 validation, code = CodeParrot validation, math = GSM8K train); "
                 f"flap_iterative {args.steps} steps, geometric schedule. Perplexity: {evals} (c4 = docs 150-199, "
