@@ -193,6 +193,36 @@ def test_batched_and_prefix_reuse_match_one_by_one(batch_size):
         assert a.greedy == b.greedy == c.greedy
 
 
+@pytest.mark.parametrize("reuse", [True, False])
+def test_lm_head_runs_only_on_scored_positions_and_scores_match_a_full_forward(reuse):
+    model = tiny_llama(seed=2)
+    rng = random.Random(3)
+    reqs = [Request([rng.randrange(3, V) for _ in range(rng.randint(5, 30))], [], [10, 11, 12, 13])
+            for _ in range(5)]
+    reqs += [Request([rng.randrange(3, V) for _ in range(12)], [rng.randrange(3, V) for _ in range(3)])]
+    positions = []  # sequence length seen by the lm-head, per call
+    hook = model.lm_head.register_forward_hook(lambda m, inp, out: positions.append(inp[0].shape[1]))
+    try:
+        score_requests(model, reqs[:5], batch_size=8, reuse_prefix=reuse)  # the candidate rows: one batch
+    finally:
+        hook.remove()
+    lens = [len(r.context) for r in reqs[:5]]
+    # reuse: the prefix pass keeps one position, then each row's rest is its last context token; plain:
+    # right-padded whole contexts, scored from the shortest row's last position on
+    assert positions == ([1, 1] if reuse else [max(lens) - min(lens) + 1]) and max(lens) - min(lens) + 1 < max(lens)
+    scores = score_requests(model, reqs, batch_size=3, reuse_prefix=reuse)
+    with torch.no_grad():
+        for r, s in zip(reqs, scores):
+            ids = torch.tensor([r.context + r.continuation[:-1]])
+            logp = model(input_ids=ids).logits[0].float().log_softmax(-1)  # every position, by hand
+            n = len(r.context)
+            if r.candidates is not None:
+                assert s.candidates == pytest.approx(logp[n - 1, r.candidates].tolist(), abs=1e-4)
+            else:
+                want = sum(float(logp[n - 1 + j, t]) for j, t in enumerate(r.continuation))
+                assert s.logprob == pytest.approx(want, abs=1e-4)
+
+
 def test_mmlu_prefix_cache_matches_no_cache():
     model, tok = tiny_llama(seed=1), Chars()
     shots = [(f"Shot {i}?", ["ab", "ba", "aa", "bb"], "A") for i in range(5)]

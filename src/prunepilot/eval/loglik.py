@@ -6,6 +6,10 @@ instead (or also) ask for the next-token log-probs of a few candidate ids after 
 Batching: requests are sorted by length (longest first) and right-padded; log-probs are gathered with
 tensor ops. Right padding keeps every real token's position and causal view exactly as in a batch of one.
 
+Only the positions that are scored get logits: the lm-head runs from the first position any row of a batch
+predicts a continuation (or candidate) token from, not over the whole padded batch (for MMLU, a few positions
+instead of the whole question: about a quarter less compute for a small model with a large vocabulary).
+
 Prefix reuse: requests sharing their first `shared` tokens (a question's context for its choices, the
 few-shot prefix of an MMLU subject) run those tokens once. The prefix KV cache is gathered per row and the
 remaining tokens run on top of it, with an attention mask hiding the padding inside the cached prefixes and
@@ -167,13 +171,16 @@ def _forward(model, **kwargs):
 
 
 def _rest_forward(model, rests: list[list[int]], device, prefix_idx: list[int] | None = None,
-                  prefix: tuple | None = None) -> torch.Tensor:
-    """Logits (b, R, vocab) of the remaining tokens, on top of the gathered prefix KV when there is one."""
+                  prefix: tuple | None = None, start: int = 0) -> torch.Tensor:
+    """Logits (b, R - start, vocab) of the remaining tokens from position `start` on, on top of the gathered
+    prefix KV when there is one."""
     from transformers import DynamicCache
 
     ids, mask = _pad(rests, device)  # (b, R)
+    keep = ids.shape[1] - start  # >= 1: the last position always predicts something
     if prefix_idx is None:
-        return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        return _last_logits(_forward(model, input_ids=ids, attention_mask=mask, use_cache=False,
+                                     logits_to_keep=keep), keep)
     kv, pmask, plens = prefix
     idx = torch.tensor(prefix_idx, device=device)
     b = len(prefix_idx)
@@ -183,17 +190,29 @@ def _rest_forward(model, rests: list[list[int]], device, prefix_idx: list[int] |
         past = [(k[idx], v[idx]) for k, v in kv]  # each (b, kv_heads, P, head_dim)
     attn = torch.cat([pmask[idx], mask], dim=1)  # (b, P + R): hides the padding inside shorter prefixes
     pos = plens[idx, None] + torch.arange(ids.shape[1], device=device)  # (b, R) true positions
-    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=DynamicCache(past),
-                use_cache=True)
-    return out.logits
+    out = _forward(model, input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=DynamicCache(past),
+                   use_cache=True, logits_to_keep=keep)
+    return _last_logits(out, keep)
+
+
+def _last_logits(out, keep: int) -> torch.Tensor:
+    """The last `keep` positions' logits (a model that ignored logits_to_keep returned all of them)."""
+    return out.logits[:, -keep:]
+
+
+def _first_scored(reqs: list[Request], rests: list[list[int]]) -> list[int]:
+    """Per row, the input position whose logits predict the first continuation token (or the candidates)."""
+    return [len(rest) - max(len(r.continuation) - 1, 0) - 1 for r, rest in zip(reqs, rests)]
 
 
 def _gather(logits: torch.Tensor, reqs: list[Request], rests: list[list[int]]) -> list[Score]:
-    """Sum the continuation log-probs of each row; pick candidate log-probs at the last input position."""
-    b, R, _ = logits.shape
-    first = [len(rest) - max(len(r.continuation) - 1, 0) - 1 for r, rest in zip(reqs, rests)]  # predicts cont[0]
+    """Sum the continuation log-probs of each row; pick candidate log-probs at the last input position.
+    `logits` (b, R - start, vocab) start at start = min(_first_scored(...)), R = the longest rest."""
+    b, R = len(rests), max(len(rest) for rest in rests)
+    first = _first_scored(reqs, rests)
     start = min(first)
-    logprobs = F.log_softmax(logits[:, start:].float(), dim=-1)  # (b, R - start, vocab)
+    assert logits.shape[1] == R - start, (logits.shape, R, start)
+    logprobs = F.log_softmax(logits.float(), dim=-1)  # (b, R - start, vocab)
     targets = torch.zeros((b, R - start), dtype=torch.long, device=logits.device)
     tmask = torch.zeros((b, R - start), dtype=torch.bool, device=logits.device)
     for row, (r, f) in enumerate(zip(reqs, first)):
@@ -245,8 +264,10 @@ def score_requests(model, requests: list[Request], batch_size: int = 8, device=N
         if reuse and all(batch_keys):
             prefix = prefixes.get(batch_keys)
             prefix_idx = [batch_keys.index(keys[i]) for i in batch]
-        logits = _rest_forward(model, [rests[i] for i in batch], device, prefix_idx, prefix)
-        stats["rest_tokens"] = stats.get("rest_tokens", 0) + sum(len(rests[i]) for i in batch)
-        for i, s in zip(batch, _gather(logits, [requests[i] for i in batch], [rests[i] for i in batch])):
+        batch_reqs, batch_rests = [requests[i] for i in batch], [rests[i] for i in batch]
+        start = min(_first_scored(batch_reqs, batch_rests))
+        logits = _rest_forward(model, batch_rests, device, prefix_idx, prefix, start)
+        stats["rest_tokens"] = stats.get("rest_tokens", 0) + sum(len(rest) for rest in batch_rests)
+        for i, s in zip(batch, _gather(logits, batch_reqs, batch_rests)):
             scores[i] = s
     return scores
