@@ -44,6 +44,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="result JSON (compare.py schema)")
     p.add_argument("--resume", action="store_true",
                    help="keep the tasks already in --out (same model, limit, shots and BOS) and run only the rest; "
+                        "within a task, finished pieces (500 items, one MMLU subject) are kept in OUT.units.jsonl; "
                         "full sets take hours on a CPU, so a long run can be split over several invocations")
     return p.parse_args()
 
@@ -62,6 +63,11 @@ def previous_results(args: argparse.Namespace) -> dict:
     return {t: r for t, r in doc["results"].items()
             if r.get("protocol", {}).get("add_bos") == args.add_bos
             and (t not in shots or r.get("protocol", {}).get("shots", 0) == shots[t])}
+
+
+def units_file(out: Path) -> Path:
+    """Where --resume keeps the finished pieces of unfinished tasks (see prunepilot.eval.checkpoint)."""
+    return out.with_name(out.name + ".units.jsonl")
 
 
 def full_set_seconds(res: dict) -> float:
@@ -107,7 +113,7 @@ def main() -> None:
             continue
         res = run_suite(model, tok, [task], args.data, limit=args.limit, batch_size=args.batch_size,
                         device=args.device, num_fewshot_mmlu=args.num_fewshot_mmlu, add_bos=args.add_bos,
-                        qa_shots=args.qa_shots)
+                        qa_shots=args.qa_shots, checkpoint=units_file(args.out) if args.resume else None)
         name, r = next(iter(res.items()))
         results[name] = r
         print(f"  {name}: {r['main']}={r[r['main']]:.4f} n={r['n']} in {r['seconds']:.1f}s", flush=True)

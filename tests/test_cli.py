@@ -88,6 +88,8 @@ BAD = [
     (["prune", "{m}", "--method", "wanda", "--pattern", "4:8", "--calib", "tinystories", "--n-samples", "2",
       "--seqlen", "32", "--eval", "none", "--out", "{o}"], "divisible by 8"),
     (["eval", "{m}"], "nothing to evaluate"),
+    (["eval", "{m}", "--ppl", "tinystories", "--checkpoint", "{o}.jsonl"], "--checkpoint applies to --tasks"),
+    (["eval", "{m}", "--tasks", "arc_easy", "--checkpoint", "{tmp}"], "is a folder"),
     (["report", "/no/result.json", "--out", "{o}"], "does not exist"),
 ]
 
@@ -99,7 +101,7 @@ def test_bad_arguments_give_one_line_and_exit_2(argv, message, tmp_path, capsys)
     bad_recipe = tmp_path / "bad.yaml"
     bad_recipe.write_text("method: wanda\ncolour: red\n")
     m = str(shared_path("models", "stories260K"))
-    argv = [a.format(m=m, o=tmp_path / "o", bad_recipe=bad_recipe) for a in argv]
+    argv = [a.format(m=m, o=tmp_path / "o", bad_recipe=bad_recipe, tmp=tmp_path) for a in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("prunepilot: error:") and message in err[0], err
@@ -114,6 +116,14 @@ def test_eval_all_tasks_and_perplexity_window_capped_to_the_context(tmp_path, ca
     assert set(result["results"]) == {"arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "boolq",
                                       "openbookqa", "mmlu", "triviaqa"}  # every task whose data ships
     assert result["perplexity"]["tinystories"]["seqlen"] == 512  # default 2048 shortened to the context
+    capsys.readouterr()
+    ck = tmp_path / "eval.units.jsonl"  # a checkpointed run, then the same command again: nothing is rerun
+    args = ["eval", model, "--tasks", "arc_easy,mmlu", "--limit", "2", "--checkpoint", str(ck), "--out", str(out)]
+    assert main(args) == 0 and main(args) == 0
+    again = json.loads(out.read_text())["results"]
+    assert again["mmlu"]["checkpoint"]["units_resumed"] == again["mmlu"]["checkpoint"]["units"] == 57
+    assert again["arc_easy"]["acc"] == result["results"]["arc_easy"]["acc"]
+    assert again["mmlu"]["acc"] == result["results"]["mmlu"]["acc"]
     capsys.readouterr()
     assert main(["eval", model, "--speed", "--out", str(out)]) == 0
     speed = json.loads(out.read_text())["speed"]

@@ -372,6 +372,42 @@ def test_run_suite_all_tasks(data_dir):
     assert limited["mmlu"]["n"] == 2  # ceil(1 / 2 subjects) = 1 question per subject
 
 
+def test_checkpointed_suite_resumes_after_a_crash_and_matches_an_uninterrupted_run(data_dir, tmp_path, monkeypatch):
+    from prunepilot.eval import suite
+
+    monkeypatch.setattr(suite, "CHUNK_ITEMS", 1)  # one unit per item (MMLU: per subject)
+    model, tok = tiny_llama(seed=4), Chars()
+    tasks = ["hellaswag", "winogrande", "mmlu", "triviaqa"]
+    keys = {"hellaswag": "acc_norm", "winogrande": "acc", "mmlu": "acc", "triviaqa": "acc"}
+    plain = run_suite(model, tok, tasks, data_dir, batch_size=3)
+    ck = tmp_path / "runs" / "eval.ckpt.jsonl"
+    run_suite(model, tok, tasks, data_dir, batch_size=3, checkpoint=ck)
+    lines = ck.read_text().splitlines()
+    assert [json.loads(x)["task"] for x in lines] == ["hellaswag"] * 2 + ["winogrande"] * 2 + ["mmlu"] * 2 + \
+        ["triviaqa"] * 2
+    ck.write_text("\n".join(lines[:5]) + "\n" + lines[5][:30])  # killed while writing the second MMLU subject
+
+    resumed = run_suite(model, tok, tasks, data_dir, batch_size=3, checkpoint=ck)
+    assert {t: r["checkpoint"]["units_resumed"] for t, r in resumed.items()} == \
+        {"hellaswag": 2, "winogrande": 2, "mmlu": 1, "triviaqa": 0}
+    for t, metric in keys.items():
+        assert resumed[t][metric] == plain[t][metric] and resumed[t]["n"] == plain[t]["n"]
+    assert resumed["mmlu"]["subjects"] == plain["mmlu"]["subjects"]
+    assert resumed["triviaqa"]["examples"] == plain["triviaqa"]["examples"]
+    n_lines = len(ck.read_text().splitlines())
+    assert n_lines == 5 + 1 + 3  # the cut line stays (ignored); the 3 missing units were appended
+
+    again = run_suite(model, tok, tasks, data_dir, batch_size=3, checkpoint=ck)
+    assert all(r["checkpoint"]["units_resumed"] == r["checkpoint"]["units"] for r in again.values())
+    assert len(ck.read_text().splitlines()) == n_lines
+    other = run_suite(tiny_llama(seed=5), tok, ["winogrande"], data_dir, checkpoint=ck)  # another model's weights
+    assert other["winogrande"]["checkpoint"]["units_resumed"] == 0
+    limited = run_suite(model, tok, ["winogrande"], data_dir, limit=1, checkpoint=ck)  # another protocol
+    assert limited["winogrande"]["checkpoint"] == {"units": 1, "units_resumed": 0}
+    with pytest.raises(PrunepilotError, match="not a file"):
+        run_suite(model, tok, ["winogrande"], data_dir, checkpoint=tmp_path)
+
+
 def test_errors(data_dir, tmp_path):
     with pytest.raises(PrunepilotError, match="unknown task 'arc_hard'"):
         run_suite(Bigram(), Chars(), ["arc_hard"], data_dir)

@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qa-shots", type=int, default=0,
                    help="answered examples before each TriviaQA/FreebaseQA question (default 0, as lm-eval; small "
                         "models need a few to answer briefly)")
+    p.add_argument("--checkpoint", metavar="FILE",
+                   help="--tasks: append each finished piece (500 items, one MMLU subject) to this JSON-lines file "
+                        "and skip the pieces already there for the same model and protocol; rerun the same command "
+                        "after an interruption to go on where it stopped")
     p.add_argument("--seqlen", type=int, help="perplexity window (default 2048, or the model's context if shorter)")
     p.add_argument("--max-windows", type=int, help="perplexity: score only the first N windows")
     p.add_argument("--speed", action="store_true",
@@ -170,6 +174,10 @@ def cmd_eval(args) -> int:
     if not (args.ppl or args.tasks or args.harness_tasks or args.speed):
         raise PrunepilotError("nothing to evaluate: give --ppl DATASET, --tasks TASKS, --harness-tasks TASKS "
                               "and/or --speed")
+    if args.checkpoint and not args.tasks:
+        raise PrunepilotError("--checkpoint applies to --tasks; give --tasks TASKS")
+    if args.checkpoint and Path(args.checkpoint).is_dir():
+        raise PrunepilotError(f"--checkpoint {args.checkpoint} is a folder; give a file path")
     if args.harness_tasks:
         from .eval.lm_eval_adapter import require_lm_eval
 
@@ -188,7 +196,7 @@ def cmd_eval(args) -> int:
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]  # "all" is expanded by run_suite
         result["results"] = run_suite(model, tokenizer, tasks, Path(args.data_dir) if args.data_dir else data_root(),
                                       limit=args.limit, batch_size=args.batch_size, device=device,
-                                      qa_shots=args.qa_shots)
+                                      qa_shots=args.qa_shots, checkpoint=args.checkpoint)
     if args.harness_tasks:
         from .eval.lm_eval_adapter import run_lm_eval
 

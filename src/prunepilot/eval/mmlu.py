@@ -172,13 +172,13 @@ def _accuracy(correct: list[bool]) -> dict:
     return {"acc": acc, "n": len(correct)}
 
 
-def evaluate_mmlu(model, tokenizer, mmlu_dir: str | Path, num_fewshot: int = 5, limit_per_subject: int | None = None,
-                  batch_size: int = 8, device=None, add_bos: bool = False, subjects: list[str] | None = None) -> dict:
+def score_subjects(model, tokenizer, mmlu_dir: str | Path, subjects: list[str], num_fewshot: int = 5,
+                   limit_per_subject: int | None = None, batch_size: int = 8, device=None,
+                   add_bos: bool = False) -> dict:
+    """Raw outcomes for `subjects`: {"subject_of": [...], "correct": [...], "prompts_with_fewer_shots",
+    "n_total" (test questions before the limit), "tokens"}, one entry per question in file order."""
     mmlu_dir = Path(mmlu_dir)
-    subjects = subjects or list_subjects(mmlu_dir)
     max_length = context_length(model)
-    if letter_tokens(tokenizer) is None:
-        log.warning("MMLU: ' A'..' D' are not one distinct token each; scoring them as continuations")
     requests, owner, golds, reduced, n_total = [], [], [], 0, 0
     for subject in subjects:
         shots = load_rows(mmlu_dir / "dev" / f"{subject}_dev.csv")
@@ -192,8 +192,6 @@ def evaluate_mmlu(model, tokenizer, mmlu_dir: str | Path, num_fewshot: int = 5, 
         owner += [subject] * len(questions)
         golds += [LETTERS.index(q[2]) for q in questions]
         reduced += n_reduced
-    if reduced:
-        log.warning("MMLU: %d prompts exceeded %d tokens and were given fewer shots", reduced, max_length)
     stats: dict = {}
     scores = score_requests(model, requests, batch_size=batch_size, device=device, desc="mmlu", stats=stats)
     if len(scores) == 4 * len(golds):  # letters scored as continuations, four requests per question
@@ -201,8 +199,30 @@ def evaluate_mmlu(model, tokenizer, mmlu_dir: str | Path, num_fewshot: int = 5, 
     else:
         letter_lp = [s.candidates for s in scores]
     correct = [max(range(4), key=lambda j: lp[j]) == g for lp, g in zip(letter_lp, golds)]
-    return mmlu_metrics(owner, correct) | {"prompts_with_fewer_shots": reduced, "n_total": n_total,
-                                            "tokens": stats}
+    return {"subject_of": owner, "correct": correct, "prompts_with_fewer_shots": reduced, "n_total": n_total,
+            "tokens": stats}
+
+
+def evaluate_mmlu(model, tokenizer, mmlu_dir: str | Path, num_fewshot: int = 5, limit_per_subject: int | None = None,
+                  batch_size: int = 8, device=None, add_bos: bool = False, subjects: list[str] | None = None) -> dict:
+    subjects = subjects or list_subjects(Path(mmlu_dir))
+    warn_if_letters_split(tokenizer)
+    raw = score_subjects(model, tokenizer, mmlu_dir, subjects, num_fewshot, limit_per_subject, batch_size, device,
+                         add_bos)
+    warn_if_fewer_shots(raw["prompts_with_fewer_shots"], context_length(model))
+    return mmlu_metrics(raw["subject_of"], raw["correct"]) | {
+        "prompts_with_fewer_shots": raw["prompts_with_fewer_shots"], "n_total": raw["n_total"],
+        "tokens": raw["tokens"]}
+
+
+def warn_if_letters_split(tokenizer) -> None:
+    if letter_tokens(tokenizer) is None:
+        log.warning("MMLU: ' A'..' D' are not one distinct token each; scoring them as continuations")
+
+
+def warn_if_fewer_shots(reduced: int, max_length: int) -> None:
+    if reduced:
+        log.warning("MMLU: %d prompts exceeded %d tokens and were given fewer shots", reduced, max_length)
 
 
 def mmlu_metrics(subject_of: list[str], correct: list[bool]) -> dict:

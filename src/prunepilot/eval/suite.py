@@ -25,6 +25,7 @@ import torch
 from ..errors import PrunepilotError
 from ..modeling import context_length
 from . import factual_qa, mmlu, zeroshot
+from .checkpoint import UnitStore, model_fingerprint, unit_key
 
 log = logging.getLogger(__name__)
 
@@ -95,48 +96,113 @@ def resolve_tasks(tasks: list[str] | str, data_dir: str | Path) -> list[tuple[st
     return out
 
 
+CHUNK_ITEMS = 500  # items per checkpoint unit (multiple choice and QA); MMLU's unit is a subject
+
+
+def _run_units(units: list[tuple[str, Callable[[], dict]]], task: str, protocol: dict, store: UnitStore | None,
+               fingerprint: str) -> tuple[list[dict], int, float]:
+    """Each unit's raw outcome, run now or read from the checkpoint; (outcomes, units reused, their seconds)."""
+    outcomes, reused, reused_s = [], 0, 0.0
+    for name, run in units:
+        key = unit_key(fingerprint, task, protocol, name) if store else ""
+        data = store.get(key) if store else None
+        if data is None:
+            t0 = time.time()
+            data = run()
+            data["seconds"] = round(time.time() - t0, 2)
+            if store:
+                store.put(key, task, name, data)
+        else:
+            reused, reused_s = reused + 1, reused_s + data.get("seconds", 0.0)
+        outcomes.append(data)
+    return outcomes, reused, reused_s
+
+
+def _item_chunks(n: int, store: UnitStore | None) -> list[tuple[int, int]]:
+    return [(0, n)] if store is None else [(a, min(a + CHUNK_ITEMS, n)) for a in range(0, n, CHUNK_ITEMS)]
+
+
+def _sum_tokens(outcomes: list[dict]) -> dict:
+    total: dict = {}
+    for o in outcomes:
+        for k, v in o.get("tokens", {}).items():
+            total[k] = total.get(k, 0) + v
+    return total
+
+
 def _run_task(model, tokenizer, spec: TaskSpec, path: Path, limit: int | None, batch_size: int, device,
-              num_fewshot_mmlu: int, add_bos: bool, qa_shots: int = 0) -> dict:
+              num_fewshot_mmlu: int, add_bos: bool, qa_shots: int = 0, store: UnitStore | None = None,
+              fingerprint: str = "") -> tuple[dict, float]:
+    """(result, seconds of units reused from the checkpoint)."""
     protocol = {"data": str(path), "limit": limit, "prompt": spec.prompt, "add_bos": add_bos,
                 "max_length": context_length(model)}  # longer prompts lose context tokens from the left
     if spec.kind == "mmlu":
         subjects = mmlu.list_subjects(path)
         per_subject = mmlu.per_subject_limit(limit, len(subjects))
-        res = mmlu.evaluate_mmlu(model, tokenizer, path, num_fewshot_mmlu, per_subject, batch_size, device, add_bos,
-                                 subjects)
         protocol.update(shots=num_fewshot_mmlu, shots_from="dev", limit_per_subject=per_subject,
-                        scoring="next-token letter log-prob", n_total=res.pop("n_total"))
-        return {**res, "main": spec.main, "protocol": protocol}
-    items = spec.loader(path)
-    shots = []
-    if spec.kind == "qa" and qa_shots:  # the file's last k items are the shots and are not evaluated
-        if len(items) <= qa_shots:
-            raise PrunepilotError(f"task {spec.name}: {len(items)} items cannot give {qa_shots} shots and questions")
-        shots, items = items[-qa_shots:], items[:-qa_shots]
-    n_total, items = len(items), items[:limit]
-    if not items:
-        raise PrunepilotError(f"task {spec.name}: no items in {path}")
-    if spec.kind == "mc":
-        res = zeroshot.evaluate_mc(model, tokenizer, items, spec.norm, batch_size, device, add_bos, desc=spec.name)
-        protocol.update(shots=0, scoring=_MC if spec.norm else "sum log p(' ' + continuation | context), acc")
+                        scoring="next-token letter log-prob")
+        mmlu.warn_if_letters_split(tokenizer)
+        groups = [[s] for s in subjects] if store else [subjects]
+        units = [(",".join(g) if store else "all", lambda g=g: mmlu.score_subjects(
+            model, tokenizer, path, g, num_fewshot_mmlu, per_subject, batch_size, device, add_bos)) for g in groups]
+        outcomes, reused, reused_s = _run_units(units, spec.name, protocol, store, fingerprint)
+        reduced = sum(o["prompts_with_fewer_shots"] for o in outcomes)
+        mmlu.warn_if_fewer_shots(reduced, protocol["max_length"])
+        res = mmlu.mmlu_metrics([s for o in outcomes for s in o["subject_of"]], [c for o in outcomes for c in o["correct"]])
+        res.update(prompts_with_fewer_shots=reduced, tokens=_sum_tokens(outcomes))
+        protocol["n_total"] = sum(o["n_total"] for o in outcomes)
     else:
-        res = factual_qa.evaluate_qa(model, tokenizer, items, batch_size=batch_size, device=device, add_bos=add_bos,
-                                     shots=shots)
-        protocol.update(shots=qa_shots, scoring=f"greedy generation, max 16 new tokens, stops "
-                                                f"{list(factual_qa.STOPS)}, normalised exact match")
-        if qa_shots:
-            protocol["shots_from"] = f"the file's last {qa_shots} items (not evaluated)"
-    protocol["n_total"] = n_total
-    return {**res, "main": spec.main, "protocol": protocol}
+        items = spec.loader(path)
+        shots = []
+        if spec.kind == "qa" and qa_shots:  # the file's last k items are the shots and are not evaluated
+            if len(items) <= qa_shots:
+                raise PrunepilotError(f"task {spec.name}: {len(items)} items cannot give {qa_shots} shots and questions")
+            shots, items = items[-qa_shots:], items[:-qa_shots]
+        n_total, items = len(items), items[:limit]
+        if not items:
+            raise PrunepilotError(f"task {spec.name}: no items in {path}")
+        if spec.kind == "mc":
+            protocol.update(shots=0, scoring=_MC if spec.norm else "sum log p(' ' + continuation | context), acc")
+            units = [(f"items {a}-{b}", lambda a=a, b=b: _mc_outcome(model, tokenizer, items[a:b], batch_size, device,
+                                                                       add_bos, spec.name))
+                     for a, b in _item_chunks(len(items), store)]
+            outcomes, reused, reused_s = _run_units(units, spec.name, protocol, store, fingerprint)
+            res = zeroshot.mc_metrics(items, [ll for o in outcomes for ll in o["lls"]], spec.norm)
+        else:
+            protocol.update(shots=qa_shots, scoring=f"greedy generation, max 16 new tokens, stops "
+                                                    f"{list(factual_qa.STOPS)}, normalised exact match")
+            if qa_shots:
+                protocol["shots_from"] = f"the file's last {qa_shots} items (not evaluated)"
+            units = [(f"items {a}-{b}", lambda a=a, b=b: factual_qa.answer_items(
+                model, tokenizer, items[a:b], batch_size=batch_size, device=device, add_bos=add_bos, shots=shots))
+                     for a, b in _item_chunks(len(items), store)]
+            outcomes, reused, reused_s = _run_units(units, spec.name, protocol, store, fingerprint)
+            res = factual_qa.qa_metrics(items, [p for o in outcomes for p in o["predictions"]],
+                                        [c for o in outcomes for c in o["correct"]])
+        res["tokens"] = _sum_tokens(outcomes)
+        protocol["n_total"] = n_total
+    if store:
+        res["checkpoint"] = {"units": len(outcomes), "units_resumed": reused}
+    return {**res, "main": spec.main, "protocol": protocol}, reused_s
+
+
+def _mc_outcome(model, tokenizer, items, batch_size, device, add_bos, desc) -> dict:
+    stats: dict = {}
+    lls = zeroshot.choice_loglikelihoods(model, tokenizer, items, batch_size, device, add_bos, desc, stats)
+    return {"lls": lls, "tokens": stats}
 
 
 def run_suite(model, tokenizer, tasks: list[str], data_dir: str | Path, limit: int | None = None, batch_size: int = 8,
-              device=None, num_fewshot_mmlu: int = 5, add_bos: bool = False, qa_shots: int = 0) -> dict:
+              device=None, num_fewshot_mmlu: int = 5, add_bos: bool = False, qa_shots: int = 0,
+              checkpoint: str | Path | None = None) -> dict:
     """Evaluate `model` on `tasks`; returns {task: {"acc", "acc_norm"?, "main", "n", "protocol", "seconds"}}.
 
     qa_shots: answered examples before each factual-QA question (0 = lm-eval's triviaqa protocol).
     device: where to run (the model is moved there if needed); default: the model's device.
     add_bos: prepend BOS to every prompt (lm-eval's default for most models is no BOS).
+    checkpoint: a JSON-lines file; each task runs in units (500 items, or one MMLU subject) whose raw outcomes
+    are appended as they finish, and units already there for this model and protocol are not run again
+    (see checkpoint.py). "seconds" then counts the reused units' recorded time too.
     """
     if limit is not None and limit < 1:
         raise PrunepilotError(f"limit must be >= 1, got {limit}")
@@ -150,13 +216,15 @@ def run_suite(model, tokenizer, tasks: list[str], data_dir: str | Path, limit: i
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    store = UnitStore(checkpoint) if checkpoint is not None else None
+    fingerprint = model_fingerprint(model) if store else ""
     results = {}
     try:
         for name, spec, path in resolved:
             t0 = time.time()
-            res = _run_task(model, tokenizer, spec, path, limit, batch_size, device, num_fewshot_mmlu, add_bos,
-                            qa_shots)
-            res["seconds"] = round(time.time() - t0, 2)
+            res, reused_s = _run_task(model, tokenizer, spec, path, limit, batch_size, device, num_fewshot_mmlu,
+                                      add_bos, qa_shots, store, fingerprint)
+            res["seconds"] = round(time.time() - t0 + reused_s, 2)
             results[name] = res
             log.info("%s: %s=%.4f n=%d (%.1fs)", name, spec.main, res[spec.main], res["n"], res["seconds"])
     finally:
