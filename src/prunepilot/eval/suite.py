@@ -118,10 +118,6 @@ def _run_units(units: list[tuple[str, Callable[[], dict]]], task: str, protocol:
     return outcomes, reused, reused_s
 
 
-def _item_chunks(n: int, store: UnitStore | None) -> list[tuple[int, int]]:
-    return [(0, n)] if store is None else [(a, min(a + CHUNK_ITEMS, n)) for a in range(0, n, CHUNK_ITEMS)]
-
-
 def _sum_tokens(outcomes: list[dict]) -> dict:
     total: dict = {}
     for o in outcomes:
@@ -136,54 +132,69 @@ def _run_task(model, tokenizer, spec: TaskSpec, path: Path, limit: int | None, b
     """(result, seconds of units reused from the checkpoint)."""
     protocol = {"data": str(path), "limit": limit, "prompt": spec.prompt, "add_bos": add_bos,
                 "max_length": context_length(model)}  # longer prompts lose context tokens from the left
-    if spec.kind == "mmlu":
-        subjects = mmlu.list_subjects(path)
-        per_subject = mmlu.per_subject_limit(limit, len(subjects))
-        protocol.update(shots=num_fewshot_mmlu, shots_from="dev", limit_per_subject=per_subject,
-                        scoring="next-token letter log-prob")
-        mmlu.warn_if_letters_split(tokenizer)
-        groups = [[s] for s in subjects] if store else [subjects]
-        units = [(",".join(g) if store else "all", lambda g=g: mmlu.score_subjects(
-            model, tokenizer, path, g, num_fewshot_mmlu, per_subject, batch_size, device, add_bos)) for g in groups]
-        outcomes, reused, reused_s = _run_units(units, spec.name, protocol, store, fingerprint)
-        reduced = sum(o["prompts_with_fewer_shots"] for o in outcomes)
-        mmlu.warn_if_fewer_shots(reduced, protocol["max_length"])
-        res = mmlu.mmlu_metrics([s for o in outcomes for s in o["subject_of"]], [c for o in outcomes for c in o["correct"]])
-        res.update(prompts_with_fewer_shots=reduced, tokens=_sum_tokens(outcomes))
-        protocol["n_total"] = sum(o["n_total"] for o in outcomes)
-    else:
-        items = spec.loader(path)
-        shots = []
-        if spec.kind == "qa" and qa_shots:  # the file's last k items are the shots and are not evaluated
-            if len(items) <= qa_shots:
-                raise PrunepilotError(f"task {spec.name}: {len(items)} items cannot give {qa_shots} shots and questions")
-            shots, items = items[-qa_shots:], items[:-qa_shots]
-        n_total, items = len(items), items[:limit]
-        if not items:
-            raise PrunepilotError(f"task {spec.name}: no items in {path}")
-        if spec.kind == "mc":
-            protocol.update(shots=0, scoring=_MC if spec.norm else "sum log p(' ' + continuation | context), acc")
-            units = [(f"items {a}-{b}", lambda a=a, b=b: _mc_outcome(model, tokenizer, items[a:b], batch_size, device,
-                                                                       add_bos, spec.name))
-                     for a, b in _item_chunks(len(items), store)]
-            outcomes, reused, reused_s = _run_units(units, spec.name, protocol, store, fingerprint)
-            res = zeroshot.mc_metrics(items, [ll for o in outcomes for ll in o["lls"]], spec.norm)
-        else:
-            protocol.update(shots=qa_shots, scoring=f"greedy generation, max 16 new tokens, stops "
-                                                    f"{list(factual_qa.STOPS)}, normalised exact match")
-            if qa_shots:
-                protocol["shots_from"] = f"the file's last {qa_shots} items (not evaluated)"
-            units = [(f"items {a}-{b}", lambda a=a, b=b: factual_qa.answer_items(
-                model, tokenizer, items[a:b], batch_size=batch_size, device=device, add_bos=add_bos, shots=shots))
-                     for a, b in _item_chunks(len(items), store)]
-            outcomes, reused, reused_s = _run_units(units, spec.name, protocol, store, fingerprint)
-            res = factual_qa.qa_metrics(items, [p for o in outcomes for p in o["predictions"]],
-                                        [c for o in outcomes for c in o["correct"]])
-        res["tokens"] = _sum_tokens(outcomes)
-        protocol["n_total"] = n_total
+    run = _run_mmlu if spec.kind == "mmlu" else _run_items
+    res, outcomes, reused, reused_s = run(model, tokenizer, spec, path, protocol, limit, batch_size, device,
+                                          num_fewshot_mmlu, add_bos, qa_shots, store, fingerprint)
+    res["tokens"] = _sum_tokens(outcomes)
     if store:
         res["checkpoint"] = {"units": len(outcomes), "units_resumed": reused}
     return {**res, "main": spec.main, "protocol": protocol}, reused_s
+
+
+def _run_mmlu(model, tokenizer, spec, path, protocol, limit, batch_size, device, num_fewshot_mmlu, add_bos, qa_shots,
+              store, fingerprint):
+    """MMLU, one unit per subject when checkpointing (else one unit: batches then span subjects)."""
+    subjects = mmlu.list_subjects(path)
+    per_subject = mmlu.per_subject_limit(limit, len(subjects))
+    protocol.update(shots=num_fewshot_mmlu, shots_from="dev", limit_per_subject=per_subject,
+                    scoring="next-token letter log-prob")
+    mmlu.warn_if_letters_split(tokenizer)
+    groups = [[s] for s in subjects] if store else [subjects]
+    units = [(",".join(g) if store else "all", lambda g=g: mmlu.score_subjects(
+        model, tokenizer, path, g, num_fewshot_mmlu, per_subject, batch_size, device, add_bos)) for g in groups]
+    outcomes, reused, reused_s = _run_units(units, spec.name, protocol, store, fingerprint)
+    reduced = sum(o["prompts_with_fewer_shots"] for o in outcomes)
+    mmlu.warn_if_fewer_shots(reduced, protocol["max_length"])
+    res = mmlu.mmlu_metrics([s for o in outcomes for s in o["subject_of"]],
+                            [c for o in outcomes for c in o["correct"]])
+    res["prompts_with_fewer_shots"] = reduced
+    protocol["n_total"] = sum(o["n_total"] for o in outcomes)
+    return res, outcomes, reused, reused_s
+
+
+def _run_items(model, tokenizer, spec, path, protocol, limit, batch_size, device, num_fewshot_mmlu, add_bos, qa_shots,
+               store, fingerprint):
+    """Multiple choice and factual QA: units of CHUNK_ITEMS items when checkpointing (else one unit)."""
+    items = spec.loader(path)
+    shots = []
+    if spec.kind == "qa" and qa_shots:  # the file's last k items are the shots and are not evaluated
+        if len(items) <= qa_shots:
+            raise PrunepilotError(f"task {spec.name}: {len(items)} items cannot give {qa_shots} shots and questions")
+        shots, items = items[-qa_shots:], items[:-qa_shots]
+    n_total, items = len(items), items[:limit]
+    if not items:
+        raise PrunepilotError(f"task {spec.name}: no items in {path}")
+    chunks = [(0, len(items))] if store is None else [
+        (a, min(a + CHUNK_ITEMS, len(items))) for a in range(0, len(items), CHUNK_ITEMS)]
+    if spec.kind == "mc":
+        protocol.update(shots=0, scoring=_MC if spec.norm else "sum log p(' ' + continuation | context), acc")
+        units = [(f"items {a}-{b}", lambda a=a, b=b: _mc_outcome(model, tokenizer, items[a:b], batch_size, device,
+                                                                   add_bos, spec.name)) for a, b in chunks]
+        outcomes, reused, reused_s = _run_units(units, spec.name, protocol, store, fingerprint)
+        res = zeroshot.mc_metrics(items, [ll for o in outcomes for ll in o["lls"]], spec.norm)
+    else:
+        protocol.update(shots=qa_shots, scoring=f"greedy generation, max 16 new tokens, stops "
+                                                f"{list(factual_qa.STOPS)}, normalised exact match")
+        if qa_shots:
+            protocol["shots_from"] = f"the file's last {qa_shots} items (not evaluated)"
+        units = [(f"items {a}-{b}", lambda a=a, b=b: factual_qa.answer_items(
+            model, tokenizer, items[a:b], batch_size=batch_size, device=device, add_bos=add_bos, shots=shots))
+                 for a, b in chunks]
+        outcomes, reused, reused_s = _run_units(units, spec.name, protocol, store, fingerprint)
+        res = factual_qa.qa_metrics(items, [p for o in outcomes for p in o["predictions"]],
+                                    [c for o in outcomes for c in o["correct"]])
+    protocol["n_total"] = n_total  # after the units: not part of their checkpoint key
+    return res, outcomes, reused, reused_s
 
 
 def _mc_outcome(model, tokenizer, items, batch_size, device, add_bos, desc) -> dict:
