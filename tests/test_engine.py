@@ -82,3 +82,26 @@ def test_sequential_pass_moves_one_block_at_a_time_and_removes_hooks():
     sequential_pass(adapter, inputs, "cpu", visit)
     assert seen == [0, 1, 2]
     assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_entry_points_restore_the_callers_placement():
+    """The engine moves the embedding stage and blocks to the compute device; every public entry point records
+    where each tensor was and puts it back. A CPU-only machine has one device, so this checks the record and
+    the wiring; tests/test_gpu.py checks the CUDA round trip (a CPU model pruned on the GPU comes back whole
+    on the CPU, a GPU model stays on the GPU)."""
+    from prunepilot.agent.loop import run_agent
+    from prunepilot.api import prune
+    from prunepilot.engine.placement import kept_placement, tensor_devices
+    from prunepilot.eval.perplexity import perplexity_sequential
+    from prunepilot.structured.api import prune_structured
+
+    model = tiny_model("llama")
+    where = tensor_devices(model)
+    n_tensors = len(list(model.named_parameters(remove_duplicate=False))) + len(list(model.named_buffers()))
+    assert len(where) == n_tensors and "b:model.rotary_emb.inv_freq" in where
+    head = model.lm_head.weight
+    with kept_placement(model):
+        model.lm_head.weight.data = model.lm_head.weight.data.clone()
+    assert model.lm_head.weight is head and tensor_devices(model) == where
+    for fn in (prune, prune_structured, perplexity_sequential, run_agent):
+        assert fn.__wrapped__.__name__ == fn.__name__, fn  # decorated with keeps_placement

@@ -41,7 +41,7 @@ def test_pruning_on_the_gpu_matches_the_cpu(method, pattern):
     cpu, gpu = tiny_model("llama"), tiny_model("llama")
     prune(cpu, {**recipe, "device": "cpu"}, calibration=IDS)
     prune(gpu, {**recipe, "device": "cuda"}, calibration=IDS)
-    gpu.to("cpu")
+    assert {p.device.type for p in gpu.parameters()} == {"cpu"}  # back where it was, not split
     for (name, a), b in zip(cpu.state_dict().items(), gpu.state_dict().values()):
         assert a.shape == b.shape, name
         if method != "sparsegpt":  # masks from the same scores; SparseGPT's updates differ by float rounding
@@ -54,3 +54,16 @@ def test_sequential_perplexity_on_the_gpu():
     ref = perplexity_of_tokens(model, tokens, seqlen=24)
     got = perplexity_sequential(model, tokens, seqlen=24, device="cuda")
     assert got["nll"] == pytest.approx(ref["nll"], rel=1e-4)
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+
+
+@pytest.mark.parametrize("method", ["wanda", "flap"])
+def test_a_model_on_the_gpu_stays_there(method):
+    cpu, gpu = tiny_model("llama"), tiny_model("llama").to("cuda")
+    recipe = {"method": method, "sparsity": 0.4}
+    prune(cpu, {**recipe, "device": "cpu"}, calibration=IDS)
+    prune(gpu, {**recipe, "device": "cuda"}, calibration=IDS)
+    assert {p.device.type for p in gpu.parameters()} == {"cuda"}
+    assert {b.device.type for b in gpu.buffers()} == {"cuda"}
+    with torch.no_grad():
+        torch.testing.assert_close(gpu(IDS.cuda()).logits.cpu(), cpu(IDS).logits, rtol=1e-3, atol=1e-3)

@@ -9,7 +9,7 @@ import torch
 
 from . import allocation
 from .data import calibration_blocks, check_token_ids
-from .engine import ModelAdapter, capture_block_inputs, collect, sequential_pass, weight_2d
+from .engine import ModelAdapter, capture_block_inputs, collect, keeps_placement, sequential_pass, weight_2d
 from .errors import PrunepilotError
 from .masks import parse_pattern
 from .methods.wanda import wanda_scores
@@ -98,8 +98,9 @@ def block_targets(adapter: ModelAdapter, recipe: Recipe, inputs_factory, device)
     return allocation.owl(ratios, recipe.sparsity, a.owl_lambda)
 
 
+@keeps_placement
 def prune(model, recipe: Recipe | dict, tokenizer=None, calibration: torch.Tensor | None = None) -> PruneReport:
-    """Prune `model` in place following `recipe`.
+    """Prune `model` in place following `recipe`; every tensor ends on the device it started on.
 
     calibration: optional (n_samples, seqlen) token ids; otherwise drawn from recipe.calibration.sources.
     """

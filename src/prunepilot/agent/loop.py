@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from ..api import resolve_device
 from ..data import TextSource, check_token_ids, load_documents, split_counts, tokenize_stream
-from ..engine import ModelAdapter, capture_block_inputs, weight_2d
+from ..engine import ModelAdapter, capture_block_inputs, keeps_placement, weight_2d
 from ..errors import PrunepilotError
 from ..eval.perplexity import perplexity_sequential
 from ..io import atomic_write_text
@@ -147,6 +147,7 @@ def _label(change: float, threshold: float, gain: float) -> str:
     return "excellent" if change <= threshold / 4 else "good"
 
 
+@keeps_placement
 def run_agent(model, tokenizer, config: AgentConfig | dict, out_dir: str | Path, *, controller=None,
               resume: bool = False, calibration: torch.Tensor | None = None,
               held_out: torch.Tensor | None = None) -> AgentResult:

@@ -73,18 +73,20 @@ def input_hooks(linears: dict[str, nn.Module], fn: Callable[[str, torch.Tensor],
 
 
 def sequential_pass(adapter: ModelAdapter, inputs: BlockInputs, device,
-                    visit: Callable[[int, nn.Module, BlockInputs], None], offload_device="cpu",
+                    visit: Callable[[int, nn.Module, BlockInputs], None], offload_device=None,
                     desc: str = "blocks", propagate: bool = True) -> None:
     """Visit every block in order with its block on `device`; then replace inputs.hidden by its outputs.
 
-    `visit` may prune the block: the next block then sees the pruned model's activations.
+    `visit` may prune the block: the next block then sees the pruned model's activations. Afterwards each
+    block goes to `offload_device`, by default back where it was (a block already on the device stays).
     """
     for i, block in enumerate(tqdm(adapter.blocks, desc=desc, leave=False)):
+        home = offload_device or next(block.parameters()).device
         block.to(device)
         visit(i, block, inputs)
         if propagate:
             inputs.hidden = run_block(block, i, inputs)
-        block.to(offload_device)
+        block.to(home)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 

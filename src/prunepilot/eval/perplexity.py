@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data import TextSource, load_documents, tokenize_stream
+from ..engine.placement import keeps_placement
 from ..errors import PrunepilotError
 from ..modeling import context_length, default_eval_seqlen
 
@@ -63,6 +64,7 @@ def perplexity_of_tokens(model, tokens: torch.Tensor, seqlen: int, batch_size: i
 
 
 @torch.no_grad()
+@keeps_placement
 def perplexity_sequential(model, tokens: torch.Tensor, seqlen: int, device, batch_size: int = 1,
                           max_windows: int | None = None, desc: str = "ppl") -> dict:
     """perplexity_of_tokens computed with the sequential engine: one decoder block on `device` at a time
