@@ -58,6 +58,11 @@ def test_structured_methods_keep_their_defaults_from_the_command_line(tmp_path, 
     assert main(["prune", model, "--method", "wanda_sp", "--ratios", "global", "--out", str(tmp_path / "c"),
                  *common]) == 0
     assert json.loads((tmp_path / "c" / "report.json").read_text())["extra"]["ratios"] == "global"
+    assert main(["prune", model, "--method", "flap", "--channel-multiple", "8", "--out", str(tmp_path / "d"),
+                 *common]) == 0
+    rep = json.loads((tmp_path / "d" / "report.json").read_text())
+    assert rep["extra"]["channel_multiple"] == 8
+    assert all(layer["intermediate_size"] % 8 == 0 for layer in rep["extra"]["layers"])
 
 
 def test_output_folder_is_not_clobbered(tmp_path, capsys):

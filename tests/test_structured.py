@@ -14,8 +14,8 @@ from prunepilot.recipe import Recipe
 from prunepilot.registry import available, get_method
 from prunepilot.structured import api as sapi
 from prunepilot.structured.saving import WIDTHS_FILE, load_pruned, save_pruned
-from prunepilot.structured.scores import (Candidates, RunningMoments, fluctuation_scores, group_scores, head_scores,
-                                          select_global, split_uniform_layer, standardize, wanda_sp_scores)
+from prunepilot.structured.scores import (Candidates, RunningMoments, align_removal, fluctuation_scores,
+                                          group_scores, head_scores, select_global, split_uniform_layer, standardize, wanda_sp_scores)
 from prunepilot.structured.slicing import block_layout, keep_kv_groups, keep_mlp_channels
 from prunepilot.structured.speed import measure_speed
 from tiny_models import GATED, tiny_model
@@ -194,6 +194,35 @@ def test_parameter_count_matches_target(ratios, steps):
         assert model.config.intermediate_size == rep.extra["layers"][0]["intermediate_size"]
 
 
+def test_align_removal_by_hand():
+    scores = torch.tensor([5., 1., 4., 2., 3., 0., 6., 7.])
+    idx = lambda *i: torch.tensor(i, dtype=torch.long)  # noqa: E731
+    # 5 kept -> 4: the lowest-scoring kept unit (index 4, score 3) goes too
+    assert align_removal(scores, idx(1, 3, 5), 4).tolist() == [1, 3, 4, 5]
+    # 7 kept -> 8 (nearest multiple): the removed unit comes back
+    assert align_removal(scores, idx(5), 4).tolist() == []
+    # 6 kept: halfway, rounds up to 8
+    assert align_removal(scores, idx(1, 5), 4).tolist() == []
+    # 1 kept -> at least one multiple: the three highest-scoring removed units return (indices 6, 0, 2)
+    assert align_removal(scores, idx(0, 1, 2, 3, 4, 5, 6), 4).tolist() == [1, 3, 4, 5]
+    assert align_removal(scores, idx(1, 5), 1).tolist() == [1, 5]  # multiple 1: unchanged
+    assert align_removal(scores, idx(), 4).tolist() == []          # untouched module stays untouched
+
+
+@pytest.mark.parametrize("method", ["flap", "wanda_sp", "flap_iterative"])
+def test_channel_multiple_keeps_mlp_widths_aligned(method):
+    model = tiny_model("llama")  # 96 MLP channels per layer
+    rep = prune(model, {**recipe(method, 0.37, steps=2 if method == "flap_iterative" else 1),
+                        "structured": {"channel_multiple": 16, **({"steps": 2} if method == "flap_iterative" else {})}},
+                calibration=IDS)
+    widths = [layer["intermediate_size"] for layer in rep.extra["layers"]]
+    assert all(w % 16 == 0 for w in widths) and min(widths) < 96, widths
+    assert rep.extra["channel_multiple"] == 16
+    assert rep.extra["achieved_sparsity"] == pytest.approx(0.37, abs=0.08)  # rounding moves it a little
+    with torch.no_grad():
+        assert torch.isfinite(model(IDS).logits).all()
+
+
 def test_iterative_uniform_removes_as_many_kv_groups_as_one_shot():
     """Each of k steps removes a small share of what is left; the KV-group count must still follow the
     cumulative ratio (flooring each step's share alone removed no group and over-pruned the MLP)."""
@@ -342,3 +371,14 @@ def test_stories260k_uniform_results_reload(stories, tmp_path):
         assert (out / "tokenizer.model").exists() and (out / WIDTHS_FILE).exists() != plain
         again = tf.AutoModelForCausalLM.from_pretrained(out) if plain else load_pruned(out)
         torch.testing.assert_close(logits(again, ids), logits(model, ids), rtol=0, atol=1e-5)
+
+
+def test_unaligned_widths_are_reported(caplog):
+    with caplog.at_level("WARNING"):
+        sapi.warn_unaligned([{"intermediate_size": 128}, {"intermediate_size": 90}], [128, 128], 1)
+    assert "1 layers have MLP widths that are not multiples of 64 (e.g. 90)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        sapi.warn_unaligned([{"intermediate_size": 90}], [128], 16)  # the user chose a multiple: quiet
+        sapi.warn_unaligned([{"intermediate_size": 90}], [100], 1)   # the dense width was not aligned either
+    assert not caplog.text

@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratios", choices=["global", "uniform"],
                    help="structured: one global ranking across layers (FLAP) or the same ratio in every layer")
     p.add_argument("--steps", type=int, help="flap_iterative: steps to reach the target (default 5)")
+    p.add_argument("--channel-multiple", type=int,
+                   help="structured: keep every MLP width a multiple of this (64 or 128 lets GPU matmul kernels "
+                        "run at full speed; default 1)")
     p.add_argument("--calib", action="append", metavar="SPEC",
                    help="calibration source, repeatable: preset (wiki, web, code, math), file, folder or "
                         "hf:NAME[,CONFIG][@SPLIT]; optional DOMAIN= prefix, #START:END range, :WEIGHT suffix")
@@ -102,7 +105,7 @@ def _recipe_from_args(args):
         (): {"method": args.method, "sparsity": args.sparsity, "pattern": args.pattern, "device": args.device,
              "dtype": args.dtype},
         ("allocation",): {"kind": args.allocation},
-        ("structured",): {"ratios": args.ratios, "steps": args.steps},
+        ("structured",): {"ratios": args.ratios, "steps": args.steps, "channel_multiple": args.channel_multiple},
         ("calibration",): {"sources": args.calib, "n_samples": args.n_samples, "seqlen": args.seqlen,
                            "seed": args.seed},
         ("evaluation",): {"datasets": ([] if args.eval == ["none"] else args.eval),

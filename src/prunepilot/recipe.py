@@ -43,6 +43,7 @@ class StructuredConfig(Strict):
     prune_channels: bool = True
     steps: int = Field(5, ge=1)                         # flap_iterative: re-measure statistics k times
     bias_compensation: bool = True
+    channel_multiple: int = Field(1, ge=1)              # MLP widths kept at a multiple of this (GPU kernels: 64/128)
 
 
 class Recipe(Strict):

@@ -153,6 +153,36 @@ def select_global(cands: list[Candidates], budget: float) -> dict[tuple[int, str
     return {(c.layer, c.kind): torch.tensor(sorted(r), dtype=torch.long) for c, r in zip(cands, removed)}
 
 
+def align_removal(scores: torch.Tensor, removed: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Adjust a module's removed units so that the number kept is a multiple of `multiple`.
+
+    Matrix kernels on GPUs run fastest when a dimension is a multiple of 64 or 128; FLAP's global ranking
+    leaves arbitrary widths. The kept count goes to the nearest multiple (halves round up; at least one
+    multiple, at most the units there are): extra units are taken from the lowest-scoring kept ones, or the
+    highest-scoring removed ones come back. Untouched modules (nothing removed) stay as they are. Rounding to
+    the nearest multiple keeps the overall amount close to the budget: per-layer errors of at most
+    multiple/2 units partly cancel (the report gives the achieved sparsity).
+    """
+    n, k = scores.numel(), removed.numel()
+    if multiple <= 1 or k == 0 or n < multiple:
+        return removed
+    kept = n - k
+    target = min(max(multiple, math.floor(kept / multiple + 0.5) * multiple), n - n % multiple)
+    if target == kept:
+        return removed
+    s = scores.float().cpu()
+    is_removed = torch.zeros(n, dtype=torch.bool)
+    is_removed[removed] = True
+    if target < kept:  # remove the lowest-scoring kept units too
+        kept_idx = (~is_removed).nonzero().squeeze(1)
+        extra = kept_idx[torch.topk(s[kept_idx], kept - target, largest=False).indices]
+        is_removed[extra] = True
+    else:  # bring back the highest-scoring removed units
+        back = removed[torch.topk(s[removed], target - kept, largest=True).indices]
+        is_removed[back] = False
+    return is_removed.nonzero().squeeze(1)
+
+
 def lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Sorted indices of the k lowest scores."""
     if k <= 0:
