@@ -98,6 +98,13 @@ def test_wanda_percentile_hand_checked_on_a_tiny_layer():
     assert percentile(alive, 0.10) == pytest.approx(torch.quantile(alive, 0.10).item())
     assert percentile(alive, 0.0) == 0.5 and percentile(alive, 1.0) == 9.0
     assert percentile(torch.tensor([]), 0.1) == 0.0
+    for by_sort in (True, False):  # the sort path (default on CUDA) and the selection path agree exactly
+        assert percentile(alive, 0.10, by_sort=by_sort) == pytest.approx(0.75)
+        assert percentile(alive, 1.0, by_sort=by_sort) == 9.0
+    x = torch.randint(0, 50, (10_001,)).float()  # many ties
+    for q in (0.0, 0.1, 0.37, 0.5, 1.0):
+        assert percentile(x, q, by_sort=True) == percentile(x, q, by_sort=False) == \
+            pytest.approx(torch.quantile(x, q).item())
 
 
 def test_extra_rowwise_mask_prunes_lowest_alive_per_row_exactly():

@@ -67,3 +67,11 @@ def test_a_model_on_the_gpu_stays_there(method):
     assert {b.device.type for b in gpu.buffers()} == {"cuda"}
     with torch.no_grad():
         torch.testing.assert_close(gpu(IDS.cuda()).logits.cpu(), cpu(IDS).logits, rtol=1e-3, atol=1e-3)
+
+
+def test_percentile_on_the_gpu_equals_the_cpu():
+    from prunepilot.agent.profile import percentile
+
+    x = torch.rand(3_000_001, generator=torch.Generator().manual_seed(2))
+    for q in (0.0, 0.1, 0.5, 1.0):
+        assert percentile(x.cuda(), q) == pytest.approx(percentile(x, q), rel=1e-6)
