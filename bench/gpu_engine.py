@@ -12,8 +12,8 @@ weights (seeded: every method starts from the same weights); calibration is rand
 
 Memory: peak of torch.cuda.max_memory_allocated during prune() minus what was allocated before it (the
 model itself), i.e. the engine's working set: calibration activations of one block, statistics, scratch.
-Speed: prefill (batch 1, --speed-seq tokens) and decode (--speed-new greedy steps with the KV cache), medians
-of alternating dense/pruned runs, as ratios and as tokens per second on this GPU.
+Speed: prefill (--prefill-batch x --prefill-seq tokens) and decode (--speed-new greedy steps at batch 1 with
+the KV cache), medians of alternating dense/pruned runs, as ratios and as tokens per second on this GPU.
 """
 from __future__ import annotations
 
@@ -94,6 +94,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.render:
         records = [json.loads(x) for x in args.render.read_text().splitlines() if x.strip()]
+        if not records:
+            sys.exit(f"gpu_engine: no records in {args.render}")
         publish(table_of(records), protocol_of(args, records, args.gpu, args.render), args.out)
         return
     dtype = getattr(torch, args.dtype)

@@ -105,3 +105,19 @@ def test_entry_points_restore_the_callers_placement():
     assert model.lm_head.weight is head and tensor_devices(model) == where
     for fn in (prune, prune_structured, perplexity_sequential, run_agent):
         assert fn.__wrapped__.__name__ == fn.__name__, fn  # decorated with keeps_placement
+
+
+def test_an_error_inside_an_entry_point_is_not_hidden_by_the_placement_restore(monkeypatch):
+    from prunepilot.engine import placement
+
+    def broken_restore(model, where):
+        raise RuntimeError("CUDA out of memory while moving back")
+
+    monkeypatch.setattr(placement, "restore_devices", broken_restore)
+
+    @placement.keeps_placement
+    def fails(model):
+        raise ValueError("the real error")
+
+    with pytest.raises(ValueError, match="the real error"):
+        fails(tiny_model("llama"))

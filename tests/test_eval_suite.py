@@ -408,6 +408,43 @@ def test_checkpointed_suite_resumes_after_a_crash_and_matches_an_uninterrupted_r
         run_suite(model, tok, ["winogrande"], data_dir, checkpoint=tmp_path)
 
 
+def test_checkpoint_is_not_reused_for_other_data_another_tokenizer_or_a_short_unit(data_dir, tmp_path, monkeypatch,
+                                                                                    caplog):
+    from prunepilot.eval import suite
+
+    monkeypatch.setattr(suite, "CHUNK_ITEMS", 1)
+    model, ck = tiny_llama(seed=4), tmp_path / "ck.jsonl"
+    first = run_suite(model, Chars(), ["arc_easy", "mmlu"], data_dir, checkpoint=ck)
+    assert first["arc_easy"]["checkpoint"]["units_resumed"] == 0
+    # the same file path with other contents: the edited item and the edited MMLU subject run again
+    arc = data_dir / "zeroshot" / "arc_easy.jsonl"
+    rows = [json.loads(x) for x in arc.read_text().splitlines()]
+    rows[1]["gold"] = 0
+    write_jsonl(arc, rows)
+    test_csv = data_dir / "mmlu" / "test" / "philosophy_test.csv"
+    test_csv.write_text(test_csv.read_text().replace(",B\n", ",C\n"))
+    edited = run_suite(model, Chars(), ["arc_easy", "mmlu"], data_dir, checkpoint=ck)
+    assert edited["arc_easy"]["checkpoint"]["units_resumed"] == 1  # item 0 unchanged, item 1 rescored
+    assert edited["mmlu"]["checkpoint"]["units_resumed"] == 1      # abstract_algebra unchanged
+    assert edited["arc_easy"]["acc"] == run_suite(model, Chars(), ["arc_easy"], data_dir)["arc_easy"]["acc"]
+
+    class Shifted(Chars):  # another tokenizer: different ids for the same text
+        def encode(self, text, add_special_tokens=True, **_):
+            return [min(i + 1, V - 1) for i in super().encode(text, add_special_tokens)]
+
+    other = run_suite(model, Shifted(), ["arc_easy"], data_dir, checkpoint=ck)
+    assert other["arc_easy"]["checkpoint"]["units_resumed"] == 0
+    # a unit whose stored outcomes do not cover its items is run again, with a warning
+    lines = [json.loads(x) for x in ck.read_text().splitlines()]
+    for rec in lines:
+        if rec["task"] == "arc_easy" and rec["unit"] == "items 0-1":
+            rec["data"]["n"], rec["data"]["lls"] = 2, rec["data"]["lls"] * 2
+    ck.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    with caplog.at_level("WARNING"):
+        again = run_suite(model, Chars(), ["arc_easy"], data_dir, checkpoint=ck)
+    assert again["arc_easy"]["checkpoint"]["units_resumed"] == 1 and "running it again" in caplog.text
+
+
 def test_errors(data_dir, tmp_path):
     with pytest.raises(PrunepilotError, match="unknown task 'arc_hard'"):
         run_suite(Bigram(), Chars(), ["arc_hard"], data_dir)

@@ -75,3 +75,13 @@ def test_percentile_on_the_gpu_equals_the_cpu():
     x = torch.rand(3_000_001, generator=torch.Generator().manual_seed(2))
     for q in (0.0, 0.1, 0.5, 1.0):
         assert percentile(x.cuda(), q) == pytest.approx(percentile(x, q), rel=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["full", "blockwise"])
+def test_gradients_leave_the_model_where_it_was(mode):
+    from prunepilot.agent.profile import gradient_importance
+
+    for where in ("cpu", "cuda"):
+        model = tiny_model("llama").to(where)
+        g = gradient_importance(model, ModelAdapter(model), IDS[:2], "cuda", mode)
+        assert g and {p.device.type for p in model.parameters()} == {where}, (mode, where)

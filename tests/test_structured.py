@@ -218,7 +218,8 @@ def test_channel_multiple_keeps_mlp_widths_aligned(method):
     widths = [layer["intermediate_size"] for layer in rep.extra["layers"]]
     assert all(w % 16 == 0 for w in widths) and min(widths) < 96, widths
     assert rep.extra["channel_multiple"] == 16
-    assert rep.extra["achieved_sparsity"] == pytest.approx(0.37, abs=0.08)  # rounding moves it a little
+    # rounding to multiples of 16 moves each layer by at most 8 channels: 8 x 192 of its 30,720 parameters
+    assert rep.extra["achieved_sparsity"] == pytest.approx(0.37, abs=0.05)
     with torch.no_grad():
         assert torch.isfinite(model(IDS).logits).all()
 

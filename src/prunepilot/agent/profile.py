@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from ..engine import (ModelAdapter, blocks_bypassed, capture_block_inputs, collect, run_block, sequential_pass,
                       weight_2d)
 from ..engine.capture import BlockInputs, move_outside_blocks
+from ..engine.placement import kept_placement
 from ..engine.sequential import block_output
 from ..methods.base import InputNormState
 from ..methods.wanda import wanda_scores
@@ -197,17 +198,19 @@ class _GradOnly:
 
 
 def gradient_importance(model, adapter: ModelAdapter, ids: torch.Tensor, device, mode: str = "full") -> dict[str, float]:
-    """g per prunable linear: mean over samples of mean |dL/dW| over the non-zero weights. ids: (n, seq)."""
+    """g per prunable linear: mean over samples of mean |dL/dW| over the non-zero weights. ids: (n, seq).
+    Every tensor ends where it was (the full mode moves the whole model to the device while it runs)."""
     if ids.shape[0] == 0:
         return {}
+    if mode not in ("full", "blockwise"):
+        raise ValueError(f"unknown gradient mode {mode!r}")
     was_training = model.training
     model.eval()
     try:
-        if mode == "full":
-            return _gradient_full(model, adapter, ids, device)
-        if mode == "blockwise":
+        with kept_placement(model):
+            if mode == "full":
+                return _gradient_full(model, adapter, ids, device)
             return _gradient_blockwise(model, adapter, ids, device)
-        raise ValueError(f"unknown gradient mode {mode!r}")
     finally:
         model.train(was_training)
 
@@ -223,8 +226,6 @@ def _gradient_full(model, adapter, ids, device) -> dict[str, float]:
             for n, lin in linears.items():
                 acc[n] += _alive_abs_mean(lin.weight)
                 lin.weight.grad = None
-    for block in adapter.blocks:  # back to the engine's layout: blocks off the device between passes
-        block.to("cpu")
     return {n: v / ids.shape[0] for n, v in acc.items()}
 
 
@@ -254,6 +255,7 @@ def _gradient_blockwise(model, adapter, ids, device) -> dict[str, float]:
                 grads.append(injected["h"].grad.to("cpu"))
         # then each block, last to first, recomputing its forward with grad
         for i in tqdm(reversed(range(len(blocks))), total=len(blocks), desc="gradients bwd", leave=False):
+            home = next(blocks[i].parameters()).device
             block = blocks[i].to(device)
             linears = adapter.linears(i)
             for b in range(n):
@@ -264,5 +266,5 @@ def _gradient_blockwise(model, adapter, ids, device) -> dict[str, float]:
                 for name, lin in linears.items():
                     acc[name] += _alive_abs_mean(lin.weight)
                     lin.weight.grad = None
-            block.to("cpu")
+            block.to(home)
     return {name: v / n for name, v in acc.items()}

@@ -6,9 +6,12 @@ whole on the CPU, instead of split between the two."""
 from __future__ import annotations
 
 import functools
+import logging
 from contextlib import contextmanager
 
 import torch.nn as nn
+
+log = logging.getLogger(__name__)
 
 
 def tensor_devices(model: nn.Module) -> dict[str, object]:
@@ -38,8 +41,13 @@ def kept_placement(model: nn.Module):
     where = tensor_devices(model)
     try:
         yield
-    finally:
-        restore_devices(model, where)
+    except BaseException:
+        try:  # put things back, but never let a failure here hide the error that got us here
+            restore_devices(model, where)
+        except Exception as e:  # noqa: BLE001
+            log.warning("could not move the model back where it was after an error: %s", e)
+        raise
+    restore_devices(model, where)
 
 
 def keeps_placement(fn):

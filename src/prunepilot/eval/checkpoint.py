@@ -6,10 +6,12 @@ appends each unit's raw outcome (per-item log-likelihoods, correctness, answers)
 scored, and on the next call with the same file skips the units already there. Scores are computed from
 the raw outcomes of all units, so a resumed run gives the same numbers as an uninterrupted one.
 
-Every line carries a key: the model's fingerprint (name, parameter shapes and the sum of |w| of each
-parameter, so a differently pruned model never reuses another's outcomes) and the task's protocol (data
-file, limit, shots, BOS, unit boundaries). Lines with another key are ignored and kept; a line cut short
-by a crash is ignored.
+Every line carries a key: the model's fingerprint (parameter names, shapes and the sum of |w| of each
+parameter, so a differently pruned model never reuses another's outcomes), the tokenizer's (class, size,
+special ids, the encoding of a probe text), the task's protocol (limit, shots, BOS, unit boundaries) and a
+digest of the unit's inputs (its items and shots, or an MMLU subject's CSV files), so an edited data file
+or another tokenizer is scored anew. Lines with another key are ignored and kept; a line cut short by a
+crash is ignored; a reused unit must hold one outcome per item.
 """
 from __future__ import annotations
 
@@ -26,18 +28,36 @@ from ..errors import PrunepilotError
 log = logging.getLogger(__name__)
 
 
+PROBE = "The quick brown fox, 1234 — Ünïcödé?\nAnswer: A"
+
+
 @torch.no_grad()
-def model_fingerprint(model) -> str:
-    """A short hash of the model's name, parameter names and shapes, and per-parameter sum of |w|."""
-    h = hashlib.sha256(str(getattr(getattr(model, "config", None), "name_or_path", "")).encode())
+def model_fingerprint(model, tokenizer=None) -> str:
+    """A short hash of the parameter names, shapes and per-parameter sum of |w| (not the path the model was
+    loaded from: the same weights resumed from another folder or working directory match), and of the
+    tokenizer when given."""
+    h = hashlib.sha256()
     for name, p in model.named_parameters():
         h.update(f"{name}{tuple(p.shape)}{float(p.detach().abs().sum(dtype=torch.float64)):.10e}".encode())
+    if tokenizer is not None:
+        size = len(tokenizer) if hasattr(tokenizer, "__len__") else None
+        ids = list(tokenizer.encode(PROBE, add_special_tokens=False))
+        h.update(f"{type(tokenizer).__name__}{size}{getattr(tokenizer, 'bos_token_id', None)}"
+                 f"{getattr(tokenizer, 'eos_token_id', None)}{ids}".encode())
     return h.hexdigest()[:16]
 
 
-def unit_key(fingerprint: str, task: str, protocol: dict, unit: str) -> str:
-    blob = json.dumps({"model": fingerprint, "task": task, "protocol": protocol, "unit": unit}, sort_keys=True,
-                      default=str)
+def digest(*parts) -> str:
+    """Digest of a unit's inputs: bytes are hashed as they are, anything else by its repr."""
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part if isinstance(part, bytes) else repr(part).encode())
+    return h.hexdigest()[:16]
+
+
+def unit_key(fingerprint: str, task: str, protocol: dict, unit: str, inputs: str = "") -> str:
+    blob = json.dumps({"model": fingerprint, "task": task, "protocol": protocol, "unit": unit, "inputs": inputs},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 

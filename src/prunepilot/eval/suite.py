@@ -25,7 +25,7 @@ import torch
 from ..errors import PrunepilotError
 from ..modeling import context_length
 from . import factual_qa, mmlu, zeroshot
-from .checkpoint import UnitStore, model_fingerprint, unit_key
+from .checkpoint import UnitStore, digest, model_fingerprint, unit_key
 
 log = logging.getLogger(__name__)
 
@@ -99,19 +99,33 @@ def resolve_tasks(tasks: list[str] | str, data_dir: str | Path) -> list[tuple[st
 CHUNK_ITEMS = 500  # items per checkpoint unit (multiple choice and QA); MMLU's unit is a subject
 
 
-def _run_units(units: list[tuple[str, Callable[[], dict]]], task: str, protocol: dict, store: UnitStore | None,
+@dataclass
+class Unit:
+    """A piece of a task run as one checkpoint entry."""
+    name: str                      # e.g. "items 0-500" or an MMLU subject
+    inputs: str                    # digest of what it scores (part of the checkpoint key)
+    n: int | None                  # outcomes it must hold (None: not known before running)
+    run: Callable[[], dict]
+
+
+def _run_units(units: list[Unit], task: str, protocol: dict, store: UnitStore | None,
                fingerprint: str) -> tuple[list[dict], int, float]:
     """Each unit's raw outcome, run now or read from the checkpoint; (outcomes, units reused, their seconds)."""
     outcomes, reused, reused_s = [], 0, 0.0
-    for name, run in units:
-        key = unit_key(fingerprint, task, protocol, name) if store else ""
+    for unit in units:
+        key = unit_key(fingerprint, task, protocol, unit.name, unit.inputs) if store else ""
         data = store.get(key) if store else None
+        if data is not None and unit.n is not None and data.get("n") != unit.n:
+            log.warning("%s %s: the checkpoint holds %s outcomes for %d items; running it again", task, unit.name,
+                        data.get("n"), unit.n)
+            data = None
         if data is None:
             t0 = time.time()
-            data = run()
+            data = unit.run()
             data["seconds"] = round(time.time() - t0, 2)
+            data["n"] = unit.n if unit.n is not None else len(data.get("correct", data.get("lls", [])))
             if store:
-                store.put(key, task, name, data)
+                store.put(key, task, unit.name, data)
         else:
             reused, reused_s = reused + 1, reused_s + data.get("seconds", 0.0)
         outcomes.append(data)
@@ -150,7 +164,9 @@ def _run_mmlu(model, tokenizer, spec, path, protocol, limit, batch_size, device,
                     scoring="next-token letter log-prob")
     mmlu.warn_if_letters_split(tokenizer)
     groups = [[s] for s in subjects] if store else [subjects]
-    units = [(",".join(g) if store else "all", lambda g=g: mmlu.score_subjects(
+    files = lambda g: [f.read_bytes() for s in g for f in (path / "dev" / f"{s}_dev.csv",  # noqa: E731
+                                                          path / "test" / f"{s}_test.csv")] if store else []
+    units = [Unit(",".join(g) if store else "all", digest(*files(g)), None, lambda g=g: mmlu.score_subjects(
         model, tokenizer, path, g, num_fewshot_mmlu, per_subject, batch_size, device, add_bos)) for g in groups]
     outcomes, reused, reused_s = _run_units(units, spec.name, protocol, store, fingerprint)
     reduced = sum(o["prompts_with_fewer_shots"] for o in outcomes)
@@ -178,8 +194,9 @@ def _run_items(model, tokenizer, spec, path, protocol, limit, batch_size, device
         (a, min(a + CHUNK_ITEMS, len(items))) for a in range(0, len(items), CHUNK_ITEMS)]
     if spec.kind == "mc":
         protocol.update(shots=0, scoring=_MC if spec.norm else "sum log p(' ' + continuation | context), acc")
-        units = [(f"items {a}-{b}", lambda a=a, b=b: _mc_outcome(model, tokenizer, items[a:b], batch_size, device,
-                                                                   add_bos, spec.name)) for a, b in chunks]
+        units = [Unit(f"items {a}-{b}", digest(items[a:b]) if store else "", b - a,
+                      lambda a=a, b=b: _mc_outcome(model, tokenizer, items[a:b], batch_size, device, add_bos,
+                                                   spec.name)) for a, b in chunks]
         outcomes, reused, reused_s = _run_units(units, spec.name, protocol, store, fingerprint)
         res = zeroshot.mc_metrics(items, [ll for o in outcomes for ll in o["lls"]], spec.norm)
     else:
@@ -187,8 +204,9 @@ def _run_items(model, tokenizer, spec, path, protocol, limit, batch_size, device
                                                 f"{list(factual_qa.STOPS)}, normalised exact match")
         if qa_shots:
             protocol["shots_from"] = f"the file's last {qa_shots} items (not evaluated)"
-        units = [(f"items {a}-{b}", lambda a=a, b=b: factual_qa.answer_items(
-            model, tokenizer, items[a:b], batch_size=batch_size, device=device, add_bos=add_bos, shots=shots))
+        units = [Unit(f"items {a}-{b}", digest(items[a:b], shots) if store else "", b - a,
+                      lambda a=a, b=b: factual_qa.answer_items(model, tokenizer, items[a:b], batch_size=batch_size,
+                                                               device=device, add_bos=add_bos, shots=shots))
                  for a, b in chunks]
         outcomes, reused, reused_s = _run_units(units, spec.name, protocol, store, fingerprint)
         res = factual_qa.qa_metrics(items, [p for o in outcomes for p in o["predictions"]],
@@ -228,7 +246,7 @@ def run_suite(model, tokenizer, tasks: list[str], data_dir: str | Path, limit: i
     was_training = model.training
     model.eval()
     store = UnitStore(checkpoint) if checkpoint is not None else None
-    fingerprint = model_fingerprint(model) if store else ""
+    fingerprint = model_fingerprint(model, tokenizer) if store else ""
     results = {}
     try:
         for name, spec, path in resolved:

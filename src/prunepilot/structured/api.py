@@ -230,14 +230,16 @@ class StructuredPruner:
             ks = {"mlp": k_c, "attn": k_g}
         return {k: lowest(c.scores, ks[k]) for k, c in by_kind.items()}
 
-    def aligned(self, cands: list[Candidates], removed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """MLP removals rounded so that the kept width is a multiple of opts.channel_multiple."""
-        if self.opts.channel_multiple <= 1:
+    def aligned(self, cands: list[Candidates], removed: dict[str, torch.Tensor],
+                align: bool) -> dict[str, torch.Tensor]:
+        """MLP removals rounded so that the kept width is a multiple of opts.channel_multiple (on the last step
+        only: rounding the intermediate steps of flap_iterative would push removals to later steps)."""
+        if self.opts.channel_multiple <= 1 or not align:
             return removed
         return {c.kind: align_removal(c.scores, removed[c.kind], self.opts.channel_multiple) if c.kind == "mlp"
                 else removed[c.kind] for c in cands}
 
-    def step(self, inputs: BlockInputs, keep_frac: float, desc: str) -> None:
+    def step(self, inputs: BlockInputs, keep_frac: float, desc: str, last: bool = True) -> None:
         """One calibration pass over the current model, then pruning to keep_frac of the dense measure."""
         uniform = self.opts.ratios == "uniform"
         all_cands: list[Candidates] = []
@@ -250,7 +252,7 @@ class StructuredPruner:
             if uniform:  # prune this block now; the next block sees its pruned outputs
                 collect(block, i, linears, inp, add)
                 cands = self.candidates(i, moments)
-                self.apply(i, self.aligned(cands, self.uniform_removal(i, cands, keep_frac)), moments)
+                self.apply(i, self.aligned(cands, self.uniform_removal(i, cands, keep_frac), last), moments)
                 inp.hidden = run_block(block, i, inp)
             else:  # record statistics of the unpruned block; rank globally after the pass
                 with input_hooks(linears, add):
@@ -266,7 +268,7 @@ class StructuredPruner:
             removed = select_global(all_cands, max(budget, 0.0))
             for i in range(n):
                 cands = [c for c in all_cands if c.layer == i]
-                self.apply(i, self.aligned(cands, {c.kind: removed[(i, c.kind)] for c in cands}), all_moments[i])
+                self.apply(i, self.aligned(cands, {c.kind: removed[(i, c.kind)] for c in cands}, last), all_moments[i])
 
 
 # ---------------------------------------------------------------------------------------------- entry point
@@ -357,14 +359,15 @@ def prune_structured(model, recipe, method: StructuredMethod, tokenizer=None,
         keep = kept_fraction(sparsity, t, opts.steps, opts.schedule)
         if sparsity > 0:
             inputs = BlockInputs(hidden=list(hidden0), args=first.args, kwargs=first.kwargs)
-            pruner.step(inputs, keep, desc=f"{method.name} {t}/{opts.steps}")
+            pruner.step(inputs, keep, desc=f"{method.name} {t}/{opts.steps}", last=t == opts.steps)
         achieved = 1 - sum(ledger.measure(i) for i in range(len(layouts))) / ledger.dense_total
         steps.append({"step": t, "target_kept": keep, "achieved_sparsity": achieved, "seconds": time.time() - ts})
         log.info("%s step %d/%d: kept target %.4f, achieved sparsity %.4f", method.name, t, opts.steps, keep, achieved)
     timings["prune_s"] = time.time() - t0
     if sparsity > 0 and abs(steps[-1]["achieved_sparsity"] - sparsity) > 0.02:
         log.warning("%s reached sparsity %.3f for a target of %.3f: whole KV groups are coarse units (enable "
-                    "prune_channels or use global ratios to fill the gap)", method.name,
+                    "prune_channels or use global ratios to fill the gap) and channel_multiple rounds MLP widths",
+                    method.name,
                     steps[-1]["achieved_sparsity"], sparsity)
 
     widths = [block_widths(b, head_dim, lay) for b, lay in zip(adapter.blocks, layouts)]
