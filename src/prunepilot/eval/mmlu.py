@@ -209,10 +209,15 @@ def evaluate_mmlu(model, tokenizer, mmlu_dir: str | Path, num_fewshot: int = 5, 
     warn_if_letters_split(tokenizer)
     raw = score_subjects(model, tokenizer, mmlu_dir, subjects, num_fewshot, limit_per_subject, batch_size, device,
                          add_bos)
-    warn_if_fewer_shots(raw["prompts_with_fewer_shots"], context_length(model))
-    return mmlu_metrics(raw["subject_of"], raw["correct"]) | {
-        "prompts_with_fewer_shots": raw["prompts_with_fewer_shots"], "n_total": raw["n_total"],
-        "tokens": raw["tokens"]}
+    return combine([raw], context_length(model)) | {"tokens": raw["tokens"]}
+
+
+def combine(outcomes: list[dict], max_length: int) -> dict:
+    """Metrics of several score_subjects outcomes (e.g. one per subject), as if scored in one call."""
+    reduced = sum(o["prompts_with_fewer_shots"] for o in outcomes)
+    warn_if_fewer_shots(reduced, max_length)
+    return mmlu_metrics([s for o in outcomes for s in o["subject_of"]], [c for o in outcomes for c in o["correct"]]) | {
+        "prompts_with_fewer_shots": reduced, "n_total": sum(o["n_total"] for o in outcomes)}
 
 
 def warn_if_letters_split(tokenizer) -> None:

@@ -169,12 +169,8 @@ def _run_mmlu(model, tokenizer, spec, path, protocol, limit, batch_size, device,
     units = [Unit(",".join(g) if store else "all", digest(*files(g)), None, lambda g=g: mmlu.score_subjects(
         model, tokenizer, path, g, num_fewshot_mmlu, per_subject, batch_size, device, add_bos)) for g in groups]
     outcomes, reused, reused_s = _run_units(units, spec.name, protocol, store, fingerprint)
-    reduced = sum(o["prompts_with_fewer_shots"] for o in outcomes)
-    mmlu.warn_if_fewer_shots(reduced, protocol["max_length"])
-    res = mmlu.mmlu_metrics([s for o in outcomes for s in o["subject_of"]],
-                            [c for o in outcomes for c in o["correct"]])
-    res["prompts_with_fewer_shots"] = reduced
-    protocol["n_total"] = sum(o["n_total"] for o in outcomes)
+    res = mmlu.combine(outcomes, protocol["max_length"])
+    protocol["n_total"] = res.pop("n_total")
     return res, outcomes, reused, reused_s
 
 
@@ -195,8 +191,8 @@ def _run_items(model, tokenizer, spec, path, protocol, limit, batch_size, device
     if spec.kind == "mc":
         protocol.update(shots=0, scoring=_MC if spec.norm else "sum log p(' ' + continuation | context), acc")
         units = [Unit(f"items {a}-{b}", digest(items[a:b]) if store else "", b - a,
-                      lambda a=a, b=b: _mc_outcome(model, tokenizer, items[a:b], batch_size, device, add_bos,
-                                                   spec.name)) for a, b in chunks]
+                      lambda a=a, b=b: zeroshot.score_items(model, tokenizer, items[a:b], batch_size, device,
+                                                            add_bos, spec.name)) for a, b in chunks]
         outcomes, reused, reused_s = _run_units(units, spec.name, protocol, store, fingerprint)
         res = zeroshot.mc_metrics(items, [ll for o in outcomes for ll in o["lls"]], spec.norm)
     else:
@@ -213,12 +209,6 @@ def _run_items(model, tokenizer, spec, path, protocol, limit, batch_size, device
                                     [c for o in outcomes for c in o["correct"]])
     protocol["n_total"] = n_total  # after the units: not part of their checkpoint key
     return res, outcomes, reused, reused_s
-
-
-def _mc_outcome(model, tokenizer, items, batch_size, device, add_bos, desc) -> dict:
-    stats: dict = {}
-    lls = zeroshot.choice_loglikelihoods(model, tokenizer, items, batch_size, device, add_bos, desc, stats)
-    return {"lls": lls, "tokens": stats}
 
 
 def run_suite(model, tokenizer, tasks: list[str], data_dir: str | Path, limit: int | None = None, batch_size: int = 8,

@@ -133,8 +133,15 @@ def mc_metrics(items: list[MCItem], lls: list[list[float]], norm: bool = True) -
     return out
 
 
-def evaluate_mc(model, tokenizer, items: list[MCItem], norm: bool = True, batch_size: int = 8, device=None,
-                add_bos: bool = False, desc: str = "mc") -> dict:
+def score_items(model, tokenizer, items: list[MCItem], batch_size: int = 8, device=None, add_bos: bool = False,
+                desc: str = "mc") -> dict:
+    """Raw outcomes: {"lls": per-choice log-likelihoods of every item, "tokens": tokens run}."""
     stats: dict = {}
     lls = choice_loglikelihoods(model, tokenizer, items, batch_size, device, add_bos, desc, stats)
-    return {**mc_metrics(items, lls, norm), "tokens": stats}
+    return {"lls": lls, "tokens": stats}
+
+
+def evaluate_mc(model, tokenizer, items: list[MCItem], norm: bool = True, batch_size: int = 8, device=None,
+                add_bos: bool = False, desc: str = "mc") -> dict:
+    raw = score_items(model, tokenizer, items, batch_size, device, add_bos, desc)
+    return {**mc_metrics(items, raw["lls"], norm), "tokens": raw["tokens"]}
