@@ -365,10 +365,10 @@ def prune_structured(model, recipe, method: StructuredMethod, tokenizer=None,
         log.info("%s step %d/%d: kept target %.4f, achieved sparsity %.4f", method.name, t, opts.steps, keep, achieved)
     timings["prune_s"] = time.time() - t0
     if sparsity > 0 and abs(steps[-1]["achieved_sparsity"] - sparsity) > 0.02:
+        rounding = f"; channel_multiple {opts.channel_multiple} rounds MLP widths" if opts.channel_multiple > 1 else ""
         log.warning("%s reached sparsity %.3f for a target of %.3f: whole KV groups are coarse units (enable "
-                    "prune_channels or use global ratios to fill the gap) and channel_multiple rounds MLP widths",
-                    method.name,
-                    steps[-1]["achieved_sparsity"], sparsity)
+                    "prune_channels or use global ratios to fill the gap)%s", method.name,
+                    steps[-1]["achieved_sparsity"], sparsity, rounding)
 
     widths = [block_widths(b, head_dim, lay) for b, lay in zip(adapter.blocks, layouts)]
     warn_unaligned(widths, [u["mlp"] for u in ledger.dense_units], opts.channel_multiple)

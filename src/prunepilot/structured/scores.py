@@ -175,7 +175,7 @@ def align_removal(scores: torch.Tensor, removed: torch.Tensor, multiple: int) ->
     is_removed[removed] = True
     if target < kept:  # remove the lowest-scoring kept units too
         kept_idx = (~is_removed).nonzero().squeeze(1)
-        extra = kept_idx[torch.topk(s[kept_idx], kept - target, largest=False).indices]
+        extra = kept_idx[lowest(s[kept_idx], kept - target)]
         is_removed[extra] = True
     else:  # bring back the highest-scoring removed units
         back = removed[torch.topk(s[removed], target - kept, largest=True).indices]
