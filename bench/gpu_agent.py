@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import sys
 import tempfile
@@ -42,6 +43,9 @@ def main() -> None:
     ap.add_argument("--grad-mode", default="full", choices=["full", "blockwise"])
     ap.add_argument("--out", help="markdown summary (atomic write)")
     args = ap.parse_args()
+    # the loop's own per-iteration log lines, timestamped: a run cut off by a time limit still shows its progress
+    logging.basicConfig(level=logging.INFO, format="%(relativeCreated)8.0f ms %(name)s: %(message)s",
+                        stream=sys.stdout)
     vocab = SHAPES[args.shape]["vocab_size"]
     gen = torch.Generator().manual_seed(0)
     calib = torch.randint(0, vocab, (args.n_samples, args.seqlen), generator=gen)
