@@ -314,6 +314,9 @@ def test_bad_inputs_are_clear_errors():
         prune(tiny_model("llama"), recipe("flap", 0.99), calibration=IDS)
     with pytest.raises(PrunepilotError, match="too high"):
         prune(tiny_model("llama"), recipe("flap", 0.8, prune_channels=False), calibration=IDS)  # heads only
+    # 0.7 is reachable keeping one channel per layer (max 0.79), not keeping 48 of the 96 (max 0.50)
+    with pytest.raises(PrunepilotError, match=r"48 MLP channels \(channel_multiple 48\).* at most 0.496"):
+        prune(tiny_model("llama"), recipe("flap", 0.7, channel_multiple=48), calibration=IDS)
     for arch in ("gpt2", "phi3"):
         with pytest.raises(PrunepilotError, match="structured pruning needs"):
             prune(tiny_model(arch), recipe("flap", 0.3), calibration=IDS)

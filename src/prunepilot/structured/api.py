@@ -139,12 +139,23 @@ class Ledger:
         return float(sum(linear(block, outs[k]).out_features for k in self.opts.kinds
                          if linear(block, outs[k]).bias is None))
 
+    def min_kept(self, i: int, kind: str) -> int:
+        """Fewest units a module can keep: one, or one multiple of channel_multiple for an MLP wide enough
+        to be rounded (align_removal never rounds a kept width down to zero)."""
+        m = self.opts.channel_multiple
+        return m if kind == "mlp" and 1 < m <= self.dense_units[i]["mlp"] else 1
+
     def capacity(self, i: int) -> float:
         now = self.units(i)
-        return sum((now[k] - 1) * self.cost(i, k) for k in self.opts.kinds)
+        return sum(max(0, now[k] - self.min_kept(i, k)) * self.cost(i, k) for k in self.opts.kinds)
+
+    def mlp_floor_words(self) -> str:
+        m = self.opts.channel_multiple
+        return f"{m} MLP channels (channel_multiple {m})" if m > 1 else "one MLP channel"
 
     def check_feasible(self, sparsity: float) -> None:
-        """Fail before any work when keeping one KV group and one channel per layer cannot reach the target."""
+        """Fail before any work when keeping the fewest units per layer (one KV group; one MLP channel, or one
+        channel_multiple) cannot reach the target."""
         need = [self.dense_layer[i] * sparsity + self.overhead(i) for i in range(len(self.layouts))]
         cap = [self.capacity(i) for i in range(len(self.layouts))]
         short = sum(need) > sum(cap) + 1e-6 if self.opts.ratios == "global" else any(
@@ -153,7 +164,7 @@ class Ledger:
             most = max(0.0, sum(c - o for c, o in zip(cap, (self.overhead(i) for i in range(len(cap))))))
             raise PrunepilotError(
                 f"sparsity {sparsity:g} is too high for structured pruning ({self.opts.ratios} ratios, kinds "
-                f"{'+'.join(self.opts.kinds)}): keeping one KV head group and one MLP channel per layer allows "
+                f"{'+'.join(self.opts.kinds)}): keeping one KV head group and {self.mlp_floor_words()} per layer allows "
                 f"removing at most {most / self.dense_total:.3f} of the block {self.opts.target}")
 
 
