@@ -71,7 +71,38 @@ def test_errors(tmp_path):
         build_comparison([write(tmp_path / "flat.json", {"model": "m", "results": {"arc_easy": 0.4}})], tmp_path)
     with pytest.raises(PrunepilotError, match="'perplexity' must map"):
         build_comparison([write(tmp_path / "ppl.json", {"model": "m", "perplexity": {"wikitext2": 25.0}})], tmp_path)
-    ok = write(tmp_path / "null.json", {"model": "m", "results": None})  # null sections read as empty
+    with pytest.raises(PrunepilotError, match="holds no task results and no perplexity"):
+        build_comparison([write(tmp_path / "empty.json", {"model": "m", "results": None})], tmp_path)
+    ok = write(tmp_path / "null.json", {"model": "m", "results": None,  # null sections read as empty
+                                        "perplexity": {"wikitext2": {"ppl": 25.0}}})
     assert build_comparison([ok], tmp_path / "out").exists()
     with pytest.raises(PrunepilotError, match="not a folder"):
         build_comparison([ok], ok)
+
+
+def test_a_missing_main_metric_is_not_replaced_by_another(tmp_path):
+    """arc_challenge is reported with acc_norm: a result holding only acc shows "-", not acc in that column."""
+    assert task_score("arc_challenge", {"acc": 0.3}) is None
+    a = write(tmp_path / "a.json", {"model": "m", "label": "a", "results": {"arc_challenge": {"acc": 0.3, "acc_norm": 0.4}}})
+    b = write(tmp_path / "b.json", {"model": "m", "label": "b", "results": {"arc_challenge": {"acc": 0.3}}})
+    text = build_comparison([a, b], tmp_path / "out").read_text()
+    assert "| a | 40.00 |\n| b | - |\n" in text
+    assert "zero-shot avg" not in text  # b has no score, so no task is common to both
+
+
+def test_prune_report_files_and_protocol_warnings(tmp_path):
+    """A `prunepilot prune` report.json compares by its perplexity_after; different protocols are flagged."""
+    rep = write(tmp_path / "report.json", {"model": "m", "method": "wanda", "target_sparsity": 0.5,
+                                           "perplexity_before": {"wikitext2": {"ppl": 20.0, "seqlen": 512}},
+                                           "perplexity_after": {"wikitext2": {"ppl": 31.5, "seqlen": 512}}})
+    proto = {"data": "/a/piqa.jsonl", "limit": None, "prompt": "p"}
+    dense = write(tmp_path / "dense.json", {"model": "m", "label": "dense",
+                                            "results": {"piqa": {"acc": 0.6, "n": 10, "protocol": proto}},
+                                            "perplexity": {"wikitext2": {"ppl": 20.0, "seqlen": 2048}}})
+    other = write(tmp_path / "other.json", {"model": "m", "label": "other", "results": {"piqa": {
+        "acc": 0.5, "n": 10, "protocol": {**proto, "data": "/b/piqa.jsonl", "prompt": "q"}}}})
+    text = build_comparison([dense, rep, other], tmp_path / "out").read_text()
+    assert "| wanda 50% | - | 31.50 |" in text
+    assert "warning: piqa was evaluated under different protocols (prompt differ)." in text  # not "data"
+    assert "warning: perplexity on wikitext2 was measured with different seqlen." in text
+    assert "ppl wikitext2 |" in text  # no single seqlen in the header

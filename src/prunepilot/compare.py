@@ -14,10 +14,14 @@ Result file schema (JSON, one per model; written by bench/eval_dense.py, `prunep
       }
     }
 
-Other keys are kept but ignored. A task's score is its "main" metric when given, else the metric TASKS
-names for it (acc_norm for ARC-challenge, HellaSwag, OpenBookQA), else "acc"; scores are fractions and
-shown as percentages. The zero-shot average is taken over the zero-shot multiple-choice tasks present in
-every file, so each row averages the same tasks. Missing entries show as "-".
+Other keys are kept but ignored. `prunepilot prune`'s report.json is read too: its "perplexity_after" is
+the perplexity section and "method" + "target_sparsity" the default label. A task's score is its "main"
+metric when given, else the metric TASKS names for it (acc_norm for ARC-challenge, HellaSwag, OpenBookQA),
+else "acc"; a result without that metric shows as "-" (never another metric in its column). Scores are
+fractions shown as percentages. The zero-shot average is taken over the zero-shot multiple-choice tasks
+present in every file, so each row averages the same tasks. Missing entries show as "-". Results of one
+task measured under different protocols (shots, limit, prompt, ...) or perplexities at different seqlens
+are flagged under the table.
 """
 from __future__ import annotations
 
@@ -60,11 +64,18 @@ def load_results(path: str | Path) -> dict:
         raise PrunepilotError(f"{path} is not valid JSON: {e}") from e
     if not isinstance(doc, dict) or "model" not in doc:
         raise PrunepilotError(f"{path}: expected a JSON object with a 'model' key (see prunepilot.compare)")
+    if not doc.get("perplexity") and isinstance(doc.get("perplexity_after"), dict):  # a `prunepilot prune` report
+        doc["perplexity"] = doc["perplexity_after"]
+        if not doc.get("label") and "method" in doc and isinstance(doc.get("target_sparsity"), (int, float)):
+            doc["label"] = f"{doc['method']} {doc['target_sparsity']:.0%}"
     for section, example in (("results", '{"arc_easy": {"acc": 0.61}}'), ("perplexity", '{"wikitext2": {"ppl": 29.1}}')):
         value = doc.get(section) or {}
         if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
             raise PrunepilotError(f"{path}: '{section}' must map names to objects, e.g. {example}")
         doc[section] = value
+    if not doc["results"] and not doc["perplexity"]:
+        raise PrunepilotError(f"{path} holds no task results and no perplexity to compare (expected 'results' "
+                              "or 'perplexity', as `prunepilot eval --out` writes)")
     return doc
 
 
@@ -72,7 +83,7 @@ def task_score(task: str, result: dict) -> float | None:
     """The fraction a task is reported with (see module docstring), or None when absent."""
     tasks, _ = _tasks_registry()
     metric = result.get("main") or (tasks[task].main if task in tasks else "acc")
-    value = result.get(metric, result.get("acc"))
+    value = result.get(metric)
     return float(value) if isinstance(value, (int, float)) else None
 
 
@@ -130,7 +141,22 @@ def comparison_table(docs: list[dict], labels: list[str]) -> str:
         ns = {doc["results"][t].get("n") for doc in docs if t in doc["results"]}
         if len(ns) > 1:
             notes.append(f"warning: {t} was evaluated on different numbers of items ({sorted(map(str, ns))}).")
+        differ = protocol_differences([doc["results"][t].get("protocol") or {} for doc in docs if t in doc["results"]])
+        if differ:
+            notes.append(f"warning: {t} was evaluated under different protocols ({', '.join(differ)} differ).")
+    for name in ppl_cols:
+        runs = [doc["perplexity"][name] for doc in docs if name in doc["perplexity"]]
+        differ = [k for k in ("seqlen", "tokens") if len({str(r.get(k)) for r in runs}) > 1]
+        if differ:
+            notes.append(f"warning: perplexity on {name} was measured with different {' and '.join(differ)}.")
     return "\n".join(lines + notes) + "\n"
+
+
+def protocol_differences(protocols: list[dict]) -> list[str]:
+    """Protocol fields that are not the same in every result; the data file's path is left out (the same file
+    lies at different paths on different machines)."""
+    keys = sorted({k for p in protocols for k in p} - {"data"})
+    return [k for k in keys if len({json.dumps(p.get(k), sort_keys=True, default=str) for p in protocols}) > 1]
 
 
 # ----------------------------------------------------------------------------- plot
