@@ -96,6 +96,8 @@ BAD = [
     (["eval", "{m}", "--ppl", "tinystories", "--checkpoint", "{o}.jsonl"], "--checkpoint applies to --tasks"),
     (["eval", "{m}", "--tasks", "arc_easy", "--checkpoint", "{tmp}"], "is a folder"),
     (["report", "/no/result.json", "--out", "{o}"], "does not exist"),
+    (["eval", "/does/not/exist", "--tasks", "arc_eazy"], "unknown task 'arc_eazy'"),  # checked before loading
+    (["eval", "/does/not/exist", "--tasks", "freebaseqa=/no/fb.json"], "data not found at /no/fb.json"),
 ]
 
 
@@ -136,6 +138,21 @@ def test_eval_all_tasks_and_perplexity_window_capped_to_the_context(tmp_path, ca
     capsys.readouterr()
     assert main(["eval", model, "--ppl", "tinystories", "--seqlen", "1024"]) == 2
     assert "exceeds the model's context of 512" in capsys.readouterr().err
+
+
+def test_eval_keeps_finished_stages_when_a_later_one_fails(tmp_path, capsys, monkeypatch):
+    import prunepilot.eval.suite as suite
+
+    def fail(*a, **k):
+        raise PrunepilotError("task data broke")
+
+    monkeypatch.setattr(suite, "run_suite", fail)
+    out = tmp_path / "eval.json"
+    args = ["eval", str(shared_path("models", "stories260K")), "--ppl", "tinystories", "--max-windows", "1",
+            "--tasks", "arc_easy", "--out", str(out)]
+    assert main(args) == 2 and "task data broke" in capsys.readouterr().err
+    saved = json.loads(out.read_text())
+    assert saved["perplexity"]["tinystories"]["ppl"] > 1 and saved["results"] == {} and saved["dtype"] == "float32"
 
 
 def test_console_script_exit_code_and_methods(tmp_path):

@@ -445,6 +445,16 @@ def test_checkpoint_is_not_reused_for_other_data_another_tokenizer_or_a_short_un
     assert again["arc_easy"]["checkpoint"]["units_resumed"] == 1 and "running it again" in caplog.text
 
 
+def test_all_skips_tasks_without_data_and_fails_when_none_has_any(data_dir, tmp_path, caplog):
+    (data_dir / "hellaswag" / "hellaswag_val_full.txt.bz2").unlink()
+    with caplog.at_level("WARNING"):
+        res = run_suite(Bigram(), Chars(), ["all"], data_dir, limit=1)
+    assert "hellaswag" not in res and {"arc_easy", "mmlu", "triviaqa"} <= set(res)
+    assert "skipping hellaswag" in caplog.text
+    with pytest.raises(PrunepilotError, match="no task data found"):
+        run_suite(Bigram(), Chars(), ["all"], tmp_path / "empty")
+
+
 def test_errors(data_dir, tmp_path):
     with pytest.raises(PrunepilotError, match="unknown task 'arc_hard'"):
         run_suite(Bigram(), Chars(), ["arc_hard"], data_dir)
@@ -478,6 +488,54 @@ def test_lm_eval_adapter_missing_dependency():
             lm_eval_adapter.run_lm_eval(Bigram(), Chars(), ["arc_easy"])
     else:
         pytest.skip("lm-eval installed; running it needs the network")
+
+
+def fake_lm_eval(monkeypatch, output=None, error=None) -> list:
+    """Install a stand-in lm_eval package whose simple_evaluate returns `output` (or raises `error`)."""
+    import sys
+    import types
+
+    calls = []
+    pkg, models, hf = (types.ModuleType(n) for n in ("lm_eval", "lm_eval.models", "lm_eval.models.huggingface"))
+
+    class HFLM:
+        def __init__(self, pretrained, tokenizer, batch_size, **kw):
+            calls.append(("HFLM", batch_size, kw))
+
+    def simple_evaluate(model, tasks, limit, num_fewshot, log_samples):
+        calls.append(("simple_evaluate", tasks, limit, num_fewshot))
+        if error:
+            raise error
+        return output
+
+    hf.HFLM, pkg.simple_evaluate, pkg.__version__, pkg.models, models.huggingface = HFLM, simple_evaluate, "9.9", models, hf
+    for name, mod in (("lm_eval", pkg), ("lm_eval.models", models), ("lm_eval.models.huggingface", hf)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    return calls
+
+
+def test_lm_eval_adapter_keys_filters_and_errors(monkeypatch):
+    """Harness results are keyed lm_eval:TASK (never overwriting the suite's own arc_easy), a group keeps its
+    members under "subtasks" instead of adding a column each, and harness failures are one clear error."""
+    from prunepilot.eval.lm_eval_adapter import run_lm_eval
+
+    out = {"results": {"arc_easy": {"acc,none": 0.6, "acc_norm,none": 0.55, "alias": "arc_easy"},
+                       "mmlu": {"acc,none": 0.3}, "mmlu_stem": {"acc,none": 0.28}, "mmlu_anatomy": {"acc,none": 0.25}},
+           "group_subtasks": {"mmlu": ["mmlu_stem"], "mmlu_stem": ["mmlu_anatomy"]},
+           "n-samples": {"arc_easy": {"effective": 5}}, "n-shot": {"arc_easy": 0, "mmlu": 5}}
+    calls = fake_lm_eval(monkeypatch, out)
+    res = run_lm_eval(Bigram(), Chars(), ["arc_easy", "mmlu"], limit=5, batch_size=4, device="cpu")
+    assert set(res) == {"lm_eval:arc_easy", "lm_eval:mmlu"}
+    assert res["lm_eval:arc_easy"]["acc"] == 0.6 and res["lm_eval:arc_easy"]["main"] == "acc"
+    assert res["lm_eval:arc_easy"]["n"] == 5 and res["lm_eval:arc_easy"]["protocol"]["harness"] == "lm-eval 9.9"
+    assert set(res["lm_eval:mmlu"]["subtasks"]) == {"mmlu_stem", "mmlu_anatomy"}
+    assert res["lm_eval:mmlu"]["protocol"]["shots"] == 5
+    assert calls == [("HFLM", 4, {"device": "cpu"}), ("simple_evaluate", ["arc_easy", "mmlu"], 5, None)]
+    with pytest.raises(PrunepilotError, match="no result for 'piqa'"):
+        run_lm_eval(Bigram(), Chars(), ["piqa"])
+    fake_lm_eval(monkeypatch, error=ValueError("Tasks not found: arc_eazy"))
+    with pytest.raises(PrunepilotError, match="lm-eval failed on arc_eazy: ValueError: Tasks not found"):
+        run_lm_eval(Bigram(), Chars(), ["arc_eazy"])
 
 
 # ----------------------------------------------------------------------------- real data

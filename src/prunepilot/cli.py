@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-fewshot", type=int, help="shots for --harness-tasks (default: each task's own)")
     p.add_argument("--data-dir", help="folder laid out like ../shared/data (default: that folder)")
     p.add_argument("--limit", type=int, help="first N items of each task (quick runs)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="requests per forward pass for --tasks / --harness-tasks "
+                   "(perplexity runs one window at a time: a batch of full-vocabulary logits can fill memory)")
     p.add_argument("--qa-shots", type=int, default=0,
                    help="answered examples before each TriviaQA/FreebaseQA question (default 0, as lm-eval; small "
                         "models need a few to answer briefly)")
@@ -181,37 +182,49 @@ def cmd_eval(args) -> int:
         raise PrunepilotError("--checkpoint applies to --tasks; give --tasks TASKS")
     if args.checkpoint and Path(args.checkpoint).is_dir():
         raise PrunepilotError(f"--checkpoint {args.checkpoint} is a folder; give a file path")
+    tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]  # "all" is expanded by run_suite
+    data_dir = Path(args.data_dir) if args.data_dir else data_root()
+    if args.tasks:
+        from .eval.suite import resolve_tasks
+
+        resolve_tasks(tasks, data_dir)  # a typo or a missing file fails before loading the model
     if args.harness_tasks:
         from .eval.lm_eval_adapter import require_lm_eval
 
         require_lm_eval()  # fail before loading the model
     device = resolve_device(args.device)
-    model, tokenizer = load_model_and_tokenizer(args.model, args.dtype or "float32", str(device), args.gguf_file)
+    dtype = args.dtype or "float32"
+    model, tokenizer = load_model_and_tokenizer(args.model, dtype, str(device), args.gguf_file)
     from .report import environment
 
-    result = {"model": args.model, "label": args.label or Path(args.model).name, "environment": environment(device),
-              "results": {}, "perplexity": {}}
+    result = {"model": args.model, "label": args.label or Path(args.model).name, "dtype": dtype,
+              "environment": environment(device), "results": {}, "perplexity": {}}
+
+    def save():  # after every stage, so a later failure keeps what is finished
+        if args.out:
+            atomic_write_json(args.out, result)
+
     if args.ppl:
         result["perplexity"] = _ppl_all(model, tokenizer, args.ppl, args.seqlen, args.max_windows)
+        save()
     if args.tasks:
         from .eval.suite import run_suite
 
-        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]  # "all" is expanded by run_suite
-        result["results"] = run_suite(model, tokenizer, tasks, Path(args.data_dir) if args.data_dir else data_root(),
-                                      limit=args.limit, batch_size=args.batch_size, device=device,
-                                      qa_shots=args.qa_shots, checkpoint=args.checkpoint)
+        result["results"] = run_suite(model, tokenizer, tasks, data_dir, limit=args.limit, batch_size=args.batch_size,
+                                      device=device, qa_shots=args.qa_shots, checkpoint=args.checkpoint)
+        save()
     if args.harness_tasks:
         from .eval.lm_eval_adapter import run_lm_eval
 
         harness = [t.strip() for t in args.harness_tasks.split(",") if t.strip()]
         result["results"].update(run_lm_eval(model, tokenizer, harness, limit=args.limit, batch_size=args.batch_size,
                                              num_fewshot=args.num_fewshot, device=device))
+        save()
     if args.speed:
         from .structured.speed import measure_speed
 
         result["speed"] = measure_speed(model)
-    if args.out:
-        atomic_write_json(args.out, result)
+        save()
     print(json.dumps(result, indent=2, default=str))
     return 0
 

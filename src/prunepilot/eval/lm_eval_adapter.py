@@ -3,7 +3,9 @@
 Optional: needs `pip install lm-eval` (or `pip install 'prunepilot[lmeval]'`) and, for most tasks, network
 access to the Hugging Face hub for the data sets. The model is wrapped with lm-eval's HFLM, so the tokenizer
 must be a Hugging Face tokenizer (not prunepilot's SentencePiece wrapper). Results come back in run_suite's
-shape: {task: {"acc", "acc_norm", ..., "n", "protocol", "seconds"}}.
+shape, keyed "lm_eval:TASK" so they never overwrite (or get averaged with) prunepilot's own task of the same
+name: {"lm_eval:arc_easy": {"acc", "acc_norm", ..., "n", "protocol", "seconds"}}. Only the requested tasks
+and groups get an entry; a group's member tasks are kept inside it under "subtasks".
 """
 from __future__ import annotations
 
@@ -56,20 +58,43 @@ def run_lm_eval(model, tokenizer, tasks: list[str], limit: int | None = None, ba
     kwargs = {"device": str(device)} if device is not None else {}
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, **kwargs)
     t0 = time.time()
-    out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit, num_fewshot=num_fewshot,
-                                  log_samples=False)
+    try:
+        out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit, num_fewshot=num_fewshot,
+                                      log_samples=False)
+    except Exception as e:  # unknown task, data not downloadable offline, ...: one clear line, not a traceback
+        raise PrunepilotError(f"lm-eval failed on {', '.join(tasks)}: {type(e).__name__}: {e}") from e
+    if not out or "results" not in out:
+        raise PrunepilotError(f"lm-eval returned no results for {', '.join(tasks)}")
     seconds = round(time.time() - t0, 2)
     version = getattr(lm_eval, "__version__", "unknown")
-    results = {}
-    for task, metrics in out["results"].items():
-        res = _convert(metrics)
-        n = out.get("n-samples", {}).get(task, {}).get("effective")
+
+    def entry(task: str) -> dict:
+        res = _convert(out["results"][task])
         spec = TASKS.get(task)
         scores = [m for m in res if m != "filters" and not m.endswith("_stderr")]
         res["main"] = spec.main if spec and spec.main in res else ("acc" if "acc" in res else next(iter(scores), "acc"))
-        res["n"] = n
+        res["n"] = out.get("n-samples", {}).get(task, {}).get("effective")
         res["protocol"] = {"harness": f"lm-eval {version}", "limit": limit,
                            "shots": out.get("n-shot", {}).get(task, num_fewshot)}
         res["seconds"] = seconds  # simple_evaluate runs all tasks together: total time
-        results[task] = res
+        return res
+
+    members = out.get("group_subtasks", {})
+    results = {}
+    for task in tasks:
+        if task not in out["results"]:
+            raise PrunepilotError(f"lm-eval returned no result for {task!r} (got {', '.join(out['results'])})")
+        res = entry(task)
+        subtasks = {sub: entry(sub) for sub in _members(task, members) if sub in out["results"]}
+        if subtasks:
+            res["subtasks"] = subtasks
+        results[f"lm_eval:{task}"] = res
     return results
+
+
+def _members(group: str, members: dict) -> list[str]:
+    """Every task under `group` in lm-eval's "group_subtasks" map, nested groups included."""
+    out = []
+    for sub in members.get(group, []):
+        out += [sub] + _members(sub, members)
+    return out

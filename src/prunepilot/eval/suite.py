@@ -80,8 +80,15 @@ def resolve_tasks(tasks: list[str] | str, data_dir: str | Path) -> list[tuple[st
         raise PrunepilotError(f"no tasks given; choose from {', '.join(TASKS)} or 'all'")
     out = []
     for entry in tasks:
-        if entry == "all":
-            out += resolve_tasks(DEFAULT_TASKS, data_dir)
+        if entry == "all":  # every default task whose data is there
+            found = [t for t in DEFAULT_TASKS if (Path(data_dir) / TASKS[t].path).exists()]
+            missing = [t for t in DEFAULT_TASKS if t not in found]
+            if not found:
+                raise PrunepilotError(f"'all': no task data found under data_dir={data_dir} (expected the layout "
+                                      "of ../shared/data)")
+            if missing:
+                log.warning("'all': skipping %s (no data under %s)", ", ".join(missing), data_dir)
+            out += resolve_tasks(found, data_dir)
             continue
         name, _, override = entry.partition("=")
         if name not in TASKS:
