@@ -1,4 +1,5 @@
-"""MMLU, k-shot (default 5) with the dev split as shots, the original hendrycks/test prompt and scoring.
+"""MMLU, k-shot (default 5) with the dev split as shots, the hendrycks/test prompt as lm-eval writes it
+(one space in "about {subject}", where the original script has two) and its scoring.
 
 Prompt: "The following are multiple choice questions (with answers) about {subject words}.\\n\\n", then k
 dev examples "Q\\nA. ..\\nB. ..\\nC. ..\\nD. ..\\nAnswer: X\\n\\n", then the test question ending "Answer:".

@@ -72,7 +72,9 @@ def load_obqa(path: Path, limit: int | None = None) -> list[MCItem]:
 
 
 def load_hellaswag(path: Path, limit: int | None = None) -> list[MCItem]:
-    """6 lines per task: context, gold index, 4 endings (already preprocessed as lm-eval does)."""
+    """6 lines per task: context, gold index, 4 endings, preprocessed by the file's maker: brackets and
+    "[title]" markers mostly removed as lm-eval does, but the second context fragment is not capitalised
+    (lm-eval joins ctx_a + " " + ctx_b.capitalize()). Read as it is; see README "Evaluation"."""
     items = []
     with bz2.open(path, "rt", encoding="utf-8") as f:
         lines = (ln.rstrip("\n") for ln in f)
