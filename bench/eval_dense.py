@@ -109,7 +109,9 @@ def main() -> None:
           f"{platform.processor() or platform.machine()}", flush=True)
 
     for task in tasks:
-        if task in results:
+        name, _, override = task.partition("=")  # NAME=PATH: done when the same file was scored
+        if name in results and (not override or results[name].get("protocol", {}).get("data") ==
+                                str(Path(override).expanduser())):
             continue
         res = run_suite(model, tok, [task], args.data, limit=args.limit, batch_size=args.batch_size,
                         device=args.device, num_fewshot_mmlu=args.num_fewshot_mmlu, add_bos=args.add_bos,

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -125,6 +126,12 @@ def test_loaders_build_lm_eval_prompts(data_dir):
     assert len(zeroshot.load_hellaswag(data_dir / "hellaswag" / "hellaswag_val_full.txt.bz2", limit=1)) == 1
     w = zeroshot.load_winogrande(data_dir / "zeroshot" / "winogrande.jsonl")[0]
     assert w.contexts == ["Sam beat Ann so Sam", "Sam beat Ann so Ann"] and w.continuations == [" ab", " ab"]
+    # the local copies' own shapes: BoolQ's query starts "Passage: " (lm-eval has none), PIQA's ends in "\n"
+    write_jsonl(data_dir / "b.jsonl", [{"query": "Passage: Cats purr.\nQuestion: do cats purr?", "choices": ["no", "yes"],
+                                        "gold": 1}])
+    assert zeroshot.load_boolq(data_dir / "b.jsonl")[0].contexts[0] == "Cats purr.\nQuestion: do cats purr?\nAnswer:"
+    write_jsonl(data_dir / "p.jsonl", [{"query": "Question: Open a jar?\n", "choices": ["twist", "bite"], "gold": 0}])
+    assert zeroshot.load_query_choices(data_dir / "p.jsonl")[0].contexts[0] == "Question: Open a jar?\nAnswer:"
 
 
 def test_acc_and_acc_norm_choose_differently():
@@ -155,6 +162,10 @@ def test_encode_pair_moves_trailing_space_and_truncate_keeps_continuation():
     assert ctx == [ord(c) for c in "Answer:"] and cont == [ord(c) for c in " yes"]
     r = truncate(Request(list(range(3, 13)), [20, 21, 22], shared=6), max_length=8)
     assert r.continuation == [20, 21, 22] and r.context == list(range(7, 13)) and r.shared == 2
+    r = truncate(Request(list(range(3, 13)), list(range(20, 28))), max_length=8)  # 1 context + 7 = 8 inputs
+    assert r.context == [12] and len(r.continuation) == 8
+    with pytest.raises(PrunepilotError, match="a choice of 9 tokens does not fit the model's context of 8"):
+        truncate(Request([3, 4], list(range(20, 29))), max_length=8)
 
 
 # ----------------------------------------------------------------------------- batching and prefix reuse
@@ -466,6 +477,31 @@ def test_errors(data_dir, tmp_path):
         bad = tmp_path / "bad.json"
         bad.write_text("[1, 2]")
         run_suite(Bigram(), Chars(), [f"freebaseqa={bad}"], data_dir)
+
+
+@pytest.mark.parametrize("task,content,message", [
+    ("arc_easy", '{"query": "Q", "choices": ["a", "b"], "gold": 0}\n{"query": "Q", "choices": ["a"', ":2: not valid JSON"),
+    ("arc_easy", '{"query": "Q", "choices": ["a", "b"]}', ":1: expected a JSON object with 'query', 'choices', "
+                                                          "'gold'; missing 'gold'"),
+    ("piqa", '\n{"query": "Q", "choices": ["a", "b"], "gold": 2}', ":2: gold 2 is not one of the 2 choices"),
+    ("boolq", '{"query": "Q", "choices": [], "gold": 0}', ":1: choices must be a list of at least 2 strings"),
+    ("openbookqa", '{"query": "Q", "choices": ["a", "b"], "gold": "yes"}', ":1: gold must be a choice index"),
+    ("winogrande", '{"context_options": ["x"], "continuation": "c", "gold": 0}', ":1: context_options must be a list"),
+    ("triviaqa", '{"context": "Question: Q?\\nAnswer:", "aliases": []}', ":1: expected a JSON object with "
+                                                                        "'context', 'answer'; missing 'answer'"),
+    ("triviaqa", '[1, 2]', ":1: expected a JSON object"),
+    ("hellaswag", "Ctx one\n0\naaaa\nb\nab\nba\nCtx two\n2\naaaa\n", ":7: the file ends inside a task"),
+    ("hellaswag", "Ctx one\n4\naaaa\nb\nab\nba\n", ":1: gold 4 is not one of the 4 choices"),
+])
+def test_malformed_data_files_name_the_file_and_line(task, content, message, tmp_path, data_dir):
+    bad = tmp_path / ("bad.txt.bz2" if task == "hellaswag" else "bad.jsonl")
+    if task == "hellaswag":
+        with bz2.open(bad, "wt") as f:
+            f.write(content)
+    else:
+        bad.write_text(content)
+    with pytest.raises(PrunepilotError, match=f"^{re.escape(str(bad) + message)}"):
+        run_suite(Bigram(), Chars(), [f"{task}={bad}"], data_dir)
 
 
 def test_lm_eval_results_keep_filtered_generation_metrics():

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ..errors import PrunepilotError
 from ..modeling import context_length
 from .loglik import encode
-from .zeroshot import _read_jsonl, stderr
+from .zeroshot import read_records, stderr
 
 
 STOPS = ("\n", ".", ",")  # lm-eval triviaqa `until`
@@ -44,8 +44,13 @@ class QAItem:
 
 def load_triviaqa(path: Path, limit: int | None = None) -> list[QAItem]:
     """{"context": "Question: ...\\nAnswer:", "answer", "aliases"} jsonl."""
-    return [QAItem(r["context"], list(dict.fromkeys([r["answer"], *r.get("aliases", [])])))
-            for r in _read_jsonl(path, limit)]
+    items = []
+    for where, r in read_records(path, limit, ("context", "answer")):
+        aliases = r.get("aliases") or []
+        if not isinstance(r["context"], str) or not isinstance(aliases, list):
+            raise PrunepilotError(f"{where}: expected a string context and a list of aliases")
+        items.append(QAItem(r["context"], [str(a) for a in dict.fromkeys([r["answer"], *aliases])]))
+    return items
 
 
 def load_freebaseqa(path: Path, limit: int | None = None) -> list[QAItem]:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..errors import PrunepilotError
 from ..modeling import context_length
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,12 @@ def encode_pair(tokenizer, context: str, continuation: str, add_bos: bool = Fals
 
 
 def truncate(req: Request, max_length: int) -> Request:
-    """Drop context tokens from the left so that the model input fits in max_length (lm-eval style)."""
+    """Drop context tokens from the left so that the model input fits in max_length (lm-eval style). A
+    continuation that alone does not fit (one context token + all but its last token) is an error: scoring
+    only part of it would change what is measured."""
+    if len(req.continuation) > max_length:
+        raise PrunepilotError(f"a choice of {len(req.continuation)} tokens does not fit the model's context of "
+                              f"{max_length} tokens")
     n_input = len(req.context) + max(len(req.continuation) - 1, 0)
     drop = min(max(n_input - max_length, 0), len(req.context) - 1)
     if drop == 0:

@@ -37,24 +37,50 @@ class MCItem:
 
 # ----------------------------------------------------------------------------- loaders
 
-def _read_jsonl(path: Path, limit: int | None) -> list[dict]:
-    rows = []
+def read_records(path: Path, limit: int | None, fields: tuple[str, ...]) -> list[tuple[str, dict]]:
+    """[(where, row)] of a jsonl file's first `limit` non-blank lines; where = "path:line" for error messages.
+    A line that is not a JSON object or lacks one of `fields` is a clear error, never a KeyError later."""
+    out = []
     with open(path, encoding="utf-8") as f:
-        for line in itertools.islice((ln for ln in f if ln.strip()), limit):
-            rows.append(json.loads(line))
-    return rows
+        numbered = ((i, ln) for i, ln in enumerate(f, 1) if ln.strip())
+        for i, line in itertools.islice(numbered, limit):
+            where = f"{path}:{i}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PrunepilotError(f"{where}: not valid JSON ({e})") from None
+            missing = [k for k in fields if not isinstance(row, dict) or k not in row]
+            if missing:
+                raise PrunepilotError(f"{where}: expected a JSON object with {', '.join(map(repr, fields))}; "
+                                      f"missing {', '.join(map(repr, missing))}")
+            out.append((where, row))
+    return out
 
 
-def _choice_item(context: str, choices: list[str], gold: int) -> MCItem:
-    return MCItem([context] * len(choices), [" " + c for c in choices], int(gold), [len(c) for c in choices])
+def _gold(where: str, gold, n_choices: int) -> int:
+    if isinstance(gold, bool) or not isinstance(gold, int) and not (isinstance(gold, str) and gold.isdigit()):
+        raise PrunepilotError(f"{where}: gold must be a choice index, got {gold!r}")
+    if not 0 <= int(gold) < n_choices:
+        raise PrunepilotError(f"{where}: gold {gold} is not one of the {n_choices} choices (0..{n_choices - 1})")
+    return int(gold)
+
+
+def _choice_item(where: str, context: str, choices, gold) -> MCItem:
+    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+        raise PrunepilotError(f"{where}: choices must be a list of at least 2 strings, got {choices!r:.80}")
+    if not isinstance(context, str):
+        raise PrunepilotError(f"{where}: the context must be a string, got {type(context).__name__}")
+    return MCItem([context] * len(choices), [" " + c for c in choices], _gold(where, gold, len(choices)),
+                  [len(c) for c in choices])
 
 
 def load_query_choices(path: Path, limit: int | None = None, answer_prompt: bool = True) -> list[MCItem]:
-    """{"query", "choices", "gold"} jsonl. answer_prompt appends "\\nAnswer:" to the query (ARC, BoolQ, PIQA)."""
+    """{"query", "choices", "gold"} jsonl. answer_prompt appends "\nAnswer:" to the query (ARC, BoolQ, PIQA)."""
     items = []
-    for row in _read_jsonl(path, limit):
-        query = row["query"].rstrip("\n") + "\nAnswer:" if answer_prompt else row["query"]
-        items.append(_choice_item(query, row["choices"], row["gold"]))
+    for where, row in read_records(path, limit, ("query", "choices", "gold")):
+        query = str(row["query"])
+        items.append(_choice_item(where, query.rstrip("\n") + "\nAnswer:" if answer_prompt else query,
+                                  row["choices"], row["gold"]))
     return items
 
 
@@ -80,19 +106,26 @@ def load_hellaswag(path: Path, limit: int | None = None) -> list[MCItem]:
         lines = (ln.rstrip("\n") for ln in f)
         while limit is None or len(items) < limit:
             block = list(itertools.islice(lines, 6))
-            if len(block) < 6:
+            if not block:
                 break
-            items.append(_choice_item(block[0], block[2:6], int(block[1])))
+            where = f"{path}:{6 * len(items) + 1}"
+            if len(block) < 6:
+                raise PrunepilotError(f"{where}: the file ends inside a task (6 lines each: context, gold, "
+                                      f"4 endings; got {len(block)})")
+            items.append(_choice_item(where, block[0], block[2:6], block[1].strip()))
     return items
 
 
 def load_winogrande(path: Path, limit: int | None = None) -> list[MCItem]:
     """{"context_options": [2], "continuation", "gold"}: the continuation is scored after each context."""
     items = []
-    for row in _read_jsonl(path, limit):
-        cont = " " + row["continuation"].strip()
-        n = len(row["context_options"])
-        items.append(MCItem(list(row["context_options"]), [cont] * n, int(row["gold"]), [len(cont) - 1] * n))
+    for where, row in read_records(path, limit, ("context_options", "continuation", "gold")):
+        options = row["context_options"]
+        if not isinstance(options, list) or len(options) < 2 or not all(isinstance(o, str) for o in options):
+            raise PrunepilotError(f"{where}: context_options must be a list of at least 2 strings")
+        cont = " " + str(row["continuation"]).strip()
+        n = len(options)
+        items.append(MCItem(list(options), [cont] * n, _gold(where, row["gold"], n), [len(cont) - 1] * n))
     return items
 
 
