@@ -106,3 +106,14 @@ def test_prune_report_files_and_protocol_warnings(tmp_path):
     assert "warning: piqa was evaluated under different protocols (prompt differ)." in text  # not "data"
     assert "warning: perplexity on wikitext2 was measured with different seqlen." in text
     assert "ppl wikitext2 |" in text  # no single seqlen in the header
+
+
+def test_report_command_writes_the_table_and_plot(files, tmp_path, capsys):
+    from prunepilot.cli import main
+
+    assert main(["report", *map(str, files), "--out", str(tmp_path / "cli")]) == 0
+    printed = capsys.readouterr().out
+    assert "| dense | 60.00 | 30.00 | 50.00 | 27.00 | 45.00 | 29.12 |" in printed
+    assert (tmp_path / "cli" / "comparison.png").stat().st_size > 0
+    assert main(["report", str(files[0]), "--out", str(files[0])]) == 2  # a file is not an output folder
+    assert "not a folder" in capsys.readouterr().err
