@@ -38,6 +38,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--qa-shots", type=int, default=5,
                    help="TriviaQA shots (the file's last K items; 0 = lm-eval's protocol, where a 135M model scores 0)")
     p.add_argument("--add-bos", action="store_true", help="prepend BOS to prompts (lm-eval default: no)")
+    p.add_argument("--table", nargs="+", type=Path, metavar="JSON",
+                   help="print the table of finished result files (e.g. runs split over several --out files) "
+                        "and exit; no model is loaded")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default=None)
     p.add_argument("--label", default="dense")
@@ -90,8 +93,42 @@ def protocol_text(res: dict) -> str:
     return f"{proto.get('shots', 0)}-shot {kind}"
 
 
+def print_table(results: dict, sources: dict | None = None) -> float:
+    """The markdown table of `results` (with each task's file when `sources` is given); returns the estimated
+    seconds for the full sets."""
+    extra = " file |" if sources else ""
+    print("\n| task | metric | score (%) | n | n (full set) | protocol | seconds | est. full set (min) |" + extra)
+    print("|---|---|---|---|---|---|---|---|" + ("---|" if sources else ""))
+    full_total = 0.0
+    for name, r in results.items():
+        full = full_set_seconds(r)
+        full_total += full
+        print(f"| {name} | {r['main']} | {100 * r[r['main']]:.2f} | {r['n']} | {r['protocol']['n_total']} | "
+              f"{protocol_text(r)} | {r['seconds']:.1f} | {full / 60:.1f} |" + (f" `{sources[name]}` |" if sources else ""))
+    if "mmlu" in results:
+        cats = results["mmlu"]["categories"]
+        print("\nMMLU by category: " + ", ".join(f"{c} {100 * v['acc']:.1f}% (n={v['n']})" for c, v in cats.items())
+              + f"; subject average {100 * results['mmlu']['acc_subject_avg']:.2f}%")
+    return full_total
+
+
+def table_of_files(files: list[Path]) -> None:
+    """One table over several result files (a task found in two files is taken from the last one given)."""
+    results, sources = {}, {}
+    for f in files:
+        for name, r in load_results(f)["results"].items():
+            results[name], sources[name] = r, f
+    order = [t for t in DEFAULT_TASKS if t in results] + [t for t in results if t not in DEFAULT_TASKS]
+    total = print_table({t: results[t] for t in order}, sources)
+    print(f"\ntotal: {sum(r['seconds'] for r in results.values()) / 3600:.2f} h evaluating "
+          f"(full sets estimated at {total / 3600:.2f} h)")
+
+
 def main() -> None:
     args = parse_args()
+    if args.table:
+        table_of_files(args.table)
+        return
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -124,20 +161,9 @@ def main() -> None:
                                                     limit=args.limit, batch_size=args.batch_size))
     eval_s = sum(r["seconds"] for r in results.values())
 
-    print("\n| task | metric | score (%) | n | n (full set) | protocol | seconds | est. full set (min) |")
-    print("|---|---|---|---|---|---|---|---|")
-    full_total = 0.0
-    for name, r in results.items():
-        full = full_set_seconds(r)
-        full_total += full
-        print(f"| {name} | {r['main']} | {100 * r[r['main']]:.2f} | {r['n']} | {r['protocol']['n_total']} | "
-              f"{protocol_text(r)} | {r['seconds']:.1f} | {full / 60:.1f} |")
+    full_total = print_table(results)
     print(f"\ntotal: {eval_s:.1f}s evaluating + {load_s:.1f}s loading = {time.time() - t_start:.1f}s wall; "
           f"full sets estimated at {full_total / 3600:.2f} h on this machine")
-    if "mmlu" in results:
-        cats = results["mmlu"]["categories"]
-        print("MMLU by category: " + ", ".join(f"{c} {100 * v['acc']:.1f}% (n={v['n']})" for c, v in cats.items())
-              + f"; subject average {100 * results['mmlu']['acc_subject_avg']:.2f}%")
     if args.out:
         doc = results_document(Path(args.model).name, results, label=args.label, limit=args.limit,
                                batch_size=args.batch_size, threads=torch.get_num_threads(),
