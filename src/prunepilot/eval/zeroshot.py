@@ -65,9 +65,15 @@ def _gold(where: str, gold, n_choices: int) -> int:
     return int(gold)
 
 
+def _options(where: str, value, what: str) -> list[str]:
+    """`value` checked to be what a multiple-choice item needs: a list of at least 2 strings."""
+    if not isinstance(value, list) or len(value) < 2 or not all(isinstance(c, str) for c in value):
+        raise PrunepilotError(f"{where}: {what} must be a list of at least 2 strings, got {value!r:.80}")
+    return value
+
+
 def _choice_item(where: str, context: str, choices, gold) -> MCItem:
-    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
-        raise PrunepilotError(f"{where}: choices must be a list of at least 2 strings, got {choices!r:.80}")
+    _options(where, choices, "choices")
     if not isinstance(context, str):
         raise PrunepilotError(f"{where}: the context must be a string, got {type(context).__name__}")
     return MCItem([context] * len(choices), [" " + c for c in choices], _gold(where, gold, len(choices)),
@@ -75,7 +81,7 @@ def _choice_item(where: str, context: str, choices, gold) -> MCItem:
 
 
 def load_query_choices(path: Path, limit: int | None = None, answer_prompt: bool = True) -> list[MCItem]:
-    """{"query", "choices", "gold"} jsonl. answer_prompt appends "\nAnswer:" to the query (ARC, BoolQ, PIQA)."""
+    """{"query", "choices", "gold"} jsonl. answer_prompt appends "\\nAnswer:" to the query (ARC, BoolQ, PIQA)."""
     items = []
     for where, row in read_records(path, limit, ("query", "choices", "gold")):
         query = str(row["query"])
@@ -120,9 +126,7 @@ def load_winogrande(path: Path, limit: int | None = None) -> list[MCItem]:
     """{"context_options": [2], "continuation", "gold"}: the continuation is scored after each context."""
     items = []
     for where, row in read_records(path, limit, ("context_options", "continuation", "gold")):
-        options = row["context_options"]
-        if not isinstance(options, list) or len(options) < 2 or not all(isinstance(o, str) for o in options):
-            raise PrunepilotError(f"{where}: context_options must be a list of at least 2 strings")
+        options = _options(where, row["context_options"], "context_options")
         cont = " " + str(row["continuation"]).strip()
         n = len(options)
         items.append(MCItem(list(options), [cont] * n, _gold(where, row["gold"], n), [len(cont) - 1] * n))
