@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Snapshot, machine, md_table, publish, smollm2_path  # noqa: E402
 
 from prunepilot.agent import AgentConfig, run_agent  # noqa: E402
-from prunepilot.agent.loop import calibration_and_heldout  # noqa: E402
 from prunepilot.api import prune  # noqa: E402
+from prunepilot.data import calibration_split  # noqa: E402
 from prunepilot.eval.perplexity import perplexity  # noqa: E402
 from prunepilot.modeling import load_model_and_tokenizer  # noqa: E402
 
@@ -72,8 +72,9 @@ def main():
     model, tok = load_model_and_tokenizer(args.model)
     print(f"loaded {args.model} in {time.time() - t0:.1f}s; {machine()}", flush=True)
     snap = Snapshot(model)
-    calib, held, _ = calibration_and_heldout(tok, ["web"], args.n_samples, args.seqlen, 0,
-                                             args.agent_eval_tokens, args.seqlen)
+    cal = calibration_split(tok, ["web"], args.n_samples, args.seqlen, 0,
+                            held_out_windows=max(1, args.agent_eval_tokens // args.seqlen), held_out_seqlen=args.seqlen)
+    calib, held = cal.ids, cal.held_out
     mw = args.max_windows or None
 
     def evaluate() -> tuple[dict, dict]:

@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from common import md_table, publish  # noqa: E402
 
 from prunepilot.api import prune  # noqa: E402
-from prunepilot.structured.speed import measure_speed  # noqa: E402
+from prunepilot.eval.speed import measure_speed  # noqa: E402
 
 # Qwen3-8B's published config (hidden 4096, FFN 12288, 36 layers, 32 query / 8 KV heads of 128, vocab 151,936)
 SHAPES = {

@@ -37,7 +37,7 @@ from prunepilot.api import prune  # noqa: E402
 from prunepilot.data import TextSource, load_documents, tokenize_stream  # noqa: E402
 from prunepilot.eval.perplexity import perplexity_of_tokens  # noqa: E402
 from prunepilot.modeling import load_model_and_tokenizer  # noqa: E402
-from prunepilot.structured.speed import measure_speed  # noqa: E402
+from prunepilot.eval.speed import measure_speed  # noqa: E402
 
 EVALS = [("wikitext2", "wikitext2"), ("c4", "c4"), ("code", "code-test")]
 METHODS = "wanda_sp:web,flap:web,flap_iterative:wiki+web+code+math"

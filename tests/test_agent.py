@@ -1,4 +1,5 @@
 """Agent-guided pruning: profile math, validator, controllers, rollback, journal resume, OpenAI round trip."""
+import dataclasses
 import json
 import logging
 import math
@@ -8,15 +9,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from prunepilot.agent import AgentConfig, parse_decision, percentile, run_agent, zscore
+from prunepilot.agent import AgentConfig, parse_decision, percentile, run_agent
 from prunepilot.agent.controllers import BuiltinPolicy, ControllerUnavailable, GuardedController, HFController
 from prunepilot.agent.config import ControllerConfig
 from prunepilot.agent.decision import Observation
-from prunepilot.agent.journal import Journal
+from prunepilot.agent.journal import IterationRecord, Journal, JournalHeader
 from prunepilot.agent.profile import Profile, extra_rowwise_mask, gradient_importance, prune_and_profile
 from prunepilot.agent.validate import DecisionError
-from prunepilot.engine import ModelAdapter, capture_block_inputs, collect, weight_2d
+from prunepilot.engine import ModelAdapter, blocks, weight_2d
 from prunepilot.errors import PrunepilotError
+from prunepilot.stats import zscore_list as zscore
 from prunepilot.methods.base import InputNormState
 from prunepilot.methods.wanda import wanda_scores
 from tiny_models import tiny_model
@@ -125,17 +127,15 @@ def test_profile_pass_measures_the_current_model():
     model = tiny_model("llama")
     ad = ModelAdapter(model, ignore=["lm_head"])
     ids, _ = tiny_data()
-    s = prune_and_profile(ad, capture_block_inputs(model, ad, ids, "cpu"), "cpu", {}, 0.1)
-    lin = ad.linears(0)
-    states = {n: InputNormState(weight_2d(m).shape[1], "cpu") for n, m in lin.items()}
-    inputs = capture_block_inputs(model, ad, ids, "cpu")
-    collect(ad.blocks[0], 0, lin, inputs, lambda n, x: states[n].add(x))
+    s = prune_and_profile(ad, ids, "cpu", {}, 0.1)
+    first = next(iter(blocks(ad, ids, "cpu", states=lambda n, m: InputNormState(weight_2d(m).shape[1], "cpu"))))
+    lin, states = first.linears, first.states
     for n, m in lin.items():
         sc = wanda_scores(weight_2d(m), states[n].sq_mean)
         assert s[n] == pytest.approx(torch.quantile(sc.flatten(), 0.1).item(), rel=1e-5)
     # prune 30% more of one layer: its new s is over the surviving weights only, so it rises
     name = "model.layers.1.mlp.down_proj"
-    s2 = prune_and_profile(ad, capture_block_inputs(model, ad, ids, "cpu"), "cpu", {name: 0.3}, 0.1)
+    s2 = prune_and_profile(ad, ids, "cpu", {name: 0.3}, 0.1)
     w = weight_2d(ad.all_linears()[name])
     assert (w == 0).float().mean().item() == pytest.approx(0.3, abs=1e-3)
     assert s2[name] > s[name]
@@ -276,8 +276,8 @@ def test_rollback_restores_weights_exactly_and_tells_the_controller(stories, tmp
     model = make()
     before = {k: v.clone() for k, v in model.state_dict().items()}
 
-    def destructive(adapter, inputs, device, extras, q=0.1, desc=""):  # the step wipes its layers out
-        s = real(adapter, inputs, device, extras, q, desc)
+    def destructive(adapter, ids, device, extras, q=0.1, **kw):  # the step wipes its layers out
+        s = real(adapter, ids, device, extras, q, **kw)
         with torch.no_grad():
             for name in extras:
                 weight_2d(adapter.all_linears()[name]).mul_(0.0)
@@ -308,8 +308,8 @@ def test_resume_after_kill_equals_uninterrupted_run(stories, tmp_path, monkeypat
 
     real = loop.prune_and_profile
 
-    def pass_(adapter, inputs, device, extras, q=0.1, desc=""):  # a step with extras of 0.0123 is ruinous
-        s = real(adapter, inputs, device, extras, q, desc)
+    def pass_(adapter, ids, device, extras, q=0.1, **kw):  # a step with extras of 0.0123 is ruinous
+        s = real(adapter, ids, device, extras, q, **kw)
         if 0.0123 in extras.values():
             with torch.no_grad():
                 for name in extras:
@@ -332,7 +332,7 @@ def test_resume_after_kill_equals_uninterrupted_run(stories, tmp_path, monkeypat
     with pytest.raises(Killed):
         run_agent(make(), tok, cfg, tmp_path / "run", controller=script(kill_at=3))
     _, recs = Journal(tmp_path / "run" / "journal.jsonl").read()
-    assert len(recs) == 3 and [r["accepted"] for r in recs] == [True, False, True]
+    assert len(recs) == 3 and [r.accepted for r in recs] == [True, False, True]
     with pytest.raises(PrunepilotError, match="--resume"):
         run_agent(make(), tok, cfg, tmp_path / "run")
     with pytest.raises(PrunepilotError, match="different starting model"):
@@ -346,26 +346,57 @@ def test_resume_after_kill_equals_uninterrupted_run(stories, tmp_path, monkeypat
     a, b = masks_of(ref_model), masks_of(model)
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert all(torch.equal(x, y) for x, y in zip(ref_model.state_dict().values(), model.state_dict().values()))
-    strip = lambda recs: [{k: v for k, v in r.items() if k != "seconds"} for r in recs]  # noqa: E731
+    strip = lambda recs: [dataclasses.replace(r, seconds=0.0) for r in recs]  # noqa: E731
     assert strip(Journal(tmp_path / "ref" / "journal.jsonl").read()[1]) == strip(
         Journal(tmp_path / "run" / "journal.jsonl").read()[1])
     assert (res.iterations, res.rollbacks, res.global_sparsity) == (ref.iterations, ref.rollbacks, ref.global_sparsity)
 
 
+def _header():
+    return JournalHeader("fp", "data", {}, ["a"], 0.5, 10.0, 64, {}, {}, "now")
+
+
+def _record(i):
+    return IterationRecord(i, "builtin", {"reasoning": "r"}, [], 0.1, 10.0, True, {"a": 0.1}, 1.0, 0.05, 10.5,
+                           0.05, "excellent", 0.15, 30, mask_hash="h", seconds=1.5)
+
+
 def test_journal_survives_a_truncated_last_line(tmp_path):
     j = Journal(tmp_path / "j.jsonl")
-    j.append({"type": "header", "version": 1})
-    j.append({"type": "iteration", "iteration": 0})
+    j.write_header(_header())
+    j.append(_record(0))
     with open(j.path, "ab") as f:
         f.write(b'{"type": "iteration", "iter')
     header, recs = j.read()
-    assert header["version"] == 1 and recs == [{"type": "iteration", "iteration": 0}]
+    assert header == _header() and recs == [_record(0)]
     j.drop_partial_tail()  # what a resume does before appending: the next record starts on a fresh line
-    j.append({"type": "iteration", "iteration": 1})
-    assert [r["iteration"] for r in j.read()[1]] == [0, 1]
+    j.append(_record(1))
+    assert [r.iteration for r in j.read()[1]] == [0, 1]
     cut = Journal(tmp_path / "cut.jsonl")
     cut.path.write_bytes(b'{"type": "hea')  # killed during the very first write
     assert cut.exists() and not cut.has_header() and j.has_header()
+
+
+def test_journal_lines_are_the_records_and_damage_names_the_line(tmp_path):
+    j = Journal(tmp_path / "j.jsonl")
+    j.write_header(_header())
+    j.append(_record(0))
+    lines = [json.loads(x) for x in j.path.read_text().splitlines()]
+    assert lines[0]["type"] == "header" and lines[0]["version"] == 2 and lines[1]["type"] == "iteration"
+    assert "stopped" not in lines[1] and "grad" not in lines[1]  # optional fields only when they say something
+    assert lines[1]["applied"] == {"a": 0.1} and lines[1]["mask_hash"] == "h"
+    for damage, what in ((lambda r: r.pop("gain"), "gain"), (lambda r: r.update(accepted="maybe"), "accepted")):
+        bad = dict(lines[1])
+        damage(bad)
+        j.path.write_text("\n".join(json.dumps(x) for x in (lines[0], bad, lines[1])) + "\n")
+        with pytest.raises(PrunepilotError, match=f"j.jsonl:2: damaged journal record: {what}"):
+            j.read()
+    j.path.write_text(json.dumps(lines[0]) + "\n{not json\n" + json.dumps(lines[1]) + "\n")
+    with pytest.raises(PrunepilotError, match="j.jsonl:2: journal line is not valid JSON"):
+        j.read()
+    j.path.write_text(json.dumps({**lines[0], "version": 1}) + "\n")
+    with pytest.raises(PrunepilotError, match="version 1, expected 2"):
+        j.read()
 
 
 def test_nan_or_inf_perplexity_is_rolled_back_and_labelled_so():
@@ -377,16 +408,17 @@ def test_nan_or_inf_perplexity_is_rolled_back_and_labelled_so():
 
 
 def test_mask_fingerprint_sees_masks_not_counts():
-    from prunepilot.agent.journal import mask_fingerprint
+    from prunepilot.fingerprint import mask_fingerprint
 
     model = tiny_model("llama")
     ad = ModelAdapter(model)
-    w = weight_2d(ad.linears(0)["model.layers.0.mlp.up_proj"])
+    weights = {n: weight_2d(m) for n, m in ad.all_linears().items()}
+    w = weights["model.layers.0.mlp.up_proj"]
     with torch.no_grad():
         w[0, 0] = 0.0
-        a = mask_fingerprint(ad)
+        a = mask_fingerprint(weights)
         w[0, 0], w[0, 1] = 1.0, 0.0  # same number of zeros, another position
-    assert mask_fingerprint(ad) != a
+    assert mask_fingerprint(weights) != a
 
 
 def test_config_is_strict_and_round_trips_yaml(tmp_path):
@@ -475,7 +507,7 @@ def test_openai_round_trip_over_http(tmp_path, monkeypatch):
     assert "Layer profile" in req["body"]["messages"][1]["content"]
     assert "prune the first two" in srv.requests[1]["body"]["messages"][1]["content"]  # own reasoning fed back
     _, recs = Journal(tmp_path / "journal.jsonl").read()
-    assert [r["source"] for r in recs] == ["openai", "openai"] and len(recs[0]["applied"]) == 2
+    assert [r.source for r in recs] == ["openai", "openai"] and len(recs[0].applied) == 2
 
 
 def test_openai_garbage_falls_back_to_builtin(tmp_path, caplog):

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from prunepilot.engine import ModelAdapter, capture_block_inputs, run_block, sequential_pass
+from prunepilot.engine import ModelAdapter, blocks, capture_block_inputs, run_block
+from prunepilot.methods.base import InputNormState
 from prunepilot.errors import PrunepilotError
 from tiny_models import CONFIGS, tiny_model
 
@@ -65,23 +66,47 @@ def test_unknown_architecture_is_a_clear_error():
         ModelAdapter(NotAnLLM())
 
 
-def test_sequential_pass_moves_one_block_at_a_time_and_removes_hooks():
+def test_block_pass_moves_one_block_at_a_time_and_removes_hooks():
     model = tiny_model("llama")
     adapter = ModelAdapter(model)
-    inputs = capture_block_inputs(model, adapter, torch.randint(3, 128, (2, 16)), "cpu")
     seen = []
-
-    def visit(i, block, inp):
-        seen.append(i)
-        from prunepilot.engine import collect
-
-        lin = adapter.linears(i)
-        collect(block, i, lin, inp, lambda n, x: None)
-        assert all(not m._forward_hooks for m in lin.values())
-
-    sequential_pass(adapter, inputs, "cpu", visit)
+    for blk in blocks(adapter, torch.randint(3, 128, (2, 16)), "cpu", states=lambda n, m: InputNormState(
+            m.in_features, "cpu")):
+        seen.append(blk.index)
+        assert blk.module is adapter.blocks[blk.index] and set(blk.states) == set(adapter.linears(blk.index))
+        assert all(st.n == 2 * 16 for st in blk.states.values())  # every token of both samples was seen
+        assert all(not m._forward_hooks for m in blk.linears.values())
     assert seen == [0, 1, 2]
     assert all(not m._forward_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("outputs", ["pruned", "dense"])
+def test_block_pass_feeds_pruned_or_dense_outputs_to_the_next_block(outputs):
+    """outputs="pruned": what the body did to a block shapes the next block's inputs; "dense": the statistics
+    pass sees the unpruned model throughout. Either way the last hidden states are the replayed forward."""
+    model = tiny_model("llama")
+    ids = torch.randint(3, 128, (2, 16))
+    adapter = ModelAdapter(model)
+    inputs_seen = []
+    run = blocks(adapter, ids, "cpu", states=lambda n, m: InputNormState(m.in_features, "cpu"), outputs=outputs)
+    for blk in run:
+        inputs_seen.append(torch.cat(blk.inputs.hidden).clone())
+        with torch.no_grad():
+            blk.module.mlp.down_proj.weight.mul_(0.5)  # "prune" every block after its statistics were taken
+    with torch.no_grad():
+        hidden = model(ids, output_hidden_states=True).hidden_states  # the model as it is now (all pruned)
+    block_inputs_of_pruned = [hidden[i] for i in range(3)]
+    if outputs == "pruned":
+        for got, want in zip(inputs_seen, block_inputs_of_pruned):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    else:
+        assert not torch.allclose(inputs_seen[2], block_inputs_of_pruned[2], atol=1e-4)
+        with torch.no_grad():
+            for blk_module in adapter.blocks:
+                blk_module.mlp.down_proj.weight.mul_(2.0)  # undo: the dense model's hidden states
+            dense = model(ids, output_hidden_states=True).hidden_states
+        for got, want in zip(inputs_seen, dense):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_entry_points_restore_the_callers_placement():
@@ -93,7 +118,6 @@ def test_entry_points_restore_the_callers_placement():
     from prunepilot.api import prune
     from prunepilot.engine.placement import kept_placement, tensor_devices
     from prunepilot.eval.perplexity import perplexity_sequential
-    from prunepilot.structured.api import prune_structured
 
     model = tiny_model("llama")
     where = tensor_devices(model)
@@ -103,7 +127,7 @@ def test_entry_points_restore_the_callers_placement():
     with kept_placement(model):
         model.lm_head.weight.data = model.lm_head.weight.data.clone()
     assert model.lm_head.weight is head and tensor_devices(model) == where
-    for fn in (prune, prune_structured, perplexity_sequential, run_agent):
+    for fn in (prune, perplexity_sequential, run_agent):  # structured methods run inside prune
         assert fn.__wrapped__.__name__ == fn.__name__, fn  # decorated with keeps_placement
 
 

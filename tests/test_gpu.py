@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from prunepilot.api import prune
-from prunepilot.engine import ModelAdapter, capture_block_inputs, run_block, sequential_pass
+from prunepilot.engine import ModelAdapter, blocks, capture_block_inputs, run_block
 from prunepilot.eval.perplexity import perplexity_of_tokens, perplexity_sequential
 from tiny_models import tiny_model
 
@@ -19,13 +19,9 @@ def test_replay_on_the_gpu_equals_the_cpu_forward():
     with torch.no_grad():
         ref = model(IDS, output_hidden_states=True).hidden_states
     ad = ModelAdapter(model)
-    inputs = capture_block_inputs(model, ad, IDS, "cuda", batch_size=2)
     on_gpu = []
-
-    def visit(i, block, inp):
+    for _ in blocks(ad, IDS, "cuda", batch_size=2):
         on_gpu.append([next(b.parameters()).device.type for b in ad.blocks])
-
-    sequential_pass(ad, inputs, "cuda", visit)
     assert all(devs.count("cuda") == 1 for devs in on_gpu)  # one block on the device at a time
     inputs = capture_block_inputs(model, ad, IDS, "cuda", batch_size=2)
     for i, block in enumerate(ad.blocks[:-1]):  # the last hidden state has the final norm applied

@@ -13,7 +13,7 @@ def test_registry_lists_builtin_methods_and_rejects_unknown():
     assert {"magnitude", "wanda", "sparsegpt"} <= set(available())
     with pytest.raises(PrunepilotError, match="unknown method 'nope'"):
         get_method("nope")
-    with pytest.raises(PrunepilotError, match="bad options"):
+    with pytest.raises(PrunepilotError, match="invalid options of method wanda: colour"):
         get_method("wanda", colour="red")
 
 

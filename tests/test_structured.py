@@ -12,12 +12,13 @@ from prunepilot.engine import ModelAdapter
 from prunepilot.errors import PrunepilotError
 from prunepilot.recipe import Recipe
 from prunepilot.registry import available, get_method
-from prunepilot.structured import api as sapi
+from prunepilot.structured.methods import WandaSP
+from prunepilot.structured.outcome import warn_unaligned
 from prunepilot.structured.saving import WIDTHS_FILE, load_pruned, save_pruned
 from prunepilot.structured.scores import (Candidates, RunningMoments, align_removal, fluctuation_scores,
-                                          group_scores, head_scores, select_global, split_uniform_layer, standardize, wanda_sp_scores)
+                                          group_scores, head_scores, select_global, split_uniform_layer, standardize)
 from prunepilot.structured.slicing import block_layout, keep_kv_groups, keep_mlp_channels
-from prunepilot.structured.speed import measure_speed
+from prunepilot.eval.speed import measure_speed
 from tiny_models import GATED, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
@@ -62,7 +63,7 @@ def test_scores_by_hand():
                       [4.0, 0.0, 2.0, 0.0]])   # tokens: ‖X_j‖ 5, 0, 2, 1; unbiased var 0.5, 0, 2, 0.5
     m = RunningMoments(4)
     m.add(X)
-    assert wanda_sp_scores(W, m).tolist() == [20.0, 0.0, 2.0, 2.0]
+    assert WandaSP().column_scores(W, m).tolist() == [20.0, 0.0, 2.0, 2.0]
     assert fluctuation_scores(W, m).tolist() == [5.0, 0.0, 2.0, 1.0]
     cols = torch.arange(12.0)  # 6 heads of head_dim 2, 2 KV groups of 3 heads
     heads = head_scores(cols, head_dim=2)
@@ -239,22 +240,31 @@ def test_iterative_uniform_removes_as_many_kv_groups_as_one_shot():
 
 
 def test_structured_calibration_defaults(monkeypatch):
+    """Each method's registered defaults fill what the recipe leaves unset; what the user states wins."""
+    import prunepilot.job as job
+
     seen = {}
 
     def fake_blocks(tok, sources, n, seqlen, seed):
         seen.update(sources=sources, seqlen=seqlen)
-        return torch.zeros(n, seqlen, dtype=torch.long), {}
+        return torch.randint(3, 128, (n, seqlen)), {}
 
-    monkeypatch.setattr(sapi, "calibration_blocks", fake_blocks)
-    sapi.structured_calibration(Recipe.from_dict({"method": "flap_iterative"}), get_method("flap_iterative"), object())
+    monkeypatch.setattr(job, "calibration_blocks", fake_blocks)
+    tok = object()
+    prune(tiny_model("llama"), {"method": "flap_iterative", "sparsity": 0.2, "calibration": {"n_samples": 2}}, tok)
     assert seen == {"sources": ["wiki", "web", "code", "math"], "seqlen": 128}
-    sapi.structured_calibration(Recipe.from_dict({"calibration": {"sources": ["web"], "seqlen": 64}}),
-                                get_method("flap_iterative"), object())
+    prune(tiny_model("llama"), {"method": "flap_iterative", "sparsity": 0.2,
+                                "calibration": {"sources": ["web"], "seqlen": 64, "n_samples": 2}}, tok)
     assert seen == {"sources": ["web"], "seqlen": 64}
-    sapi.structured_calibration(Recipe.from_dict({}), get_method("flap"), object())
+    prune(tiny_model("llama"), {"method": "flap", "sparsity": 0.2, "calibration": {"n_samples": 2}}, tok)
     assert seen == {"sources": ["web"], "seqlen": 128}
+    rep = prune(tiny_model("llama"), {"method": "wanda_sp", "sparsity": 0.2, "calibration": {"n_samples": 2}}, tok)
+    assert (rep.extra["ratios"], rep.extra["bias_compensation"]) == ("uniform", False)
+    rep = prune(tiny_model("llama"), {"method": "wanda_sp", "sparsity": 0.2, "calibration": {"n_samples": 2},
+                                      "structured": {"ratios": "global"}}, tok)
+    assert (rep.extra["ratios"], rep.extra["bias_compensation"]) == ("global", False)
     assert {"wanda_sp", "flap", "flap_iterative"} <= set(available())
-    assert all(available()[m].kind == "structured" for m in ("wanda_sp", "flap", "flap_iterative"))
+    assert all(available()[m].pipeline.name == "structured" for m in ("wanda_sp", "flap", "flap_iterative"))
     with pytest.raises(PrunepilotError, match="schedule"):
         get_method("flap_iterative", schedule="cubic")
 
@@ -379,10 +389,10 @@ def test_stories260k_uniform_results_reload(stories, tmp_path):
 
 def test_unaligned_widths_are_reported(caplog):
     with caplog.at_level("WARNING"):
-        sapi.warn_unaligned([{"intermediate_size": 128}, {"intermediate_size": 90}], [128, 128], 1)
+        warn_unaligned([{"intermediate_size": 128}, {"intermediate_size": 90}], [128, 128], 1)
     assert "1 layers have MLP widths that are not multiples of 64 (e.g. 90)" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING"):
-        sapi.warn_unaligned([{"intermediate_size": 90}], [128], 16)  # the user chose a multiple: quiet
-        sapi.warn_unaligned([{"intermediate_size": 90}], [100], 1)   # the dense width was not aligned either
+        warn_unaligned([{"intermediate_size": 90}], [128], 16)  # the user chose a multiple: quiet
+        warn_unaligned([{"intermediate_size": 90}], [100], 1)   # the dense width was not aligned either
     assert not caplog.text

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from .agent.cli import add_agent_parser
 from .errors import PrunepilotError
 
 log = logging.getLogger("prunepilot")
@@ -20,11 +21,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default float32)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prunepilot", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_prune_parser(sub) -> None:
     p = sub.add_parser("prune", help="prune a model and write model + recipe + report.json")
     _add_model_args(p)
     p.add_argument("--recipe", help="YAML recipe; the options below override its values")
@@ -53,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--no-save-model", action="store_true", help="write only the recipe and report")
 
+
+def _add_eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="perplexity and zero-shot / MMLU / QA scores of a (pruned) model")
     _add_model_args(p)
     p.add_argument("--ppl", action="append", metavar="DATASET", help="perplexity set(s): wikitext2, c4, ...")
@@ -79,18 +78,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", help="name of this model in comparison reports")
     p.add_argument("--out", help="write results JSON here")
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prunepilot", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_prune_parser(sub)
+    _add_eval_parser(sub)
     sub.add_parser("methods", help="list pruning methods")
 
     p = sub.add_parser("report", help="compare several result JSONs in one markdown table + plot")
     p.add_argument("results", nargs="+", help="result JSON files (from `prunepilot eval --out`)")
     p.add_argument("--out", required=True, help="output folder")
-
-    try:
-        from .agent.cli import add_agent_parser
-    except ImportError:  # agent package not installed in this build
-        add_agent_parser = None
-    if add_agent_parser is not None:
-        add_agent_parser(sub)
+    add_agent_parser(sub)
     return parser
 
 
@@ -132,13 +132,14 @@ def _ppl_all(model, tokenizer, datasets, seqlen, max_windows, batch_size=1) -> d
 
 
 def cmd_prune(args) -> int:
-    from .api import prune, resolve_device
+    from .api import prune
+    from .engine import resolve_device
     from .modeling import context_length, load_model_and_tokenizer
-    from .registry import get_method
+    from .registry import get_spec
     from .report import environment, save_result
 
     recipe = _recipe_from_args(args)
-    get_method(recipe.method, **recipe.method_options)  # fail fast on a bad method name
+    get_spec(recipe.method).build(recipe.method_options)  # fail fast on a bad method name or option
     out = Path(args.out)
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise PrunepilotError(f"output folder {out} is not empty; pass --overwrite to replace it")
@@ -170,8 +171,8 @@ def cmd_prune(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .api import resolve_device
     from .data import data_root
+    from .engine import resolve_device
     from .io import atomic_write_json
     from .modeling import load_model_and_tokenizer
 
@@ -221,7 +222,7 @@ def cmd_eval(args) -> int:
                                              num_fewshot=args.num_fewshot, device=device))
         save()
     if args.speed:
-        from .structured.speed import measure_speed
+        from .eval.speed import measure_speed
 
         result["speed"] = measure_speed(model)
         save()
@@ -232,8 +233,8 @@ def cmd_eval(args) -> int:
 def cmd_methods(args) -> int:
     from .registry import available
 
-    for name, cls in available().items():
-        print(f"{name:16s} {getattr(cls, 'kind', 'unstructured'):13s} {getattr(cls, 'summary', '')}")
+    for name, spec in available().items():
+        print(f"{name:16s} {spec.pipeline.name:13s} {spec.summary}")
     return 0
 
 

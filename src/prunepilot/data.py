@@ -215,12 +215,22 @@ def split_counts(weights: list[float], total: int) -> list[int]:
     return counts
 
 
-def calibration_blocks(tokenizer, sources: list[TextSource | str], n_samples: int, seqlen: int,
-                       seed: int = 0, max_chars: int = 20_000_000) -> tuple[torch.Tensor, dict]:
-    """Seeded (n_samples, seqlen) token blocks drawn from a weighted mixture of sources.
+@dataclass
+class Calibration:
+    """Calibration windows and, when asked for, a disjoint held-out token stream (the tail of every source)."""
+    ids: torch.Tensor          # (n_samples, seqlen)
+    held_out: torch.Tensor     # (n_held_tokens,); empty when no held-out part was asked for
+    summary: dict              # {domain: {"samples", ["held_out_tokens",] "tokens_available", "source"}}
 
-    Each source's documents are joined and tokenized once; its share of the samples are windows at
-    random offsets. Returns the blocks and a summary {domain: {"samples", "tokens_available", "source"}}.
+
+def calibration_split(tokenizer, sources: list[TextSource | str], n_samples: int, seqlen: int, seed: int = 0,
+                      held_out_windows: int = 0, held_out_seqlen: int = 0,
+                      max_chars: int = 20_000_000) -> Calibration:
+    """Seeded (n_samples, seqlen) token blocks drawn from a weighted mixture of sources, and a held-out stream.
+
+    Each source's documents are joined and tokenized once; with held_out_windows > 0 the last
+    (its share of held_out_windows) x held_out_seqlen tokens of every source are held out, and the source's share
+    of the samples are windows at random offsets of what comes before (never of the held-out tail).
     """
     if n_samples < 1 or seqlen < 2:
         raise PrunepilotError(f"calibration needs n_samples >= 1 and seqlen >= 2 (got {n_samples}, {seqlen})")
@@ -228,17 +238,31 @@ def calibration_blocks(tokenizer, sources: list[TextSource | str], n_samples: in
     if not sources:
         raise PrunepilotError("no calibration source given")
     counts = split_counts([s.weight for s in sources], n_samples)
+    held_counts = split_counts([s.weight for s in sources], held_out_windows) if held_out_windows else [0] * len(sources)
     rng = random.Random(seed)
-    blocks, summary = [], {}
-    for src, count in zip(sources, counts):
+    blocks, held, summary = [], [], {}
+    for src, count, hw in zip(sources, counts, held_counts):
         stream = tokenize_stream(tokenizer, load_documents(src), max_chars=max_chars)
-        if stream.numel() <= seqlen:
-            raise PrunepilotError(
-                f"calibration source {src} has {stream.numel()} tokens, fewer than seqlen+1 = {seqlen + 1}")
+        n_held = hw * held_out_seqlen
+        head = stream[: stream.numel() - n_held]
+        if head.numel() <= seqlen:
+            held_words = f" after holding out {n_held} tokens" if held_out_windows else ""
+            raise PrunepilotError(f"calibration source {src} has {head.numel()} tokens{held_words}: fewer than "
+                                  f"seqlen+1 = {seqlen + 1}")
+        held.append(stream[stream.numel() - n_held:])
         for _ in range(count):
-            i = rng.randint(0, stream.numel() - seqlen - 1)
-            blocks.append(stream[i:i + seqlen])
-        summary[src.domain] = {"samples": count, "tokens_available": int(stream.numel()), "source": str(src)}
+            i = rng.randint(0, head.numel() - seqlen - 1)
+            blocks.append(head[i:i + seqlen])
+        summary[src.domain] = {"samples": count, **({"held_out_tokens": n_held} if held_out_windows else {}),
+                               "tokens_available": int(stream.numel()), "source": str(src)}
     order = list(range(len(blocks)))
     rng.shuffle(order)  # mix domains across batches
-    return torch.stack([blocks[i] for i in order]), summary
+    return Calibration(torch.stack([blocks[i] for i in order]), torch.cat(held), summary)
+
+
+def calibration_blocks(tokenizer, sources: list[TextSource | str], n_samples: int, seqlen: int,
+                       seed: int = 0, max_chars: int = 20_000_000) -> tuple[torch.Tensor, dict]:
+    """Seeded (n_samples, seqlen) token blocks drawn from a weighted mixture of sources (calibration_split
+    without a held-out part). Returns the blocks and a summary {domain: {"samples", "tokens_available", "source"}}."""
+    cal = calibration_split(tokenizer, sources, n_samples, seqlen, seed, max_chars=max_chars)
+    return cal.ids, cal.summary

@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from .errors import PrunepilotError
+
+log = logging.getLogger(__name__)
 
 
 def _umask() -> int:
@@ -65,3 +68,85 @@ def atomic_dir(path: str | Path, overwrite: bool = False):
     os.replace(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+class JsonLines:
+    """Append-only JSON-lines file: each record is one line, written in full and fsync'ed before `append` returns.
+
+    A crash leaves at worst a cut last line: `read` skips it with a warning, `drop_partial_tail` removes it, and
+    `append` starts a fresh line after it. A malformed line anywhere else is an error naming the file and line.
+    (The agent journal and the evaluation checkpoints are both such files.)
+    """
+
+    def __init__(self, path: str | Path, what: str = "file"):
+        self.path = Path(path)
+        self.what = what
+        if self.path.exists() and not self.path.is_file():
+            raise PrunepilotError(f"{what} {self.path} exists and is not a file")
+
+    def exists(self) -> bool:
+        return self.path.is_file() and self.path.stat().st_size > 0
+
+    def append(self, record: dict) -> None:
+        line = (json.dumps(record, separators=(",", ":"), default=float) + "\n").encode()
+        new = not self.path.exists()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":  # a crash cut the last line: start a fresh one
+                line = b"\n" + line
+            view = memoryview(line)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if new:  # make the new directory entry durable too
+            _fsync_dir(self.path.parent)
+
+    def drop_partial_tail(self) -> None:
+        """Cut an interrupted last write (bytes after the last newline)."""
+        data = self.path.read_bytes()
+        keep = data.rfind(b"\n") + 1
+        if keep < len(data):
+            log.warning("%s %s: removing a truncated last line (%d bytes)", self.what, self.path, len(data) - keep)
+            with open(self.path, "r+b") as f:
+                f.truncate(keep)
+                f.flush()
+                os.fsync(f.fileno())
+
+    def read(self, skip_damaged: bool = False) -> list[tuple[int, dict]]:
+        """(line number, record) for every complete line; a malformed last line (interrupted write) is skipped.
+
+        skip_damaged: skip every malformed line instead of failing, for a cache whose lost line only means work
+        is done again (a line cut by a crash stays in the middle of the file once later lines are appended)."""
+        lines = self.path.read_bytes().split(b"\n")
+        out = []
+        for k, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                if skip_damaged or k >= len(lines) - 2:  # only the last line may be cut short
+                    log.warning("%s %s: skipping a truncated last line", self.what, self.path)
+                    continue
+                raise PrunepilotError(f"{self.path}:{k + 1}: {self.what} line is not valid JSON") from None
+            if not isinstance(record, dict):
+                if skip_damaged:
+                    continue
+                raise PrunepilotError(f"{self.path}:{k + 1}: {self.what} line is not a JSON object")
+            out.append((k + 1, record))
+        return out
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        dfd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass

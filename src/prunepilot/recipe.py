@@ -69,6 +69,18 @@ class Recipe(Strict):
             raise ValueError(str(e)) from None
         return v
 
+    def with_defaults(self, defaults: dict) -> "Recipe":
+        """A copy in which every field the user left unset takes the value in `defaults` ({section: {field: value}}
+        or {field: value}), e.g. a method's own calibration seqlen. Fields the user stated always win."""
+        data = self.model_dump()
+        for key, value in defaults.items():
+            section = getattr(self, key)
+            if isinstance(value, dict) and isinstance(section, Strict):
+                data[key].update({k: v for k, v in value.items() if k not in section.model_fields_set})
+            elif key not in self.model_fields_set:
+                data[key] = value
+        return Recipe.model_validate(data)
+
     def to_yaml(self) -> str:
         """The settings that were stated (everything else keeps its method-dependent default when the file
         is read back, so it reproduces the run; report.json records the values actually used)."""

@@ -1,35 +1,93 @@
-"""Method registry: @register("wanda") class Wanda(...). `prunepilot methods` lists it."""
+"""Method registry: every method is a name, its typed options (recipe.method_options), the recipe defaults it
+brings (fields the user leaves unset take them), and the pipeline that runs it. `prunepilot methods` lists it.
+
+    spec = get_spec("flap_iterative")
+    method = spec.build({"schedule": "linear"})          # validated options -> method object
+    report = spec.pipeline.run(PruneJob(...))             # what api.prune does
+
+Third-party methods: ``register(MethodSpec(...))`` with one of the pipelines below (or their own Pipeline).
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Callable
+
+from pydantic import BaseModel
+
+from . import unstructured
 from .errors import PrunepilotError
+from .methods.base import NoOptions
+from .methods.magnitude import Magnitude, MagnitudeOptions
+from .methods.sparsegpt import SparseGPT, SparseGPTOptions
+from .methods.wanda import Wanda, WandaOptions
+from .recipe import Recipe
+from .schema import validate
+from .structured import pipeline as structured
+from .structured.methods import FLAP, FLAPIterative, FLAPIterativeOptions, WandaSP
 
-_METHODS: dict[str, type] = {}
+
+@dataclass(frozen=True)
+class Pipeline:
+    name: str                     # shown by `prunepilot methods`
+    run: Callable                 # run(job: PruneJob) -> PruneReport
 
 
-def register(name: str):
-    def deco(cls):
-        cls.name = name
-        _METHODS[name] = cls
-        return cls
-    return deco
+PER_BLOCK = Pipeline("unstructured", unstructured.run)   # per-block masks (unstructured, N:M)
+STRUCTURED = Pipeline("structured", structured.run)      # channel / KV-group removal, global or uniform ratios
+
+FLAP_CALIBRATION = {"seqlen": 128}                       # DESIGN.md: calibration seqlen for FLAP-style methods
+MULTI_DOMAIN = ["wiki", "web", "code", "math"]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    cls: type
+    pipeline: Pipeline
+    options: type[BaseModel] = NoOptions
+    defaults: dict = field(default_factory=dict)   # {recipe section: {field: value}} used where the user set none
+
+    @property
+    def summary(self) -> str:
+        return self.cls.summary
+
+    def build(self, options: dict | None = None):
+        """The method object, with its options validated (one clear line for a wrong one)."""
+        return self.cls(validate(self.options, options, f"options of method {self.name}"))
+
+
+_METHODS: dict[str, MethodSpec] = {}
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    Recipe().with_defaults(spec.defaults)  # a typo in the defaults fails here, not in a user's run
+    _METHODS[spec.name] = spec
+    return spec
+
+
+for _spec in (
+    MethodSpec("magnitude", Magnitude, PER_BLOCK, MagnitudeOptions),
+    MethodSpec("wanda", Wanda, PER_BLOCK, WandaOptions),
+    MethodSpec("sparsegpt", SparseGPT, PER_BLOCK, SparseGPTOptions),
+    MethodSpec("wanda_sp", WandaSP, STRUCTURED, defaults={
+        "calibration": FLAP_CALIBRATION, "structured": {"ratios": "uniform", "bias_compensation": False}}),
+    MethodSpec("flap", FLAP, STRUCTURED, defaults={"calibration": FLAP_CALIBRATION}),
+    MethodSpec("flap_iterative", FLAPIterative, STRUCTURED, FLAPIterativeOptions,
+               defaults={"calibration": {**FLAP_CALIBRATION, "sources": MULTI_DOMAIN}}),
+):
+    register(_spec)
+
+
+def get_spec(name: str) -> MethodSpec:
+    if name not in _METHODS:
+        raise PrunepilotError(f"unknown method {name!r}; available: {', '.join(sorted(_METHODS))}")
+    return _METHODS[name]
 
 
 def get_method(name: str, **options):
-    _load_builtin()
-    if name not in _METHODS:
-        raise PrunepilotError(f"unknown method {name!r}; available: {', '.join(sorted(_METHODS))}")
-    try:
-        return _METHODS[name](**options)
-    except TypeError as e:
-        raise PrunepilotError(f"bad options for method {name!r}: {e}") from None
+    """The method object `name` built with `options` (keyword form of get_spec(name).build(options))."""
+    return get_spec(name).build(options)
 
 
-def available() -> dict[str, type]:
-    _load_builtin()
+def available() -> dict[str, MethodSpec]:
     return dict(sorted(_METHODS.items()))
-
-
-def _load_builtin():
-    # importing registers the built-in methods: unstructured / N:M, then structured
-    from . import methods  # noqa: F401
-    from .structured import methods as structured_methods  # noqa: F401

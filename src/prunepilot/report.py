@@ -5,7 +5,7 @@ import logging
 from pathlib import Path
 
 from .io import atomic_dir, atomic_write_json
-from .modeling import save_model_files
+from .structured.saving import save_pruned
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +53,8 @@ def save_result(model, tokenizer, out_dir: str | Path, recipe, report: dict, ove
     """Write everything into out_dir atomically (temp folder, then one rename)."""
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        if save_model:
-            if report.get("extra", {}).get("structured"):
-                from .structured.saving import save_pruned
-
-                save_pruned(model, tokenizer, tmp / "model")
-            else:
-                save_model_files(model, tokenizer, tmp / "model")
+        if save_model:  # an ordinary checkpoint, or a resized one with its widths (structured pruning)
+            save_pruned(model, tokenizer, tmp / "model")
         (tmp / "recipe.yaml").write_text(recipe.to_yaml())
         atomic_write_json(tmp / "report.json", report)
         if report.get("layers"):

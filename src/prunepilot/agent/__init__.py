@@ -13,9 +13,9 @@ _EXPORTS = {
     "BuiltinPolicy": "controllers", "GuardedController": "controllers", "HFController": "controllers",
     "OpenAIController": "controllers", "make_controller": "controllers",
     "Decision": "decision", "Feedback": "decision", "Observation": "decision",
-    "AgentResult": "loop", "run_agent": "loop",
+    "AgentResult": "loop", "AgentRun": "loop", "run_agent": "loop",
     "Profile": "profile", "gradient_importance": "profile", "percentile": "profile",
-    "prune_and_profile": "profile", "zscore": "profile",
+    "prune_and_profile": "profile",
     "DecisionError": "validate", "parse_decision": "validate",
 }
 __all__ = sorted(_EXPORTS)

@@ -26,6 +26,7 @@ import urllib.error
 import urllib.request
 
 from ..errors import PrunepilotError
+from ..stats import zscore_list
 from .config import AgentConfig, ControllerConfig, PolicyConfig
 from .decision import MAX_EXTRA, MIN_EXTRA, Decision, Observation
 from .prompts import build_messages, decision_schema
@@ -51,13 +52,6 @@ MAX_RESPONSE_BYTES = 8 << 20  # a chat completion larger than this is not a deci
 def layer_type(name: str) -> str:
     """'model.layers.3.mlp.down_proj' -> 'model.layers.*.mlp.down_proj'."""
     return re.sub(r"\.\d+\.", ".*.", name, count=1)
-
-
-def _z(values: list[float]) -> list[float]:
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / n)
-    return [(v - mean) / (std + 1e-9) for v in values]
 
 
 class BuiltinPolicy:
@@ -118,7 +112,7 @@ class BuiltinPolicy:
             for key, w in (("s", c.weight_s), ("g", c.weight_g)):
                 vals = [math.log(max(rows[k][key], 1e-30)) for k in idx]
                 if w and len(idx) > 1:
-                    for k, z in zip(idx, _z(vals)):
+                    for k, z in zip(idx, zscore_list(vals)):
                         out[k] += w * z
         return out
 

@@ -1,69 +1,99 @@
-"""Append-only JSONL journal of an agent run: a header line, then one line per iteration.
+"""Append-only journal of an agent run (journal.jsonl): one JournalHeader line, then one IterationRecord per
+iteration. The records are what the file holds, field for field.
 
-Each record is one complete line written with os.write (looping over short writes), then fsync'ed, so
-a crash leaves at worst a truncated last line: `read` drops it with a warning and `drop_partial_tail`
-cuts it off before a resumed run appends. A run resumes by replaying the accepted iterations'
-`applied` extras in order (see loop.py); each record's `mask_hash` checks that the replay produced the
-same masks.
+Lines are written by io.JsonLines (complete, fsync'ed), so a crash leaves at worst a cut last line, dropped on
+reading and cut off before a resumed run appends. A run resumes by replaying the accepted iterations' `applied`
+extras in order (see loop.py); each record's `mask_hash` checks that the replay produced the same masks.
+A damaged line (bad JSON in the middle, a missing or wrongly typed field) is an error naming file and line.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import logging
-import os
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
+from pydantic import TypeAdapter, ValidationError
 
-from ..engine import ModelAdapter, weight_2d
 from ..errors import PrunepilotError
+from ..io import JsonLines
+from .decision import Feedback
 
-log = logging.getLogger(__name__)
+VERSION = 2  # 2: the header fingerprint is fingerprint.model_fingerprint (all parameters)
 
-VERSION = 1
+
+@dataclass
+class JournalHeader:
+    fingerprint: str                 # fingerprint.model_fingerprint of the starting model
+    data_hash: str                   # calibration + held-out token ids
+    replay_key: dict                 # AgentConfig.replay_key(): settings a replay depends on
+    layers: list[str]                # the prunable linears, in order
+    target_sparsity: float
+    baseline_ppl: float              # held-out perplexity before the run
+    held_out_tokens: int
+    calibration: dict                # per-domain summary of the calibration data
+    grad: dict[str, float]           # gradient importance of the starting model
+    time: str
+    version: int = VERSION
+
+
+@dataclass
+class IterationRecord:
+    iteration: int
+    source: str                      # which controller decided (builtin, openai, builtin-fallback ...)
+    decision: dict                   # Decision.to_dict()
+    warnings: list[str]
+    sparsity_before: float
+    ppl_before: float                # held-out ppl of the last accepted state
+    accepted: bool
+    applied: dict[str, float]        # extras actually applied (clipped, scaled); what a replay re-applies
+    scale: float
+    gain: float                      # global sparsity gain (attempted, when rolled back)
+    ppl_after: float
+    ppl_change: float                # ppl_after / ppl_before - 1
+    label: str                       # excellent | good | no-op | poor-rolled-back | stop
+    sparsity_after: float
+    zeros_after: int
+    stopped: bool = False            # the controller ended the run
+    grad: dict[str, float] | None = None   # gradients refreshed after this step
+    mask_hash: str = ""              # fingerprint.mask_fingerprint after the step (after a rollback: restored)
+    seconds: float = 0.0
+
+    @property
+    def rolled_back(self) -> bool:
+        return self.label == "poor-rolled-back"
+
+    def feedback(self) -> Feedback:
+        return Feedback(self.iteration, self.gain, self.ppl_before, self.ppl_after, self.ppl_change, self.label,
+                        self.accepted, self.decision.get("reasoning", ""), self.source, len(self.applied))
+
+
+def _to_line(record, kind: str) -> dict:
+    d = {"type": kind, **asdict(record)}
+    for key, unset in (("stopped", False), ("grad", None)):  # optional fields appear only when they say something
+        if key in d and d[key] == unset:
+            del d[key]
+    return d
+
+
+def _from_line(cls, data: dict, where: str):
+    try:
+        return TypeAdapter(cls).validate_python({k: v for k, v in data.items() if k != "type"})
+    except ValidationError as e:
+        first = e.errors()[0]
+        name = ".".join(str(p) for p in first["loc"]) or "record"
+        raise PrunepilotError(f"{where}: damaged journal record: {name}: {first['msg']}") from None
 
 
 class Journal:
     def __init__(self, path: str | Path):
-        self.path = Path(path)
+        self.file = JsonLines(path, "journal")
+
+    @property
+    def path(self) -> Path:
+        return self.file.path
 
     def exists(self) -> bool:
-        return self.path.is_file() and self.path.stat().st_size > 0
-
-    def append(self, record: dict) -> None:
-        line = (json.dumps(record, separators=(",", ":"), default=float) + "\n").encode()
-        new = not self.path.exists()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            view = memoryview(line)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if new:  # make the new directory entry durable too
-            try:
-                dfd = os.open(self.path.parent, os.O_RDONLY)
-                try:
-                    os.fsync(dfd)
-                finally:
-                    os.close(dfd)
-            except OSError:
-                pass
-
-    def drop_partial_tail(self) -> None:
-        """Cut an interrupted last write (bytes after the last newline) so that appends start on a fresh line."""
-        data = self.path.read_bytes()
-        keep = data.rfind(b"\n") + 1
-        if keep < len(data):
-            log.warning("journal %s: removing a truncated last line (%d bytes)", self.path, len(data) - keep)
-            with open(self.path, "r+b") as f:
-                f.truncate(keep)
-                f.flush()
-                os.fsync(f.fileno())
+        return self.file.exists()
 
     def has_header(self) -> bool:
         """True when the first complete line is a header (a crash can cut the very first write short)."""
@@ -72,46 +102,28 @@ class Journal:
         first, sep, _ = self.path.read_bytes().partition(b"\n")
         try:
             return bool(sep) and json.loads(first).get("type") == "header"
-        except (json.JSONDecodeError, AttributeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
             return False
 
-    def read(self) -> tuple[dict, list[dict]]:
-        """(header, iteration records). A malformed last line (interrupted write) is dropped."""
-        lines = self.path.read_bytes().split(b"\n")
-        records = []
-        for k, line in enumerate(lines):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                if k >= len(lines) - 2:  # only the last line may be cut short
-                    log.warning("journal %s: dropping a truncated last line", self.path)
-                    continue
-                raise PrunepilotError(f"journal {self.path} line {k + 1} is corrupt") from None
-        if not records or records[0].get("type") != "header":
+    def drop_partial_tail(self) -> None:
+        self.file.drop_partial_tail()
+
+    def write_header(self, header: JournalHeader) -> None:
+        self.file.append(_to_line(header, "header"))
+
+    def append(self, record: IterationRecord) -> None:
+        self.file.append(_to_line(record, "iteration"))
+
+    def read(self) -> tuple[JournalHeader, list[IterationRecord]]:
+        """(header, iteration records); a cut last line is dropped."""
+        lines = self.file.read()
+        if not lines or lines[0][1].get("type") != "header":
             raise PrunepilotError(f"journal {self.path} has no header line")
-        header = records[0]
-        if header.get("version") != VERSION:
-            raise PrunepilotError(f"journal {self.path} has version {header.get('version')}, expected {VERSION}")
-        return header, [r for r in records[1:] if r.get("type") == "iteration"]
-
-
-def mask_fingerprint(adapter: ModelAdapter) -> str:
-    """sha256 over which weights of every prunable linear are zero: equal masks, equal hash."""
-    h = hashlib.sha256()
-    for name, lin in adapter.all_linears().items():
-        zero = (weight_2d(lin).detach() == 0).to("cpu").contiguous().numpy()
-        h.update(name.encode())
-        h.update(np.packbits(zero).tobytes())
-    return h.hexdigest()[:16]
-
-
-def model_fingerprint(adapter: ModelAdapter) -> str:
-    """sha256 over the names, shapes and bytes of every prunable linear weight."""
-    h = hashlib.sha256()
-    for name, lin in adapter.all_linears().items():
-        w = weight_2d(lin).detach().to("cpu").contiguous()
-        h.update(f"{name}{tuple(w.shape)}{w.dtype}".encode())
-        h.update(w.view(torch.uint8).numpy())  # raw bytes, any dtype (bf16 has no numpy type)
-    return h.hexdigest()[:16]
+        version = lines[0][1].get("version")
+        if version != VERSION:
+            raise PrunepilotError(f"journal {self.path} has version {version}, expected {VERSION} (written by another "
+                                  "prunepilot version: start the run afresh in another folder)")
+        header = _from_line(JournalHeader, lines[0][1], f"{self.path}:{lines[0][0]}")
+        records = [_from_line(IterationRecord, d, f"{self.path}:{n}") for n, d in lines[1:]
+                   if d.get("type") == "iteration"]
+        return header, records

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,17 +31,18 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..api import resolve_device
-from ..data import TextSource, check_token_ids, load_documents, split_counts, tokenize_stream
-from ..engine import ModelAdapter, capture_block_inputs, keeps_placement, weight_2d
+from ..data import calibration_split, check_token_ids
+from ..engine import ModelAdapter, keeps_placement, resolve_device, weight_2d
 from ..errors import PrunepilotError
 from ..eval.perplexity import perplexity_sequential
+from ..fingerprint import mask_fingerprint, model_fingerprint
 from ..io import atomic_write_text
 from .config import AgentConfig
 from .controllers import make_controller
-from .decision import Feedback, Observation
-from .journal import VERSION, Journal, mask_fingerprint, model_fingerprint
+from .decision import Observation
+from .journal import IterationRecord, Journal, JournalHeader
 from .profile import Profile, gradient_importance, prune_and_profile, zero_counts
+from .report import build_report, save_model, write_report
 
 log = logging.getLogger(__name__)
 
@@ -62,42 +62,6 @@ class AgentResult:
     wall_s: float = 0.0
 
 
-# --------------------------------------------------------------------------------------------- data
-
-def calibration_and_heldout(tokenizer, sources: list[str], n_samples: int, seqlen: int, seed: int,
-                            eval_tokens: int, eval_seqlen: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Seeded (n_samples, seqlen) calibration windows and a disjoint held-out token stream.
-
-    Each source's documents are joined and tokenized once (as data.calibration_blocks does); the last
-    `share x eval_seqlen` tokens of every source are held out, and calibration windows are drawn only
-    from what comes before. Returns (calibration ids, held-out ids (n_held,), summary).
-    """
-    if tokenizer is None:
-        raise PrunepilotError("the agent needs a tokenizer (or calibration/held-out token ids)")
-    srcs = [TextSource.parse(s) for s in sources]
-    counts = split_counts([s.weight for s in srcs], n_samples)
-    n_windows = max(1, eval_tokens // eval_seqlen)
-    held_windows = split_counts([s.weight for s in srcs], n_windows)
-    rng = random.Random(seed)
-    blocks, held, summary = [], [], {}
-    for src, count, hw in zip(srcs, counts, held_windows):
-        stream = tokenize_stream(tokenizer, load_documents(src), max_chars=20_000_000)
-        n_held = hw * eval_seqlen
-        head = stream[: stream.numel() - n_held]
-        if head.numel() <= seqlen:
-            raise PrunepilotError(f"calibration source {src} has {stream.numel()} tokens: not enough for "
-                                  f"{n_held} held-out tokens plus windows of {seqlen}")
-        held.append(stream[stream.numel() - n_held:])
-        for _ in range(count):
-            i = rng.randint(0, head.numel() - seqlen - 1)
-            blocks.append(head[i:i + seqlen])
-        summary[src.domain] = {"samples": count, "held_out_tokens": n_held, "tokens_available": int(stream.numel()),
-                               "source": str(src)}
-    order = list(range(len(blocks)))
-    rng.shuffle(order)
-    return torch.stack([blocks[i] for i in order]), torch.cat(held), summary
-
-
 def _data_hash(calib: torch.Tensor, held: torch.Tensor) -> str:
     h = hashlib.sha256()
     for t in (calib, held):
@@ -105,8 +69,6 @@ def _data_hash(calib: torch.Tensor, held: torch.Tensor) -> str:
         h.update(t.to(torch.int64).contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
-
-# --------------------------------------------------------------------------------------------- loop
 
 def plan_extras(extras: dict[str, float], numel: dict[str, int], zeros: dict[str, int], target: float,
                 max_layer: float) -> tuple[dict[str, float], float]:
@@ -129,12 +91,6 @@ def plan_extras(extras: dict[str, float], numel: dict[str, int], zeros: dict[str
     return applied, scale
 
 
-def _feedback(rec: dict) -> Feedback:
-    return Feedback(rec["iteration"], rec["gain"], rec["ppl_before"], rec["ppl_after"], rec["ppl_change"],
-                    rec["label"], rec["accepted"], rec["decision"].get("reasoning", ""), rec.get("source", ""),
-                    len(rec.get("applied", {})))
-
-
 def _accepted(change: float, threshold: float) -> bool:
     return math.isfinite(change) and change <= threshold  # a NaN / inf perplexity is never accepted
 
@@ -145,6 +101,207 @@ def _label(change: float, threshold: float, gain: float) -> str:
     if gain <= 0:
         return "no-op"
     return "excellent" if change <= threshold / 4 else "good"
+
+
+class AgentRun:
+    """One agent run: the model, its calibration / held-out data, the controller, the journal and the state of
+    the loop (profile s, gradients g, accepted perplexity, records). `run()` drives it; every step is a method."""
+
+    def __init__(self, model, tokenizer, cfg: AgentConfig, out_dir: Path, controller=None,
+                 calibration: torch.Tensor | None = None, held_out: torch.Tensor | None = None):
+        self.model, self.tokenizer, self.cfg, self.out_dir = model, tokenizer, cfg, out_dir
+        self.device = resolve_device(cfg.device)
+        self.adapter = ModelAdapter(model, cfg.include, cfg.ignore)
+        self.linears = self.adapter.all_linears()
+        if not self.linears:
+            raise PrunepilotError("no linear layer matches the include/ignore patterns")
+        self.names = list(self.linears)
+        self.journal = Journal(out_dir / "journal.jsonl")
+        self.calib, self.held, self.calib_summary = self._data(calibration, held_out)
+        self.guard = make_controller(cfg, str(self.device), controller)
+        self.records: list[IterationRecord] = []
+        self.header: JournalHeader | None = None
+        self.s: dict[str, float] = {}
+        self.grad: dict[str, float] = {}
+        self.ppl_acc = math.nan
+        self.since_grad = 0
+
+    # ------------------------------------------------------------------------------------ data and measures
+
+    def _data(self, calibration, held_out) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """Given token ids, or calibration windows and a held-out tail drawn from the configured sources."""
+        if calibration is not None:
+            calibration = check_token_ids(calibration)
+        if held_out is not None:
+            held_out = check_token_ids(held_out, "held-out", dims=1)
+        if calibration is not None and held_out is not None:
+            return calibration, held_out, {}
+        if self.tokenizer is None:
+            raise PrunepilotError("the agent needs a tokenizer (or calibration/held-out token ids)")
+        c, cfg = self.cfg.calibration, self.cfg
+        cal = calibration_split(self.tokenizer, c.sources, c.n_samples, c.seqlen, cfg.seed,
+                                held_out_windows=max(1, cfg.eval_tokens // cfg.eval_seqlen),
+                                held_out_seqlen=cfg.eval_seqlen)
+        return cal.ids, cal.held_out, cal.summary
+
+    def profile(self, extras: dict[str, float], desc: str = "agent pass") -> dict[str, float]:
+        """Prune `extras` of the named linears (one pass) and return the refreshed Wanda percentile s."""
+        return prune_and_profile(self.adapter, self.calib, self.device, extras, self.cfg.profile_percentile,
+                                 desc=desc, batch_size=self.cfg.calibration.batch_size)
+
+    def held_ppl(self) -> float:  # one block on the device at a time, like the pruning passes
+        return perplexity_sequential(self.model, self.held, self.cfg.eval_seqlen, self.device,
+                                     desc="held-out ppl")["ppl"]
+
+    def gradients(self) -> dict[str, float]:
+        if self.cfg.grad_samples == 0:
+            return {}
+        return gradient_importance(self.model, self.adapter, self.calib[: self.cfg.grad_samples], self.device,
+                                   self.cfg.grad_mode)
+
+    def masks(self) -> str:
+        return mask_fingerprint({n: weight_2d(lin) for n, lin in self.linears.items()})
+
+    # ------------------------------------------------------------------------------------ start / resume
+
+    def start(self) -> None:
+        """A fresh run: profile and measure the starting model, write the journal header."""
+        atomic_write_text(self.out_dir / "agent.yaml", self.cfg.to_yaml())
+        self.s = self.profile({}, desc="profile")
+        baseline = self.held_ppl()
+        self.grad = self.gradients()
+        self.header = JournalHeader(model_fingerprint(self.model), _data_hash(self.calib, self.held),
+                                    self.cfg.replay_key(), self.names, self.cfg.target_sparsity, baseline,
+                                    int(self.held.numel()), self.calib_summary, self.grad,
+                                    time.strftime("%Y-%m-%dT%H:%M:%S"))
+        self.journal.write_header(self.header)
+        self.ppl_acc = baseline
+        log.info("agent: %d prunable linears, held-out ppl %.3f (%d tokens), target sparsity %.3f",
+                 len(self.names), baseline, self.held.numel(), self.cfg.target_sparsity)
+
+    def resume(self) -> None:
+        """Continue a journaled run: check it belongs to this model and data, replay its accepted steps."""
+        self.journal.drop_partial_tail()
+        self.header, self.records = self.journal.read()
+        _check_header(self.header, self.cfg, model_fingerprint(self.model), _data_hash(self.calib, self.held),
+                      self.names, self.journal.path)
+        _warn_changed_settings(self.out_dir / "agent.yaml", self.cfg)
+        atomic_write_text(self.out_dir / "agent.yaml", self.cfg.to_yaml())
+        self.grad, s = self.header.grad, None
+        for rec in tqdm(self.records, desc="replaying journal", leave=False):
+            if rec.accepted:  # even a step that applied nothing refreshed the profile
+                s = self.profile(rec.applied, desc="replay")
+                if self.masks() != rec.mask_hash:
+                    raise PrunepilotError(f"replaying {self.journal.path} iteration {rec.iteration} gave different "
+                                          "masks: the starting model, the data or the environment changed")
+            self.grad = rec.grad if rec.grad is not None else self.grad
+            self.since_grad = 0 if rec.grad is not None else self.since_grad + int(rec.accepted)
+        self.s = s if s is not None else self.profile({}, desc="profile")
+        accepted = [r for r in self.records if r.accepted]
+        self.ppl_acc = accepted[-1].ppl_after if accepted else self.header.baseline_ppl
+        log.info("resumed %s: %d iterations replayed", self.journal.path, len(self.records))
+
+    # ------------------------------------------------------------------------------------ one iteration
+
+    def stop_reason(self) -> str | None:
+        if any(r.stopped for r in self.records):
+            return "controller_stop"
+        numel, zeros = zero_counts(self.adapter)
+        if sum(zeros.values()) / sum(numel.values()) >= self.cfg.target_sparsity - self.cfg.target_tolerance:
+            return "target_reached"
+        if len(self.records) >= self.cfg.max_iterations:
+            return "max_iterations"
+        return None
+
+    def observe(self, numel: dict[str, int], zeros: dict[str, int]) -> Observation:
+        cfg, history = self.cfg, [r.feedback() for r in self.records]
+        return Observation(len(self.records), cfg.max_iterations, cfg.target_sparsity,
+                           sum(zeros.values()) / sum(numel.values()),
+                           Profile(self.names, numel, zeros, self.s, self.grad).rows(), self.ppl_acc,
+                           self.header.baseline_ppl, cfg.rollback_threshold, history[-1] if history else None,
+                           history, cfg.max_layer_sparsity)
+
+    def iterate(self) -> IterationRecord:
+        """Ask the controller, try its step, keep it or roll it back; the record of what happened."""
+        t0 = time.time()
+        numel, zeros = zero_counts(self.adapter)
+        obs = self.observe(numel, zeros)
+        decision = self.guard.decide(obs)
+        base = dict(iteration=obs.iteration, source=decision.source, decision=decision.to_dict(),
+                    warnings=decision.warnings, sparsity_before=obs.current_sparsity, ppl_before=self.ppl_acc)
+        if decision.stop_pruning:
+            rec = IterationRecord(**base, accepted=False, applied={}, scale=1.0, gain=0.0, ppl_after=self.ppl_acc,
+                                  ppl_change=0.0, label="stop", sparsity_after=obs.current_sparsity,
+                                  zeros_after=sum(zeros.values()), stopped=True)
+        else:
+            applied, scale = plan_extras(decision.extras(), numel, zeros, self.cfg.target_sparsity,
+                                         self.cfg.max_layer_sparsity)
+            rec = self.try_step(base, applied, scale, numel, zeros)
+        rec.mask_hash = self.masks()  # after a rollback: the restored masks
+        rec.seconds = round(time.time() - t0, 2)
+        return rec
+
+    def try_step(self, base: dict, applied: dict[str, float], scale: float, numel: dict[str, int],
+                 zeros: dict[str, int]) -> IterationRecord:
+        """Prune `applied`, measure; accept (refresh s, maybe gradients) or restore the checkpointed weights."""
+        total, before = sum(numel.values()), sum(zeros.values())
+        current = before / total
+        checkpoint = {n: weight_2d(self.linears[n]).detach().to("cpu", copy=True) for n in applied}
+        new_s = self.profile(applied)
+        ppl = self.held_ppl()
+        zeros_try = sum(zero_counts(self.adapter)[1].values())
+        gain, change = zeros_try / total - current, ppl / self.ppl_acc - 1
+        ok = _accepted(change, self.cfg.rollback_threshold)
+        if ok:
+            self.s, self.ppl_acc = new_s, ppl
+            self.since_grad += 1
+        else:
+            with torch.no_grad():
+                for n, w in checkpoint.items():
+                    weight_2d(self.linears[n]).copy_(w)
+        rec = IterationRecord(**base, accepted=ok, applied=applied, scale=scale, gain=gain, ppl_after=ppl,
+                              ppl_change=change, label=_label(change, self.cfg.rollback_threshold, gain),
+                              sparsity_after=(zeros_try if ok else before) / total,
+                              zeros_after=zeros_try if ok else before)
+        cfg = self.cfg
+        if ok and cfg.grad_refresh_every and self.since_grad >= cfg.grad_refresh_every and cfg.grad_samples:
+            self.grad = rec.grad = self.gradients()
+            self.since_grad = 0
+        return rec
+
+    # ------------------------------------------------------------------------------------ the run
+
+    def run(self, resume: bool) -> AgentResult:
+        t_start = time.time()
+        if resume and self.journal.exists():
+            self.resume()
+        else:
+            self.start()
+        bar = tqdm(total=self.cfg.max_iterations, initial=min(len(self.records), self.cfg.max_iterations),
+                   desc="agent")
+        while (stop_reason := self.stop_reason()) is None:
+            rec = self.iterate()
+            self.journal.append(rec)
+            self.records.append(rec)
+            log.info("iter %d [%s] %d layers: sparsity %.4f -> %.4f, ppl %.3f -> %.3f (%+.1f%%) %s",
+                     rec.iteration, rec.source, len(rec.applied), rec.sparsity_before,
+                     rec.sparsity_before + rec.gain, rec.ppl_before, rec.ppl_after, 100 * rec.ppl_change, rec.label)
+            bar.update(1)
+        bar.close()
+        return self.finish(stop_reason, t_start)
+
+    def finish(self, stop_reason: str, t_start: float) -> AgentResult:
+        numel, zeros = zero_counts(self.adapter)
+        report = build_report(self.cfg, self.header, self.records, numel, zeros, stop_reason, time.time() - t_start)
+        write_report(report, self.out_dir)
+        if self.cfg.save_model:
+            save_model(self.model, self.tokenizer, self.out_dir / "model")
+        log.info("agent stopped (%s) after %d iterations: sparsity %.4f, held-out ppl %.3f -> %.3f",
+                 stop_reason, len(self.records), report["global_sparsity"], self.header.baseline_ppl,
+                 report["final_ppl"])
+        return AgentResult(self.out_dir, stop_reason, len(self.records), report["accepted"], report["rollbacks"],
+                           report["global_sparsity"], self.header.baseline_ppl, report["final_ppl"],
+                           {n: zeros[n] / numel[n] for n in self.names}, report, time.time() - t_start)
 
 
 @keeps_placement
@@ -158,20 +315,11 @@ def run_agent(model, tokenizer, config: AgentConfig | dict, out_dir: str | Path,
     resume: continue from out_dir/journal.jsonl (the model must be the same starting model).
     calibration / held_out: optional (n, seqlen) and (n_tokens,) token ids instead of config sources.
     """
-    from .report import build_report, write_report
-
     cfg = config if isinstance(config, AgentConfig) else AgentConfig.from_dict(config)
-    t_start = time.time()
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise PrunepilotError(f"output path {out_dir} exists and is not a folder")
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
-    adapter = ModelAdapter(model, cfg.include, cfg.ignore)
-    linears = adapter.all_linears()
-    if not linears:
-        raise PrunepilotError("no linear layer matches the include/ignore patterns")
-    names = list(linears)
     journal = Journal(out_dir / "journal.jsonl")
     if journal.exists() and not resume:
         raise PrunepilotError(f"{journal.path} already exists: pass --resume to continue that run, "
@@ -180,142 +328,8 @@ def run_agent(model, tokenizer, config: AgentConfig | dict, out_dir: str | Path,
         log.warning("%s holds no complete header: starting the run afresh", journal.path)
         journal.path.unlink()
     model.eval()
-
-    calib_summary: dict = {}
-    if calibration is not None:
-        calibration = check_token_ids(calibration)
-    if held_out is not None:
-        held_out = check_token_ids(held_out, "held-out", dims=1)
-    if calibration is None or held_out is None:
-        c = cfg.calibration
-        calibration, held_out, calib_summary = calibration_and_heldout(
-            tokenizer, c.sources, c.n_samples, c.seqlen, cfg.seed, cfg.eval_tokens, cfg.eval_seqlen)
-    data_hash = _data_hash(calibration, held_out)
-    guard = make_controller(cfg, str(device), controller)
-
-    def fresh_inputs():
-        return capture_block_inputs(model, adapter, calibration, device, cfg.calibration.batch_size)
-
-    def held_ppl() -> float:  # one block on the device at a time, like the pruning passes
-        return perplexity_sequential(model, held_out, cfg.eval_seqlen, device, desc="held-out ppl")["ppl"]
-
-    def gradients() -> dict[str, float]:
-        if cfg.grad_samples == 0:
-            return {}
-        return gradient_importance(model, adapter, calibration[: cfg.grad_samples], device, cfg.grad_mode)
-
-    q = cfg.profile_percentile
-    fingerprint = model_fingerprint(adapter)
-    records: list[dict] = []
-    if resume and journal.exists():
-        journal.drop_partial_tail()
-        header, records = journal.read()
-        _check_header(header, cfg, fingerprint, data_hash, names, journal.path)
-        _warn_changed_settings(out_dir / "agent.yaml", cfg)
-        atomic_write_text(out_dir / "agent.yaml", cfg.to_yaml())
-        baseline, grad = header["baseline_ppl"], header["grad"]
-        s = None
-        for rec in tqdm(records, desc="replaying journal", leave=False):
-            if rec["accepted"]:  # even a step that applied nothing refreshed the profile
-                s = prune_and_profile(adapter, fresh_inputs(), device, rec["applied"], q, desc="replay")
-                same = (mask_fingerprint(adapter) == rec["mask_hash"] if "mask_hash" in rec
-                        else sum(zero_counts(adapter)[1].values()) == rec["zeros_after"])
-                if not same:
-                    raise PrunepilotError(f"replaying {journal.path} iteration {rec['iteration']} gave different "
-                                          "masks: the starting model, the data or the environment changed")
-            grad = rec.get("grad", grad)
-        if s is None:
-            s = prune_and_profile(adapter, fresh_inputs(), device, {}, q, desc="profile")
-        log.info("resumed %s: %d iterations replayed", journal.path, len(records))
-    else:
-        atomic_write_text(out_dir / "agent.yaml", cfg.to_yaml())
-        s = prune_and_profile(adapter, fresh_inputs(), device, {}, q, desc="profile")
-        baseline = held_ppl()
-        grad = gradients()
-        header = {"type": "header", "version": VERSION, "fingerprint": fingerprint, "data_hash": data_hash,
-                  "replay_key": cfg.replay_key(), "layers": names, "target_sparsity": cfg.target_sparsity,
-                  "baseline_ppl": baseline, "held_out_tokens": int(held_out.numel()),
-                  "calibration": calib_summary, "grad": grad, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        journal.append(header)
-        log.info("agent: %d prunable linears, held-out ppl %.3f (%d tokens), target sparsity %.3f",
-                 len(names), baseline, held_out.numel(), cfg.target_sparsity)
-
-    accepted = [r for r in records if r["accepted"]]
-    ppl_acc = accepted[-1]["ppl_after"] if accepted else baseline
-    since_grad = 0
-    for r in records:
-        since_grad = 0 if "grad" in r else since_grad + int(r["accepted"])
-    stop_reason = "controller_stop" if any(r.get("stopped") for r in records) else None
-    it = len(records)
-    bar = tqdm(total=cfg.max_iterations, initial=min(it, cfg.max_iterations), desc="agent")
-    while stop_reason is None:
-        numel, zeros = zero_counts(adapter)
-        total = sum(numel.values())
-        current = sum(zeros.values()) / total
-        if current >= cfg.target_sparsity - cfg.target_tolerance:
-            stop_reason = "target_reached"
-            break
-        if it >= cfg.max_iterations:
-            stop_reason = "max_iterations"
-            break
-        t0 = time.time()
-        history = [_feedback(r) for r in records]
-        obs = Observation(it, cfg.max_iterations, cfg.target_sparsity, current,
-                          Profile(names, numel, zeros, s, grad).rows(), ppl_acc, baseline, cfg.rollback_threshold,
-                          history[-1] if history else None, history, cfg.max_layer_sparsity)
-        decision = guard.decide(obs)
-        rec = {"type": "iteration", "iteration": it, "source": decision.source, "decision": decision.to_dict(),
-               "warnings": decision.warnings, "sparsity_before": current, "ppl_before": ppl_acc}
-        if decision.stop_pruning:
-            rec.update(stopped=True, accepted=False, applied={}, scale=1.0, gain=0.0, ppl_after=ppl_acc,
-                       ppl_change=0.0, label="stop", sparsity_after=current, zeros_after=sum(zeros.values()))
-            stop_reason = "controller_stop"
-        else:
-            applied, scale = plan_extras(decision.extras(), numel, zeros, cfg.target_sparsity, cfg.max_layer_sparsity)
-            checkpoint = {n: weight_2d(linears[n]).detach().to("cpu", copy=True) for n in applied}
-            new_s = prune_and_profile(adapter, fresh_inputs(), device, applied, q)
-            ppl = held_ppl()
-            zeros_try = sum(zero_counts(adapter)[1].values())
-            gain = zeros_try / total - current
-            change = ppl / ppl_acc - 1
-            label = _label(change, cfg.rollback_threshold, gain)
-            ok = _accepted(change, cfg.rollback_threshold)
-            if ok:
-                s, ppl_acc = new_s, ppl
-                since_grad += 1
-            else:
-                with torch.no_grad():
-                    for n, w in checkpoint.items():
-                        weight_2d(linears[n]).copy_(w)
-            rec.update(accepted=ok, applied=applied, scale=scale, gain=gain, ppl_after=ppl, ppl_change=change,
-                       label=label, sparsity_after=(zeros_try if ok else sum(zeros.values())) / total,
-                       zeros_after=zeros_try if ok else sum(zeros.values()))
-            if ok and cfg.grad_refresh_every and since_grad >= cfg.grad_refresh_every and cfg.grad_samples:
-                grad = rec["grad"] = gradients()
-                since_grad = 0
-        rec["mask_hash"] = mask_fingerprint(adapter)  # after a rollback: the restored masks
-        rec["seconds"] = round(time.time() - t0, 2)
-        journal.append(rec)
-        records.append(rec)
-        log.info("iter %d [%s] %d layers: sparsity %.4f -> %.4f, ppl %.3f -> %.3f (%+.1f%%) %s",
-                 it, decision.source, len(rec["applied"]), current, current + rec["gain"], rec["ppl_before"],
-                 rec["ppl_after"], 100 * rec["ppl_change"], rec["label"])
-        bar.update(1)
-        it += 1
-    bar.close()
-
-    numel, zeros = zero_counts(adapter)
-    report = build_report(cfg, header, records, numel, zeros, stop_reason, time.time() - t_start)
-    write_report(report, out_dir)
-    if cfg.save_model:
-        from .report import save_model
-
-        save_model(model, tokenizer, out_dir / "model")
-    log.info("agent stopped (%s) after %d iterations: sparsity %.4f, held-out ppl %.3f -> %.3f",
-             stop_reason, len(records), report["global_sparsity"], baseline, report["final_ppl"])
-    return AgentResult(out_dir, stop_reason, len(records), report["accepted"], report["rollbacks"],
-                       report["global_sparsity"], baseline, report["final_ppl"],
-                       {n: zeros[n] / numel[n] for n in names}, report, time.time() - t_start)
+    run = AgentRun(model, tokenizer, cfg, out_dir, controller, calibration, held_out)
+    return run.run(resume)
 
 
 def _warn_changed_settings(saved_path: Path, cfg: AgentConfig) -> None:
@@ -340,14 +354,15 @@ def _warn_changed_settings(saved_path: Path, cfg: AgentConfig) -> None:
                     "saved ones", "; ".join(changed))
 
 
-def _check_header(header: dict, cfg: AgentConfig, fingerprint: str, data_hash: str, names: list[str], path) -> None:
-    if header["fingerprint"] != fingerprint:
+def _check_header(header: JournalHeader, cfg: AgentConfig, fingerprint: str, data_hash: str, names: list[str],
+                  path) -> None:
+    if header.fingerprint != fingerprint:
         raise PrunepilotError(f"{path} was written for a different starting model (weights fingerprint "
-                              f"{header['fingerprint']} != {fingerprint}); resume from the original model")
-    if header["layers"] != names:
+                              f"{header.fingerprint} != {fingerprint}); resume from the original model")
+    if header.layers != names:
         raise PrunepilotError(f"{path} lists other prunable layers than this model / include / ignore")
-    if header["replay_key"] != cfg.replay_key():
-        diff = [k for k, v in cfg.replay_key().items() if header["replay_key"].get(k) != v]
+    if header.replay_key != cfg.replay_key():
+        diff = [k for k, v in cfg.replay_key().items() if header.replay_key.get(k) != v]
         raise PrunepilotError(f"cannot resume {path}: settings changed since it was written: {', '.join(diff)}")
-    if header["data_hash"] != data_hash:
+    if header.data_hash != data_hash:
         raise PrunepilotError(f"cannot resume {path}: the calibration / held-out data changed")

@@ -22,27 +22,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..engine import (ModelAdapter, blocks_bypassed, capture_block_inputs, collect, run_block, sequential_pass,
-                      weight_2d)
-from ..engine.capture import BlockInputs, move_outside_blocks
-from ..engine.placement import kept_placement
-from ..engine.sequential import block_output
-from ..methods.base import InputNormState
-from ..methods.wanda import wanda_scores
+from ..engine import ModelAdapter, block_output, blocks, blocks_bypassed, kept_placement, move_outside_blocks, weight_2d
+from ..methods.wanda import Wanda
+from ..stats import zscore_list
 
 log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------- math
-
-def zscore(values: list[float]) -> list[float]:
-    """(x - mean) / (std + 1e-9), population std (ddof=0), in float64."""
-    if not values:
-        return []
-    x = torch.tensor(values, dtype=torch.float64)
-    z = (x - x.mean()) / (x.std(unbiased=False) + 1e-9)
-    return z.tolist()
-
 
 def percentile(x: torch.Tensor, q: float, by_sort: bool | None = None) -> float:
     """q-quantile with linear interpolation between order statistics (numpy's default); works on tensors too
@@ -101,12 +88,12 @@ class Profile:
     g: dict[str, float] = field(default_factory=dict)
 
     def z_s(self) -> dict[str, float]:
-        return dict(zip(self.names, zscore([self.s[n] for n in self.names])))
+        return dict(zip(self.names, zscore_list([self.s[n] for n in self.names])))
 
     def z_g(self) -> dict[str, float]:
         if not self.g:
             return {n: 0.0 for n in self.names}
-        return dict(zip(self.names, zscore([self.g.get(n, 0.0) for n in self.names])))
+        return dict(zip(self.names, zscore_list([self.g.get(n, 0.0) for n in self.names])))
 
     def sparsity(self, name: str) -> float:
         return self.zeros[name] / self.numel[name]
@@ -133,30 +120,24 @@ def zero_counts(adapter: ModelAdapter) -> tuple[dict[str, int], dict[str, int]]:
 
 
 @torch.no_grad()
-def prune_and_profile(adapter: ModelAdapter, inputs: BlockInputs, device, extras: dict[str, float],
-                      q: float = 0.10, desc: str = "agent pass") -> dict[str, float]:
-    """One sequential pass over the current model: in each block, measure input norms of every linear,
-    prune `extras[name]` of the remaining weights of the chosen linears (Wanda scores, row-wise), and
-    record s = q-percentile of the Wanda scores of the weights left. The pruned block's outputs feed
-    the next block. Returns {name: s}. `inputs` is consumed."""
-    s: dict[str, float] = {}
-
-    def visit(i, block, inp):
-        linears = adapter.linears(i)
-        states = {n: InputNormState(weight_2d(lin).shape[1], device) for n, lin in linears.items()}
-        collect(block, i, linears, inp, lambda n, x: states[n].add(x))
-        for name, lin in linears.items():
+def prune_and_profile(adapter: ModelAdapter, ids, device, extras: dict[str, float], q: float = 0.10,
+                      desc: str = "agent pass", batch_size: int = 1) -> dict[str, float]:
+    """One sequential pass over the current model: in each block, measure input norms of every linear (Wanda's
+    statistics), prune `extras[name]` of the remaining weights of the chosen linears (Wanda scores, row-wise),
+    and record s = q-percentile of the Wanda scores of the weights left. The pruned block's outputs feed the
+    next block. ids: (n, seq) calibration token ids. Returns {name: s}."""
+    wanda, s = Wanda(), {}
+    for blk in blocks(adapter, ids, device, states=lambda name, lin: wanda.init_state(weight_2d(lin)),
+                      batch_size=batch_size, desc=desc):
+        for name, lin in blk.linears.items():
             W = weight_2d(lin)                                  # (out, in) view
-            scores = wanda_scores(W, states[name].sq_mean)      # (out, in)
+            scores = wanda.scores(W, blk.states[name])          # (out, in)
             alive = W != 0
             if extras.get(name, 0.0) > 0:
                 mask = extra_rowwise_mask(scores, alive, extras[name])
                 W[mask] = 0
                 alive &= ~mask
             s[name] = percentile(scores[alive], q)
-        states.clear()
-
-    sequential_pass(adapter, inputs, device, visit, desc=desc)
     return s
 
 
@@ -232,15 +213,11 @@ def _gradient_full(model, adapter, ids, device) -> dict[str, float]:
 def _gradient_blockwise(model, adapter, ids, device) -> dict[str, float]:
     """Manual checkpointing, one block on the device at a time; block-boundary activations of all
     samples are kept on CPU: (n_blocks + 1) x n x seq x hidden floats."""
-    n, blocks = ids.shape[0], adapter.blocks
-    inputs = capture_block_inputs(model, adapter, ids, device, batch_size=1, storage_device="cpu")
-    acts = [inputs.hidden]                                       # acts[i][b]: input of block i, (1, seq, hidden)
-
-    def keep(i, block, inp):  # every block boundary is kept (on the CPU) for the backward sweep
-        inp.hidden = run_block(block, i, inp)
-        acts.append(inp.hidden)
-
-    sequential_pass(adapter, inputs, device, keep, desc="gradients fwd", propagate=False)
+    n, modules = ids.shape[0], adapter.blocks
+    fwd = blocks(adapter, ids, device, storage_device="cpu", desc="gradients fwd")
+    acts = [blk.inputs.hidden for blk in fwd]                    # acts[i][b]: input of block i, (1, seq, hidden)
+    acts.append(fwd.hidden)                                      # the last block's outputs
+    inputs = fwd.inputs
 
     acc = {name: 0.0 for name in adapter.all_linears()}
     with _GradOnly(model, [lin.weight for lin in adapter.all_linears().values()]), torch.enable_grad():
@@ -254,9 +231,9 @@ def _gradient_blockwise(model, adapter, ids, device) -> dict[str, float]:
                 _nll(model(x, use_cache=False).logits, x).backward()
                 grads.append(injected["h"].grad.to("cpu"))
         # then each block, last to first, recomputing its forward with grad
-        for i in tqdm(reversed(range(len(blocks))), total=len(blocks), desc="gradients bwd", leave=False):
-            home = next(blocks[i].parameters()).device
-            block = blocks[i].to(device)
+        for i in tqdm(reversed(range(len(modules))), total=len(modules), desc="gradients bwd", leave=False):
+            home = next(modules[i].parameters()).device
+            block = modules[i].to(device)
             linears = adapter.linears(i)
             for b in range(n):
                 x = acts[i][b].to(device).requires_grad_(True)

@@ -7,27 +7,32 @@ import tempfile
 from pathlib import Path
 
 from ..io import atomic_dir, atomic_write_json
-from ..modeling import save_model_files
+from ..modelfiles import save_model_files
 from ..report import environment
 from .config import AgentConfig
+from .journal import IterationRecord, JournalHeader
 
 log = logging.getLogger(__name__)
 
 
-def build_report(cfg: AgentConfig, header: dict, records: list[dict], numel: dict[str, int],
-                 zeros: dict[str, int], stop_reason: str, wall_s: float) -> dict:
-    total = sum(numel.values())
-    accepted = [r for r in records if r["accepted"]]
-    start = records[0]["sparsity_before"] if records else sum(zeros.values()) / total
-    trajectory = [{"iteration": -1, "sparsity": start, "ppl": header["baseline_ppl"], "accepted": True,
+def _trajectory(header: JournalHeader, records: list[IterationRecord], start: float) -> list[dict]:
+    trajectory = [{"iteration": -1, "sparsity": start, "ppl": header.baseline_ppl, "accepted": True,
                    "label": "baseline", "source": ""}]
     for r in records:
-        trajectory.append({"iteration": r["iteration"], "sparsity": r["sparsity_before"] + r["gain"],
-                           "sparsity_after": r["sparsity_after"], "ppl": r["ppl_after"],
-                           "ppl_change": r["ppl_change"], "accepted": r["accepted"],
-                           "rolled_back": r["label"] == "poor-rolled-back", "label": r["label"],
-                           "source": r["source"], "layers_touched": len(r["applied"]),
-                           "scale": r.get("scale", 1.0), "seconds": r.get("seconds")})
+        trajectory.append({"iteration": r.iteration, "sparsity": r.sparsity_before + r.gain,
+                           "sparsity_after": r.sparsity_after, "ppl": r.ppl_after,
+                           "ppl_change": r.ppl_change, "accepted": r.accepted,
+                           "rolled_back": r.rolled_back, "label": r.label,
+                           "source": r.source, "layers_touched": len(r.applied),
+                           "scale": r.scale, "seconds": r.seconds})
+    return trajectory
+
+
+def build_report(cfg: AgentConfig, header: JournalHeader, records: list[IterationRecord], numel: dict[str, int],
+                 zeros: dict[str, int], stop_reason: str, wall_s: float) -> dict:
+    total = sum(numel.values())
+    accepted = [r for r in records if r.accepted]
+    start = records[0].sparsity_before if records else sum(zeros.values()) / total
     return {
         "kind": "agent",
         "environment": environment(cfg.device if cfg.device != "auto" else None),
@@ -37,15 +42,15 @@ def build_report(cfg: AgentConfig, header: dict, records: list[dict], numel: dic
         "stop_reason": stop_reason,
         "iterations": len(records),
         "accepted": len(accepted),
-        "rollbacks": sum(r["label"] == "poor-rolled-back" for r in records),
-        "fallbacks": sum(r["source"] == "builtin-fallback" for r in records),
-        "baseline_ppl": header["baseline_ppl"],
-        "final_ppl": accepted[-1]["ppl_after"] if accepted else header["baseline_ppl"],
-        "held_out_tokens": header.get("held_out_tokens"),
+        "rollbacks": sum(r.rolled_back for r in records),
+        "fallbacks": sum(r.source == "builtin-fallback" for r in records),
+        "baseline_ppl": header.baseline_ppl,
+        "final_ppl": accepted[-1].ppl_after if accepted else header.baseline_ppl,
+        "held_out_tokens": header.held_out_tokens,
         "eval_seqlen": cfg.eval_seqlen,
-        "calibration": header.get("calibration", {}),
+        "calibration": header.calibration,
         "layers": {n: {"numel": numel[n], "zeros": zeros[n], "sparsity": zeros[n] / numel[n]} for n in numel},
-        "trajectory": trajectory,
+        "trajectory": _trajectory(header, records, start),
         "wall_s": round(wall_s, 1),
         "config": cfg.model_dump(mode="json"),
     }

@@ -9,9 +9,25 @@ import functools
 import logging
 from contextlib import contextmanager
 
+import torch
 import torch.nn as nn
 
+from ..errors import PrunepilotError
+
 log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """'auto' / None: cuda when available, else cpu; anything else must name an available device."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise PrunepilotError(f"unknown device {name!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PrunepilotError(f"device {name} requested but CUDA is not available")
+    return dev
 
 
 def tensor_devices(model: nn.Module) -> dict[str, object]:

@@ -1,24 +1,29 @@
-"""Sequential layer-by-layer pass: one block on the compute device at a time.
+"""The one sequential pass every calibration pass goes through: one decoder block on the compute device at a time.
 
-    inputs = capture_block_inputs(...)
-    for i, block in blocks:
-        block -> device
-        visit(i, block, inputs)          # collect statistics with hooks, prune ...
-        inputs.hidden = block(inputs)    # the *pruned* block's outputs feed the next block
-        block -> offload device
+    for blk in blocks(adapter, ids, device, states=lambda name, linear: State()):
+        # blk.module is on the device; blk.states[name] has seen the inputs of blk.linears[name]
+        ... prune blk.module (or only read its statistics) ...
+    # the iterator itself moved every block's outputs on to the next block
+
+outputs="pruned" (default): after the loop body, the block runs again and its (possibly pruned) outputs feed
+the next block, so each block's statistics come from the pruned model's activations (SparseGPT, Wanda).
+outputs="dense": the outputs of the statistics run itself (the block as it was before the body) feed the next
+block: a statistics-only pass over the unpruned model (OWL ratios, FLAP's global ranking). No caller moves
+activations by hand.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from .adapter import ModelAdapter
-from .capture import BlockInputs
+from .capture import BlockInputs, capture_block_inputs
 
 log = logging.getLogger(__name__)
 
@@ -72,27 +77,61 @@ def input_hooks(linears: dict[str, nn.Module], fn: Callable[[str, torch.Tensor],
             h.remove()
 
 
-def sequential_pass(adapter: ModelAdapter, inputs: BlockInputs, device,
-                    visit: Callable[[int, nn.Module, BlockInputs], None], offload_device=None,
-                    desc: str = "blocks", propagate: bool = True) -> None:
-    """Visit every block in order with its block on `device`; then replace inputs.hidden by its outputs.
+@dataclass
+class Block:
+    """One decoder block during a pass: on the compute device, its statistics already collected."""
+    index: int
+    module: nn.Module
+    linears: dict[str, nn.Module]                            # the observed linears (keys: the caller's names)
+    states: dict[str, Any] = field(default_factory=dict)     # one statistic state per observed linear
+    inputs: BlockInputs | None = None                        # inputs.hidden: this block's input, every batch
 
-    `visit` may prune the block: the next block then sees the pruned model's activations. Afterwards each
-    block goes to `offload_device`, by default back where it was (a block already on the device stays).
+
+class BlockPass:
+    """Iterate over the decoder blocks of `adapter` on `device`, one at a time (see the module docstring).
+
+    ids: (n, seq) token ids, captured here (embedding-only forward, `batch_size` rows per batch), or BlockInputs.
+    states(name, linear) -> an object with .add(x) fed every input of that linear; None: no statistics.
+    linears(i, block) -> {name: linear} to observe; default: the adapter's prunable linears of block i.
+    After the loop, `hidden` holds the last block's outputs (one tensor per batch).
     """
-    for i, block in enumerate(tqdm(adapter.blocks, desc=desc, leave=False)):
-        home = offload_device or next(block.parameters()).device
-        block.to(device)
-        visit(i, block, inputs)
-        if propagate:
-            inputs.hidden = run_block(block, i, inputs)
-        block.to(home)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+
+    def __init__(self, adapter: ModelAdapter, ids, device, *, states: Callable[[str, nn.Module], Any] | None = None,
+                 linears: Callable[[int, nn.Module], dict[str, nn.Module]] | None = None,
+                 outputs: Literal["pruned", "dense"] = "pruned", batch_size: int = 1, storage_device=None,
+                 desc: str = "blocks"):
+        if outputs not in ("pruned", "dense"):
+            raise ValueError(f"outputs must be 'pruned' or 'dense', got {outputs!r}")
+        self.adapter, self.device, self.desc = adapter, device, desc
+        self.make_state, self.outputs = states, outputs
+        self.select = linears or (lambda i, block: adapter.linears(i))
+        self.inputs = ids if isinstance(ids, BlockInputs) else capture_block_inputs(
+            adapter.model, adapter, ids, device, batch_size, storage_device)
+
+    @property
+    def hidden(self) -> list[torch.Tensor]:
+        return self.inputs.hidden
+
+    def __iter__(self) -> Iterator[Block]:
+        for i, module in enumerate(tqdm(self.adapter.blocks, desc=self.desc, leave=False)):
+            home = next(module.parameters()).device
+            module.to(self.device)
+            blk = Block(i, module, self.select(i, module), inputs=self.inputs)
+            dense_out = self._observe(blk)
+            yield blk
+            self.inputs.hidden = dense_out if self.outputs == "dense" else run_block(module, i, self.inputs)
+            module.to(home)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    def _observe(self, blk: Block) -> list[torch.Tensor] | None:
+        """Run the block once with its linears' inputs fed to fresh states; return the outputs when they move on
+        from this run (outputs="dense"), else None."""
+        if self.make_state is None:
+            return run_block(blk.module, blk.index, self.inputs) if self.outputs == "dense" else None
+        blk.states = {name: self.make_state(name, lin) for name, lin in blk.linears.items()}
+        with input_hooks(blk.linears, lambda name, x: blk.states[name].add(x)):
+            return run_block(blk.module, blk.index, self.inputs)
 
 
-def collect(block: nn.Module, i: int, linears: dict[str, nn.Module], inputs: BlockInputs,
-            fn: Callable[[str, torch.Tensor], None]) -> None:
-    """Run block i over all calibration batches, feeding every linear's input to fn(name, x)."""
-    with input_hooks(linears, fn):
-        run_block(block, i, inputs)
+blocks = BlockPass  # for blk in blocks(adapter, ids, device, states=...)

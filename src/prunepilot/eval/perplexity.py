@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data import TextSource, load_documents, tokenize_stream
-from ..engine.placement import keeps_placement
+from ..engine import ModelAdapter, blocks, blocks_bypassed, keeps_placement
 from ..errors import PrunepilotError
 from ..modeling import context_length, default_eval_seqlen
 
@@ -70,16 +70,15 @@ def perplexity_sequential(model, tokens: torch.Tensor, seqlen: int, device, batc
     """perplexity_of_tokens computed with the sequential engine: one decoder block on `device` at a time
     (the rest stays where it is, normally the CPU), so models larger than the device can be scored.
     Same windows, same result (up to float rounding)."""
-    from ..engine import ModelAdapter, blocks_bypassed, capture_block_inputs, sequential_pass
-
     windows = _windows(tokens, seqlen, max_windows, model)  # (n, seqlen)
     t0 = time.time()
     adapter = ModelAdapter(model)
-    inputs = capture_block_inputs(model, adapter, windows, device, batch_size)
-    sequential_pass(adapter, inputs, device, lambda i, block, inp: None, desc=desc)
+    run = blocks(adapter, windows, device, batch_size=batch_size, desc=desc)
+    for _ in run:  # the iterator moves every block's outputs on; nothing to do per block
+        pass
     total_nll, counted = 0.0, 0
-    with blocks_bypassed(adapter, inputs.block_returns_tuple) as injected:
-        for b, hidden in enumerate(inputs.hidden):
+    with blocks_bypassed(adapter, run.inputs.block_returns_tuple) as injected:
+        for b, hidden in enumerate(run.hidden):
             ids = windows[b * batch_size:(b + 1) * batch_size].to(device)
             injected["h"] = hidden.to(device)
             total_nll += _window_nll(model(ids, use_cache=False).logits, ids)

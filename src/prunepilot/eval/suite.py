@@ -16,16 +16,17 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
 from ..errors import PrunepilotError
+from ..fingerprint import model_fingerprint
 from ..modeling import context_length
 from . import factual_qa, mmlu, zeroshot
-from .checkpoint import UnitStore, digest, model_fingerprint, unit_key
+from .checkpoint import UnitStore, digest, unit_key
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class TaskSpec:
     name: str
-    kind: str                      # "mc" | "mmlu" | "qa"
+    runner: Callable[..., tuple[dict, Outcomes]]  # (SuiteRun, TaskSpec, data path, protocol) -> (result, outcomes)
     path: str                      # data file / folder, relative to data_dir
     main: str                      # metric reported as the task's score
     prompt: str                    # human-readable prompt/scoring description for the protocol record
@@ -42,33 +43,174 @@ class TaskSpec:
     needs_user_file: bool = False  # no copy ships in data_dir
 
 
+@dataclass(frozen=True)
+class SuiteRun:
+    """What every task of one run_suite call shares: the model, the evaluation options and the checkpoint."""
+    model: Any
+    tokenizer: Any
+    limit: int | None
+    batch_size: int
+    device: torch.device
+    num_fewshot_mmlu: int
+    add_bos: bool
+    qa_shots: int
+    store: UnitStore | None = None
+    fingerprint: str = ""          # model_fingerprint(model, tokenizer) when checkpointing
+
+
+@dataclass
+class Unit:
+    """A piece of a task run as one checkpoint entry."""
+    name: str                      # e.g. "items 0-500" or an MMLU subject
+    inputs: str                    # digest of what it scores (part of the checkpoint key)
+    n: int | None                  # outcomes it must hold (None: not known before running)
+    run: Callable[[], dict]
+
+
+@dataclass
+class Outcomes:
+    """The raw outcomes of a task's units, in order, and how many of them came from the checkpoint."""
+    data: list[dict] = field(default_factory=list)
+    reused: int = 0
+    reused_seconds: float = 0.0    # the time the reused units took when they were run
+
+
+CHUNK_ITEMS = 500  # items per checkpoint unit (multiple choice and QA); MMLU's unit is a subject
 _MC = "sum log p(' ' + choice | context); acc = argmax, acc_norm = argmax of sum / len(choice chars)"
+
+
+def _run_units(run: SuiteRun, units: list[Unit], task: str, protocol: dict) -> Outcomes:
+    """Each unit's raw outcome, run now or read from the checkpoint."""
+    out = Outcomes()
+    for unit in units:
+        key = unit_key(run.fingerprint, task, protocol, unit.name, unit.inputs) if run.store else ""
+        data = run.store.get(key) if run.store else None
+        if data is not None and unit.n is not None and data.get("n") != unit.n:
+            log.warning("%s %s: the checkpoint holds %s outcomes for %d items; running it again", task, unit.name,
+                        data.get("n"), unit.n)
+            data = None
+        if data is None:
+            t0 = time.time()
+            data = unit.run()
+            data["seconds"] = round(time.time() - t0, 2)
+            data["n"] = unit.n if unit.n is not None else len(data.get("correct", data.get("lls", [])))
+            if run.store:
+                run.store.put(key, task, unit.name, data)
+        else:
+            out.reused, out.reused_seconds = out.reused + 1, out.reused_seconds + data.get("seconds", 0.0)
+        out.data.append(data)
+    return out
+
+
+def _sum_tokens(outcomes: list[dict]) -> dict:
+    total: dict = {}
+    for o in outcomes:
+        for k, v in o.get("tokens", {}).items():
+            total[k] = total.get(k, 0) + v
+    return total
+
+
+def _load_items(run: SuiteRun, spec: TaskSpec, path: Path, n_shots: int = 0) -> tuple[list, list, int]:
+    """(shots, items to score, items in the file less the shots): the file's last n_shots items are the shots
+    and are not evaluated; `limit` keeps the first items."""
+    items = spec.loader(path)
+    shots = []
+    if n_shots:
+        if len(items) <= n_shots:
+            raise PrunepilotError(f"task {spec.name}: {len(items)} items cannot give {n_shots} shots and questions")
+        shots, items = items[-n_shots:], items[:-n_shots]
+    n_total, items = len(items), items[:run.limit]
+    if not items:
+        raise PrunepilotError(f"task {spec.name}: no items in {path}")
+    return shots, items, n_total
+
+
+def _item_units(run: SuiteRun, items: list, score: Callable[[list], dict], *inputs) -> list[Unit]:
+    """Units of CHUNK_ITEMS items when checkpointing (else one unit); `inputs` join each chunk in its digest."""
+    n = len(items)
+    chunks = [(0, n)] if run.store is None else [(a, min(a + CHUNK_ITEMS, n)) for a in range(0, n, CHUNK_ITEMS)]
+    return [Unit(f"items {a}-{b}", digest(items[a:b], *inputs) if run.store else "", b - a,
+                 lambda a=a, b=b: score(items[a:b])) for a, b in chunks]
+
+
+def _run_mc(run: SuiteRun, spec: TaskSpec, path: Path, protocol: dict) -> tuple[dict, Outcomes]:
+    """Zero-shot multiple choice: log-likelihood of each choice."""
+    _, items, n_total = _load_items(run, spec, path)
+    protocol.update(shots=0, scoring=_MC if spec.norm else "sum log p(' ' + continuation | context), acc")
+    units = _item_units(run, items, lambda chunk: zeroshot.score_items(
+        run.model, run.tokenizer, chunk, run.batch_size, run.device, run.add_bos, spec.name))
+    done = _run_units(run, units, spec.name, protocol)
+    res = zeroshot.mc_metrics(items, [ll for o in done.data for ll in o["lls"]], spec.norm)
+    protocol["n_total"] = n_total  # after the units: not part of their checkpoint key
+    return res, done
+
+
+def _run_qa(run: SuiteRun, spec: TaskSpec, path: Path, protocol: dict) -> tuple[dict, Outcomes]:
+    """Factual QA: greedy answers, exact match; run.qa_shots answered examples before each question."""
+    shots, items, n_total = _load_items(run, spec, path, run.qa_shots)
+    protocol.update(shots=run.qa_shots, scoring=f"greedy generation, max 16 new tokens, stops "
+                                                f"{list(factual_qa.STOPS)}, normalised exact match")
+    if run.qa_shots:
+        protocol["shots_from"] = f"the file's last {run.qa_shots} items (not evaluated)"
+    units = _item_units(run, items, lambda chunk: factual_qa.answer_items(
+        run.model, run.tokenizer, chunk, batch_size=run.batch_size, device=run.device, add_bos=run.add_bos,
+        shots=shots), shots)
+    done = _run_units(run, units, spec.name, protocol)
+    res = factual_qa.qa_metrics(items, [p for o in done.data for p in o["predictions"]],
+                                [c for o in done.data for c in o["correct"]])
+    protocol["n_total"] = n_total  # after the units: not part of their checkpoint key
+    return res, done
+
+
+def _run_mmlu(run: SuiteRun, spec: TaskSpec, path: Path, protocol: dict) -> tuple[dict, Outcomes]:
+    """MMLU, one unit per subject when checkpointing (else one unit: batches then span subjects)."""
+    subjects = mmlu.list_subjects(path)
+    per_subject = mmlu.per_subject_limit(run.limit, len(subjects))
+    protocol.update(shots=run.num_fewshot_mmlu, shots_from="dev", limit_per_subject=per_subject,
+                    scoring="next-token letter log-prob")
+    mmlu.warn_if_letters_split(run.tokenizer)
+
+    def score(group: list[str]) -> Callable[[], dict]:
+        return lambda: mmlu.score_subjects(run.model, run.tokenizer, path, group, run.num_fewshot_mmlu, per_subject,
+                                           run.batch_size, run.device, run.add_bos)
+
+    if run.store:  # a subject's unit is keyed by its dev and test files
+        units = [Unit(s, digest((path / "dev" / f"{s}_dev.csv").read_bytes(),
+                                (path / "test" / f"{s}_test.csv").read_bytes()), None, score([s])) for s in subjects]
+    else:
+        units = [Unit("all", "", None, score(subjects))]
+    done = _run_units(run, units, spec.name, protocol)
+    res = mmlu.combine(done.data, protocol["max_length"])
+    protocol["n_total"] = res.pop("n_total")
+    return res, done
+
+
 TASKS: dict[str, TaskSpec] = {t.name: t for t in [
-    TaskSpec("arc_easy", "mc", "zeroshot/arc_easy.jsonl", "acc", "Question: {q}\\nAnswer: {choice}",
+    TaskSpec("arc_easy", _run_mc, "zeroshot/arc_easy.jsonl", "acc", "Question: {q}\\nAnswer: {choice}",
              zeroshot.load_query_choices),
-    TaskSpec("arc_challenge", "mc", "zeroshot/arc_challenge.jsonl", "acc_norm", "Question: {q}\\nAnswer: {choice}",
+    TaskSpec("arc_challenge", _run_mc, "zeroshot/arc_challenge.jsonl", "acc_norm", "Question: {q}\\nAnswer: {choice}",
              zeroshot.load_query_choices),
-    TaskSpec("hellaswag", "mc", "hellaswag/hellaswag_val_full.txt.bz2", "acc_norm", "{ctx} {ending}",
+    TaskSpec("hellaswag", _run_mc, "hellaswag/hellaswag_val_full.txt.bz2", "acc_norm", "{ctx} {ending}",
              zeroshot.load_hellaswag),
-    TaskSpec("piqa", "mc", "zeroshot/piqa.jsonl", "acc", "Question: {goal}\\nAnswer: {solution}",
+    TaskSpec("piqa", _run_mc, "zeroshot/piqa.jsonl", "acc", "Question: {goal}\\nAnswer: {solution}",
              zeroshot.load_query_choices),
-    TaskSpec("winogrande", "mc", "zeroshot/winogrande.jsonl", "acc",
+    TaskSpec("winogrande", _run_mc, "zeroshot/winogrande.jsonl", "acc",
              "partial scoring: log p(' ' + continuation | context option), acc only",
              zeroshot.load_winogrande, norm=False),
-    TaskSpec("boolq", "mc", "zeroshot/boolq.jsonl", "acc", "{passage}\\nQuestion: {q}?\\nAnswer: {no|yes}",
+    TaskSpec("boolq", _run_mc, "zeroshot/boolq.jsonl", "acc", "{passage}\\nQuestion: {q}?\\nAnswer: {no|yes}",
              zeroshot.load_boolq, norm=False),
-    TaskSpec("openbookqa", "mc", "zeroshot/openbook_qa.jsonl", "acc_norm", "{question_stem} {choice}",
+    TaskSpec("openbookqa", _run_mc, "zeroshot/openbook_qa.jsonl", "acc_norm", "{question_stem} {choice}",
              zeroshot.load_obqa),
-    TaskSpec("mmlu", "mmlu", "mmlu", "acc",
+    TaskSpec("mmlu", _run_mmlu, "mmlu", "acc",
              "hendrycks prompt, dev split as shots, argmax of next-token log p(' A'..' D') after 'Answer:'"),
-    TaskSpec("triviaqa", "qa", "zeroshot/triviaqa_sm_sub.jsonl", "acc",
+    TaskSpec("triviaqa", _run_qa, "zeroshot/triviaqa_sm_sub.jsonl", "acc",
              "Question: {q}\\nAnswer: greedy <= 16 tokens, stop at \\n . ,; normalised exact match vs aliases",
              factual_qa.load_triviaqa),
-    TaskSpec("freebaseqa", "qa", "freebaseqa/FreebaseQA-eval.json", "acc",
+    TaskSpec("freebaseqa", _run_qa, "freebaseqa/FreebaseQA-eval.json", "acc",
              "Question: {RawQuestion}\\nAnswer: greedy <= 16 tokens, stop at \\n . ,; normalised exact match",
              factual_qa.load_freebaseqa, needs_user_file=True),
 ]}
-ZERO_SHOT_MC = [n for n, t in TASKS.items() if t.kind == "mc"]
+ZERO_SHOT_MC = [n for n, t in TASKS.items() if t.runner is _run_mc]
 DEFAULT_TASKS = [n for n, t in TASKS.items() if not t.needs_user_file]
 
 
@@ -103,119 +245,15 @@ def resolve_tasks(tasks: list[str] | str, data_dir: str | Path) -> list[tuple[st
     return out
 
 
-CHUNK_ITEMS = 500  # items per checkpoint unit (multiple choice and QA); MMLU's unit is a subject
-
-
-@dataclass
-class Unit:
-    """A piece of a task run as one checkpoint entry."""
-    name: str                      # e.g. "items 0-500" or an MMLU subject
-    inputs: str                    # digest of what it scores (part of the checkpoint key)
-    n: int | None                  # outcomes it must hold (None: not known before running)
-    run: Callable[[], dict]
-
-
-def _run_units(units: list[Unit], task: str, protocol: dict, store: UnitStore | None,
-               fingerprint: str) -> tuple[list[dict], int, float]:
-    """Each unit's raw outcome, run now or read from the checkpoint; (outcomes, units reused, their seconds)."""
-    outcomes, reused, reused_s = [], 0, 0.0
-    for unit in units:
-        key = unit_key(fingerprint, task, protocol, unit.name, unit.inputs) if store else ""
-        data = store.get(key) if store else None
-        if data is not None and unit.n is not None and data.get("n") != unit.n:
-            log.warning("%s %s: the checkpoint holds %s outcomes for %d items; running it again", task, unit.name,
-                        data.get("n"), unit.n)
-            data = None
-        if data is None:
-            t0 = time.time()
-            data = unit.run()
-            data["seconds"] = round(time.time() - t0, 2)
-            data["n"] = unit.n if unit.n is not None else len(data.get("correct", data.get("lls", [])))
-            if store:
-                store.put(key, task, unit.name, data)
-        else:
-            reused, reused_s = reused + 1, reused_s + data.get("seconds", 0.0)
-        outcomes.append(data)
-    return outcomes, reused, reused_s
-
-
-def _sum_tokens(outcomes: list[dict]) -> dict:
-    total: dict = {}
-    for o in outcomes:
-        for k, v in o.get("tokens", {}).items():
-            total[k] = total.get(k, 0) + v
-    return total
-
-
-def _run_task(model, tokenizer, spec: TaskSpec, path: Path, limit: int | None, batch_size: int, device,
-              num_fewshot_mmlu: int, add_bos: bool, qa_shots: int = 0, store: UnitStore | None = None,
-              fingerprint: str = "") -> tuple[dict, float]:
+def _run_task(run: SuiteRun, spec: TaskSpec, path: Path) -> tuple[dict, float]:
     """(result, seconds of units reused from the checkpoint)."""
-    protocol = {"data": str(path), "limit": limit, "prompt": spec.prompt, "add_bos": add_bos,
-                "max_length": context_length(model)}  # longer prompts lose context tokens from the left
-    run = _run_mmlu if spec.kind == "mmlu" else _run_items
-    res, outcomes, reused, reused_s = run(model, tokenizer, spec, path, protocol, limit, batch_size, device,
-                                          num_fewshot_mmlu, add_bos, qa_shots, store, fingerprint)
-    res["tokens"] = _sum_tokens(outcomes)
-    if store:
-        res["checkpoint"] = {"units": len(outcomes), "units_resumed": reused}
-    return {**res, "main": spec.main, "protocol": protocol}, reused_s
-
-
-def _run_mmlu(model, tokenizer, spec, path, protocol, limit, batch_size, device, num_fewshot_mmlu, add_bos, qa_shots,
-              store, fingerprint):
-    """MMLU, one unit per subject when checkpointing (else one unit: batches then span subjects)."""
-    subjects = mmlu.list_subjects(path)
-    per_subject = mmlu.per_subject_limit(limit, len(subjects))
-    protocol.update(shots=num_fewshot_mmlu, shots_from="dev", limit_per_subject=per_subject,
-                    scoring="next-token letter log-prob")
-    mmlu.warn_if_letters_split(tokenizer)
-    groups = [[s] for s in subjects] if store else [subjects]
-    files = lambda g: [f.read_bytes() for s in g for f in (path / "dev" / f"{s}_dev.csv",  # noqa: E731
-                                                          path / "test" / f"{s}_test.csv")] if store else []
-    units = [Unit(",".join(g) if store else "all", digest(*files(g)), None, lambda g=g: mmlu.score_subjects(
-        model, tokenizer, path, g, num_fewshot_mmlu, per_subject, batch_size, device, add_bos)) for g in groups]
-    outcomes, reused, reused_s = _run_units(units, spec.name, protocol, store, fingerprint)
-    res = mmlu.combine(outcomes, protocol["max_length"])
-    protocol["n_total"] = res.pop("n_total")
-    return res, outcomes, reused, reused_s
-
-
-def _run_items(model, tokenizer, spec, path, protocol, limit, batch_size, device, num_fewshot_mmlu, add_bos, qa_shots,
-               store, fingerprint):
-    """Multiple choice and factual QA: units of CHUNK_ITEMS items when checkpointing (else one unit)."""
-    items = spec.loader(path)
-    shots = []
-    if spec.kind == "qa" and qa_shots:  # the file's last k items are the shots and are not evaluated
-        if len(items) <= qa_shots:
-            raise PrunepilotError(f"task {spec.name}: {len(items)} items cannot give {qa_shots} shots and questions")
-        shots, items = items[-qa_shots:], items[:-qa_shots]
-    n_total, items = len(items), items[:limit]
-    if not items:
-        raise PrunepilotError(f"task {spec.name}: no items in {path}")
-    chunks = [(0, len(items))] if store is None else [
-        (a, min(a + CHUNK_ITEMS, len(items))) for a in range(0, len(items), CHUNK_ITEMS)]
-    if spec.kind == "mc":
-        protocol.update(shots=0, scoring=_MC if spec.norm else "sum log p(' ' + continuation | context), acc")
-        units = [Unit(f"items {a}-{b}", digest(items[a:b]) if store else "", b - a,
-                      lambda a=a, b=b: zeroshot.score_items(model, tokenizer, items[a:b], batch_size, device,
-                                                            add_bos, spec.name)) for a, b in chunks]
-        outcomes, reused, reused_s = _run_units(units, spec.name, protocol, store, fingerprint)
-        res = zeroshot.mc_metrics(items, [ll for o in outcomes for ll in o["lls"]], spec.norm)
-    else:
-        protocol.update(shots=qa_shots, scoring=f"greedy generation, max 16 new tokens, stops "
-                                                f"{list(factual_qa.STOPS)}, normalised exact match")
-        if qa_shots:
-            protocol["shots_from"] = f"the file's last {qa_shots} items (not evaluated)"
-        units = [Unit(f"items {a}-{b}", digest(items[a:b], shots) if store else "", b - a,
-                      lambda a=a, b=b: factual_qa.answer_items(model, tokenizer, items[a:b], batch_size=batch_size,
-                                                               device=device, add_bos=add_bos, shots=shots))
-                 for a, b in chunks]
-        outcomes, reused, reused_s = _run_units(units, spec.name, protocol, store, fingerprint)
-        res = factual_qa.qa_metrics(items, [p for o in outcomes for p in o["predictions"]],
-                                    [c for o in outcomes for c in o["correct"]])
-    protocol["n_total"] = n_total  # after the units: not part of their checkpoint key
-    return res, outcomes, reused, reused_s
+    protocol = {"data": str(path), "limit": run.limit, "prompt": spec.prompt, "add_bos": run.add_bos,
+                "max_length": context_length(run.model)}  # longer prompts lose context tokens from the left
+    res, done = spec.runner(run, spec, path, protocol)
+    res["tokens"] = _sum_tokens(done.data)
+    if run.store:
+        res["checkpoint"] = {"units": len(done.data), "units_resumed": done.reused}
+    return {**res, "main": spec.main, "protocol": protocol}, done.reused_seconds
 
 
 def run_suite(model, tokenizer, tasks: list[str], data_dir: str | Path, limit: int | None = None, batch_size: int = 8,
@@ -239,17 +277,16 @@ def run_suite(model, tokenizer, tasks: list[str], data_dir: str | Path, limit: i
     resolved = resolve_tasks(tasks, data_dir)
     if device is not None and next(model.parameters()).device != torch.device(device):
         model.to(device)
-    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     store = UnitStore(checkpoint) if checkpoint is not None else None
-    fingerprint = model_fingerprint(model, tokenizer) if store else ""
+    run = SuiteRun(model, tokenizer, limit, batch_size, next(model.parameters()).device, num_fewshot_mmlu, add_bos,
+                   qa_shots, store, model_fingerprint(model, tokenizer) if store else "")
     results = {}
     try:
         for name, spec, path in resolved:
             t0 = time.time()
-            res, reused_s = _run_task(model, tokenizer, spec, path, limit, batch_size, device, num_fewshot_mmlu,
-                                      add_bos, qa_shots, store, fingerprint)
+            res, reused_s = _run_task(run, spec, path)
             res["seconds"] = round(time.time() - t0 + reused_s, 2)
             results[name] = res
             log.info("%s: %s=%.4f n=%d (%.1fs)", name, spec.main, res[spec.main], res["n"], res["seconds"])

@@ -1,2 +1,1 @@
-"""Built-in methods; importing this package registers them."""
-from . import magnitude, sparsegpt, wanda  # noqa: F401
+"""Unstructured / N:M methods, one small file each; registry.py registers them with their options and pipeline."""

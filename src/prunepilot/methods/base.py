@@ -1,33 +1,41 @@
 """Contract every unstructured/N:M method follows (cf. SparseGPT's per-layer object):
 
-    state = method.init_state(W)          # W: (out, in) weight view of one linear
+    state = method.init_state(W)          # W: (out, in) weight view of one linear; state.add(x) sees its inputs
     method.add_batch(state, x)            # x: (..., in) inputs of that linear, called per batch
     mask = method.prune(W, state, sparsity, pattern)   # zeroes W in place, returns the bool mask
+
+A method is built from its options model (registry.py): ``Method(options)``.
 """
 from __future__ import annotations
 
 import torch
 
 from .. import masks
+from ..schema import Strict
+
+
+class NoOptions(Strict):
+    """A method without options."""
 
 
 class PruningMethod:
-    name = "base"
-    kind = "unstructured"        # or "structured"
     needs_calibration = True
     summary = ""
+    granularity = "row"
+
+    def __init__(self, options: Strict | None = None):
+        self.options = options
 
     def init_state(self, weight: torch.Tensor):
         return None
 
     def add_batch(self, state, x: torch.Tensor) -> None:
-        pass
+        if state is not None:  # data-free methods keep no state
+            state.add(x)
 
     def scores(self, weight: torch.Tensor, state) -> torch.Tensor:
         """Importance of every weight, (out, in); lower = pruned first."""
         raise NotImplementedError
-
-    granularity = "row"
 
     @torch.no_grad()
     def prune(self, weight: torch.Tensor, state, sparsity: float, pattern: tuple[int, int] | None) -> torch.Tensor:

@@ -2,8 +2,10 @@ from __future__ import annotations
 
 import torch
 
+from pydantic import Field
+
 from ..errors import PrunepilotError
-from ..registry import register
+from ..schema import Strict
 from .base import PruningMethod
 
 
@@ -38,7 +40,11 @@ def _inverse_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
     raise PrunepilotError("SparseGPT: Hessian is not positive definite even after damping")
 
 
-@register("sparsegpt")
+class SparseGPTOptions(Strict):
+    blocksize: int = Field(128, ge=1)    # columns per lazy-update block
+    percdamp: float = Field(0.01, ge=0)  # diagonal damping, as a fraction of mean(diag H)
+
+
 class SparseGPT(PruningMethod):
     """SparseGPT (Frantar & Alistarh 2023): OBS-style mask selection with weight reconstruction.
 
@@ -47,15 +53,13 @@ class SparseGPT(PruningMethod):
     """
     summary = "second-order mask selection + weight update (SparseGPT)"
 
-    def __init__(self, blocksize: int = 128, percdamp: float = 0.01):
-        self.blocksize = blocksize
-        self.percdamp = percdamp
+    def __init__(self, options: SparseGPTOptions | None = None):
+        super().__init__(options or SparseGPTOptions())
+        self.blocksize = self.options.blocksize
+        self.percdamp = self.options.percdamp
 
     def init_state(self, weight):
         return HessianState(weight.shape[1], weight.device)
-
-    def add_batch(self, state, x):
-        state.add(x)
 
     @torch.no_grad()
     def prune(self, weight, state, sparsity, pattern):

@@ -24,7 +24,7 @@ import torch
 from ..engine import ModelAdapter
 from ..errors import PrunepilotError
 from ..io import atomic_dir
-from ..modeling import gguf_detached, save_tokenizer
+from ..modelfiles import gguf_detached, parse_dtype, save_model_files, save_tokenizer
 from .slicing import block_widths, shrink_block
 
 log = logging.getLogger(__name__)
@@ -39,36 +39,67 @@ def model_widths(model) -> tuple[ModelAdapter, int, list[dict]]:
     return adapter, head_dim, [block_widths(b, head_dim) for b in adapter.blocks]
 
 
-def _is_uniform(widths: list[dict]) -> bool:
+def is_uniform(widths: list[dict]) -> bool:
     return all(w == widths[0] for w in widths)
 
 
-def plain_config(model, widths: list[dict]):
-    """(config, zero-filled keys) if plain transformers can rebuild this model exactly, else None."""
-    if not _is_uniform(widths):
-        return None
-    w = widths[0]
-    cfg = copy.deepcopy(model.config)
-    cfg.__dict__.pop("quantization_config", None)  # GGUF weights are plain floats once loaded
-    tc = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    tc.intermediate_size = w["intermediate_size"]
-    tc.num_attention_heads = w["num_heads"]
-    tc.num_key_value_heads = w["num_kv_heads"]
-    tc.head_dim = w["head_dim"]
-    for flag, needed in (("attention_bias", w["o_bias"]), ("mlp_bias", w["down_bias"])):
-        if needed and not getattr(tc, flag, False):
-            if not hasattr(tc, flag):
-                return None
-            setattr(tc, flag, True)
+def text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def write_widths(text_cfg, w: dict) -> dict:
+    """Set one layer's widths (block_widths) as the config's model-wide widths; returns the previous values."""
+    new = {"intermediate_size": w["intermediate_size"], "num_attention_heads": w["num_heads"],
+           "num_key_value_heads": w["num_kv_heads"], "head_dim": w["head_dim"]}
+    old = {k: getattr(text_cfg, k, None) for k in new}
+    for k, v in new.items():
+        setattr(text_cfg, k, v)
+    return old
+
+
+def _meta_shapes(model, cfg) -> dict[str, tuple] | None:
+    """Parameter shapes of the model `cfg` describes (built on the meta device), or None if cfg is rejected."""
     try:
         if hasattr(cfg, "validate"):
             cfg.validate()  # e.g. llama needs hidden_size % num_attention_heads == 0
         with torch.device("meta"):
             ref = type(model)._from_config(cfg)
-    except Exception as e:  # the config rejects these widths: fall back to the widths file
-        log.debug("plain config rejected: %s", e)
+    except Exception as e:  # the config rejects these widths
+        log.debug("config rejected: %s", e)
         return None
-    expected = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    return {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+
+
+def _plain_copy(config):
+    cfg = copy.deepcopy(config)
+    cfg.__dict__.pop("quantization_config", None)  # GGUF weights are plain floats once loaded
+    return cfg
+
+
+def matches_config(model) -> bool:
+    """True when the model has exactly the parameters its own config describes (not resized, no added biases)."""
+    expected = _meta_shapes(model, _plain_copy(model.config))
+    return expected is not None and expected == {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def plain_config(model, widths: list[dict]):
+    """(config, zero-filled keys) if plain transformers can rebuild this model exactly, else None.
+
+    """
+    if not is_uniform(widths):
+        return None
+    w = widths[0]
+    cfg = _plain_copy(model.config)
+    tc = text_config(cfg)
+    write_widths(tc, w)
+    for flag, needed in (("attention_bias", w["o_bias"]), ("mlp_bias", w["down_bias"])):
+        if needed and not getattr(tc, flag, False):
+            if not hasattr(tc, flag):
+                return None
+            setattr(tc, flag, True)
+    expected = _meta_shapes(model, cfg)
+    if expected is None:
+        return None
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if any(expected.get(k) != s for k, s in ours.items()):
         return None
@@ -79,26 +110,37 @@ def plain_config(model, widths: list[dict]):
 
 
 def save_pruned(model, tokenizer, path: str | Path, overwrite: bool = False) -> Path:
-    """Save a structurally pruned model (and tokenizer) atomically: a temp folder, then one rename."""
+    """Save a pruned model (and tokenizer) atomically: a temp folder, then one rename.
+
+    A model that still matches its config (unstructured pruning) is an ordinary save_pretrained; a resized one is
+    saved with a config stating its uniform widths when that can express it, else with prunepilot_widths.json."""
+    with atomic_dir(path, overwrite=overwrite) as tmp:
+        if matches_config(model):
+            save_model_files(model, tokenizer, tmp)
+        else:
+            _save_resized(model, tmp)
+            save_tokenizer(tokenizer, tmp)
+    return Path(path)
+
+
+def _save_resized(model, folder: Path) -> None:
     adapter, head_dim, widths = model_widths(model)
     plain = plain_config(model, widths)
-    with atomic_dir(path, overwrite=overwrite) as tmp, gguf_detached(model):
+    with gguf_detached(model):
         if plain is not None:
             cfg, zeros = plain
             state = dict(model.state_dict())
             ref = next(iter(state.values()))
             for k, shape in zeros.items():  # biases the config creates but the model lacks: exact zeros
                 state[k] = torch.zeros(shape, dtype=ref.dtype, device=ref.device)
-            model.save_pretrained(tmp, state_dict=state)
-            cfg.save_pretrained(tmp)  # the shrunk config replaces the one save_pretrained wrote
-            log.info("saved %s: uniform widths, loads with plain from_pretrained", path)
+            model.save_pretrained(folder, state_dict=state)
+            cfg.save_pretrained(folder)  # the shrunk config replaces the one save_pretrained wrote
+            log.info("saved %s: uniform widths, loads with plain from_pretrained", folder)
         else:
-            model.save_pretrained(tmp)
+            model.save_pretrained(folder)
             info = {"format": FORMAT, "model_type": adapter.model_type, "head_dim": head_dim, "layers": widths}
-            (tmp / WIDTHS_FILE).write_text(json.dumps(info, indent=1) + "\n")
-            log.info("saved %s: per-layer widths in %s (load with prunepilot load_pruned)", path, WIDTHS_FILE)
-        save_tokenizer(tokenizer, tmp)
-    return Path(path)
+            (folder / WIDTHS_FILE).write_text(json.dumps(info, indent=1) + "\n")
+            log.info("saved %s: per-layer widths in %s (load with prunepilot load_pruned)", folder, WIDTHS_FILE)
 
 
 def _load_state(folder: Path) -> dict[str, torch.Tensor]:
@@ -122,8 +164,6 @@ def load_pruned(path: str | Path, dtype: str | torch.dtype = "float32", device: 
     """Load a model saved by save_pruned (either kind), in eval mode."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
-
-    from ..modeling import parse_dtype
 
     folder = Path(path)
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import PrunepilotError
+from ..stats import zscore
 
 
 class RunningMoments:
@@ -67,17 +68,9 @@ class RunningMoments:
 
 # ---------------------------------------------------------------------------------------------- scores
 
-def wanda_sp_scores(weight: torch.Tensor, stats: RunningMoments) -> torch.Tensor:
-    """Σ_i |W_ij| · ‖X_j‖₂ for every input column j of an output projection W (out, in). -> (in,)"""
-    return (weight.detach().abs().float() * stats.l2().to(weight.device).unsqueeze(0)).sum(0)
-
-
 def fluctuation_scores(weight: torch.Tensor, stats: RunningMoments) -> torch.Tensor:
     """FLAP's WIFV metric Var(X_j) · ‖W[:, j]‖² for every input column j. -> (in,)"""
     return stats.var().to(weight.device) * weight.detach().float().pow(2).sum(0)
-
-
-SCORES = {"wanda_sp": wanda_sp_scores, "fluctuation": fluctuation_scores}
 
 
 def head_scores(column_scores: torch.Tensor, head_dim: int, reduce: str = "sum") -> torch.Tensor:
@@ -100,7 +93,7 @@ def standardize(s: torch.Tensor) -> torch.Tensor:
     std = s.std()
     if not torch.isfinite(std) or std == 0:
         return torch.zeros_like(s)
-    return (s - s.mean()) / std
+    return zscore(s, unbiased=True, eps=0.0)
 
 
 # ---------------------------------------------------------------------------------------------- selection

@@ -1,0 +1,67 @@
+"""What a pruning pipeline receives (PruneJob) and returns (PruneReport)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .data import calibration_blocks, check_token_ids
+from .errors import PrunepilotError
+from .recipe import Recipe
+
+
+@dataclass
+class PruneJob:
+    """One prune() call: the model, the recipe with the method's defaults filled in where the user left a field
+    unset, the method built from its validated options, and where the calibration data comes from."""
+    model: nn.Module
+    recipe: Recipe
+    method: Any
+    tokenizer: Any = None
+    token_ids: torch.Tensor | None = None   # given calibration ids (n_samples, seqlen), else drawn from the recipe
+    device: torch.device = torch.device("cpu")
+    stated: Recipe | None = None            # the recipe as the user gave it (before the method's defaults)
+
+    @property
+    def name(self) -> str:
+        return self.recipe.method
+
+    def user_set(self, section: str, name: str) -> bool:
+        """Whether the user stated recipe.<section>.<name> (rather than leaving it to a default)."""
+        stated = self.stated or self.recipe
+        return name in getattr(stated, section).model_fields_set
+
+    def calibration(self) -> tuple[torch.Tensor, dict, bool]:
+        """(ids (n_samples, seqlen), per-domain summary, whether the ids were given rather than drawn)."""
+        if self.token_ids is not None:
+            return check_token_ids(self.token_ids), {}, True
+        if self.tokenizer is None:
+            raise PrunepilotError(f"{self.name} needs calibration data: pass a tokenizer or calibration token ids")
+        c = self.recipe.calibration
+        ids, summary = calibration_blocks(self.tokenizer, c.sources, c.n_samples, c.seqlen, c.seed)
+        return ids, summary, False
+
+
+@dataclass
+class PruneReport:
+    method: str
+    pattern: str
+    target_sparsity: float
+    block_sparsity_target: list[float]
+    layers: dict[str, dict] = field(default_factory=dict)  # name -> {"shape", "numel", "zeros", "sparsity"}
+    calibration: dict = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def global_sparsity(self) -> float:
+        total = sum(v["numel"] for v in self.layers.values())
+        zeros = sum(v["zeros"] for v in self.layers.values())
+        return zeros / total if total else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["global_sparsity"] = self.global_sparsity
+        return d

@@ -1,0 +1,114 @@
+"""What structured `sparsity` counts, what each removable unit is worth, and whether a target is reachable.
+
+recipe.structured.target:
+    "params":   the fraction of the decoder blocks' linear parameters (weights + biases) removed; biases
+                added by compensation count against it, so params_after = (1 - s) * params_before up to
+                one MLP channel.
+    "channels": the mean over module types of the fraction of MLP channels / KV groups removed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..engine import ModelAdapter
+from ..errors import PrunepilotError
+from .slicing import BlockLayout, attention_counts, linear, mlp_width
+
+
+@dataclass
+class Options:
+    """The structured settings of one run (recipe.structured with the method's defaults filled in)."""
+    ratios: str
+    target: str
+    bias_compensation: bool
+    kinds: tuple[str, ...]          # ("mlp", "attn") minus what the recipe switches off
+    steps: int
+    channel_multiple: int = 1       # MLP widths kept at a multiple of this
+
+    @classmethod
+    def from_recipe(cls, recipe, iterative: bool) -> "Options":
+        st = recipe.structured
+        kinds = tuple(k for k, on in (("mlp", st.prune_channels), ("attn", st.prune_heads)) if on)
+        if not kinds:
+            raise PrunepilotError("structured pruning with prune_heads and prune_channels both off removes nothing")
+        return cls(ratios=st.ratios, target=st.target, bias_compensation=st.bias_compensation, kinds=kinds,
+                   steps=st.steps if iterative else 1, channel_multiple=st.channel_multiple)
+
+
+def linear_params(block, layout: BlockLayout) -> int:
+    names = [layout.attn.q, layout.attn.k, layout.attn.v, layout.attn.o, *layout.mlp.ins, layout.mlp.out]
+    return sum(p.numel() for n in names for p in linear(block, n).parameters())
+
+
+class Ledger:
+    """Counts what `sparsity` measures and what each removable unit is worth, on the current model."""
+
+    def __init__(self, adapter: ModelAdapter, layouts: list[BlockLayout], head_dim: int, opts: Options):
+        self.adapter, self.layouts, self.head_dim, self.opts = adapter, layouts, head_dim, opts
+        self.dense_units = [self.units(i) for i in range(len(layouts))]
+        self.dense_layer = [self.measure(i) for i in range(len(layouts))]
+        self.dense_total = sum(self.dense_layer)
+        self.dense_params = [linear_params(adapter.blocks[i], lay) for i, lay in enumerate(layouts)]
+
+    def units(self, i: int) -> dict[str, int]:
+        block, lay = self.adapter.blocks[i], self.layouts[i]
+        return {"mlp": mlp_width(block, lay.mlp), "attn": attention_counts(block, lay.attn, self.head_dim)[1]}
+
+    def measure(self, i: int) -> float:
+        if self.opts.target == "params":
+            return float(linear_params(self.adapter.blocks[i], self.layouts[i]))
+        now = self.units(i)
+        return sum(now[k] / self.dense_units[i][k] for k in self.opts.kinds)
+
+    def cost(self, i: int, kind: str) -> float:
+        """What removing one MLP channel / one KV group of layer i saves."""
+        if self.opts.target == "channels":
+            return 1.0 / self.dense_units[i][kind]
+        block, lay, hd = self.adapter.blocks[i], self.layouts[i], self.head_dim
+
+        def row(name):  # one output row: a weight row plus its bias entry
+            lin = linear(block, name)
+            return lin.in_features + (lin.bias is not None)
+
+        if kind == "mlp":  # gate + up rows, down column
+            return float(sum(row(n) for n in lay.mlp.ins) + linear(block, lay.mlp.out).out_features)
+        gs = attention_counts(block, lay.attn, hd)[2]  # q rows + k/v rows + o columns of one KV group
+        return float(gs * hd * row(lay.attn.q) + hd * (row(lay.attn.k) + row(lay.attn.v))
+                     + gs * hd * linear(block, lay.attn.o).out_features)
+
+    def overhead(self, i: int) -> float:
+        """Parameters bias compensation will add to layer i (a bias on each bias-less output projection)."""
+        if self.opts.target != "params" or not self.opts.bias_compensation:
+            return 0.0
+        block, lay = self.adapter.blocks[i], self.layouts[i]
+        outs = {"mlp": lay.mlp.out, "attn": lay.attn.o}
+        return float(sum(linear(block, outs[k]).out_features for k in self.opts.kinds
+                         if linear(block, outs[k]).bias is None))
+
+    def min_kept(self, i: int, kind: str) -> int:
+        """Fewest units a module can keep: one, or one multiple of channel_multiple for an MLP wide enough
+        to be rounded (align_removal never rounds a kept width down to zero)."""
+        m = self.opts.channel_multiple
+        return m if kind == "mlp" and 1 < m <= self.dense_units[i]["mlp"] else 1
+
+    def capacity(self, i: int) -> float:
+        now = self.units(i)
+        return sum(max(0, now[k] - self.min_kept(i, k)) * self.cost(i, k) for k in self.opts.kinds)
+
+    def mlp_floor_words(self) -> str:
+        m = self.opts.channel_multiple
+        return f"{m} MLP channels (channel_multiple {m})" if m > 1 else "one MLP channel"
+
+    def check_feasible(self, sparsity: float) -> None:
+        """Fail before any work when keeping the fewest units per layer (one KV group; one MLP channel, or one
+        channel_multiple) cannot reach the target."""
+        need = [self.dense_layer[i] * sparsity + self.overhead(i) for i in range(len(self.layouts))]
+        cap = [self.capacity(i) for i in range(len(self.layouts))]
+        short = sum(need) > sum(cap) + 1e-6 if self.opts.ratios == "global" else any(
+            n > c + 1e-6 for n, c in zip(need, cap))
+        if short:
+            most = max(0.0, sum(c - o for c, o in zip(cap, (self.overhead(i) for i in range(len(cap))))))
+            raise PrunepilotError(
+                f"sparsity {sparsity:g} is too high for structured pruning ({self.opts.ratios} ratios, kinds "
+                f"{'+'.join(self.opts.kinds)}): keeping one KV head group and {self.mlp_floor_words()} per layer allows "
+                f"removing at most {most / self.dense_total:.3f} of the block {self.opts.target}")

@@ -1,0 +1,207 @@
+"""The structured pipeline: calibration pass(es), channel/head ranking, physical slicing.
+
+    ids    = calibration tokens (FLAP-style seqlen 128 unless the recipe sets one)
+    for step in 1..k:                        # k = 1 (wanda_sp, flap) or recipe.structured.steps
+        target = dense * kept_fraction(step)  # geometric schedule by default
+        one pass over the current model, block by block, recording the input statistics of
+        down_proj / o_proj (float32 streaming moments):
+          uniform ratios: each block is pruned inside the pass (the next block sees pruned outputs)
+          global ranking: a statistics-only pass; all blocks' scores are ranked together, then every block is sliced
+    report params before/after, per-layer widths and kept KV groups (outcome.py)
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from ..engine import ModelAdapter, blocks
+from ..errors import PrunepilotError
+from ..job import PruneJob, PruneReport
+from ..masks import check_sparsity
+from .budget import Ledger, Options
+from .methods import StructuredMethod, kept_fraction
+from .outcome import ModelBefore, build_report
+from .scores import Candidates, RunningMoments, align_removal, group_scores, head_scores, lowest, select_global, \
+    split_uniform_layer
+from .slicing import BlockLayout, attention_counts, block_layout, complement, keep_kv_groups, keep_mlp_channels, \
+    linear
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Tracker:
+    """Original indices of the channels / KV groups each layer still has (for the report)."""
+    channels: list[torch.Tensor]
+    groups: list[torch.Tensor]
+
+
+class StructuredPruner:
+    def __init__(self, adapter: ModelAdapter, layouts: list[BlockLayout], head_dim: int, opts: Options,
+                 method: StructuredMethod, device: torch.device):
+        self.adapter, self.layouts, self.head_dim, self.opts = adapter, layouts, head_dim, opts
+        self.method, self.device = method, device
+        self.ledger = Ledger(adapter, layouts, head_dim, opts)
+        self.tracker = Tracker(channels=[torch.arange(u["mlp"]) for u in self.ledger.dense_units],
+                               groups=[torch.arange(u["attn"]) for u in self.ledger.dense_units])
+
+    def out_linears(self, i: int) -> dict:
+        block, lay = self.adapter.blocks[i], self.layouts[i]
+        outs = {"mlp": lay.mlp.out, "attn": lay.attn.o}
+        return {k: linear(block, outs[k]) for k in self.opts.kinds}
+
+    def candidates(self, i: int, moments: dict[str, RunningMoments]) -> list[Candidates]:
+        """Scores of layer i's MLP channels and KV groups from the input statistics of down_proj / o_proj."""
+        block, lay, hd = self.adapter.blocks[i], self.layouts[i], self.head_dim
+        out = []
+        for kind, lin in self.out_linears(i).items():
+            col = self.method.column_scores(lin.weight, moments[kind])  # (in,)
+            if kind == "attn":
+                gs = attention_counts(block, lay.attn, hd)[2]
+                reduce = self.method.group_reduce
+                col = group_scores(head_scores(col, hd, reduce), gs, reduce)  # (kv_heads,)
+            out.append(Candidates(i, kind, col, self.ledger.cost(i, kind)))
+        return out
+
+    def apply(self, i: int, removed: dict[str, torch.Tensor], moments: dict[str, RunningMoments]) -> None:
+        """Slice layer i (with bias compensation when on: every output projection gets a bias)."""
+        block, lay = self.adapter.blocks[i], self.layouts[i]
+        units = self.ledger.units(i)
+        for kind in self.opts.kinds:
+            gone = removed.get(kind, torch.zeros(0, dtype=torch.long))
+            if gone.numel() == 0 and not self.opts.bias_compensation:
+                continue
+            keep = complement(gone, units[kind])
+            mean = moments[kind].mean if self.opts.bias_compensation else None
+            if kind == "mlp":
+                keep_mlp_channels(block, keep, mean, lay.mlp)
+                self.tracker.channels[i] = self.tracker.channels[i][keep]
+            else:
+                keep_kv_groups(block, keep, self.head_dim, mean, lay.attn)
+                self.tracker.groups[i] = self.tracker.groups[i][keep]
+
+    def uniform_removal(self, i: int, cands: list[Candidates], keep_frac: float) -> dict[str, torch.Tensor]:
+        by_kind = {c.kind: c for c in cands}
+        if self.opts.target == "channels":  # every module type keeps round(keep_frac * dense) units
+            ks = {k: max(0, c.n - max(1, round(keep_frac * self.ledger.dense_units[i][k]))) for k, c in by_kind.items()}
+        else:
+            now = self.ledger.measure(i)
+            budget = now + self.ledger.overhead(i) - keep_frac * self.ledger.dense_layer[i]
+            # KV groups: floor(removed fraction x dense groups), with the fraction counted cumulatively
+            # against the dense layer, so k small iterative steps remove as many groups as one step would
+            # (flooring each step's small share of what is left gave 0 groups every step)
+            dense_g = self.ledger.dense_units[i]["attn"]
+            gone_g = dense_g - (by_kind["attn"].n if "attn" in by_kind else dense_g)
+            removed = 1 - (now - max(budget, 0.0)) / self.ledger.dense_layer[i]  # after this step
+            groups = math.floor(removed * dense_g + 1e-9) - gone_g
+            k_c, k_g = split_uniform_layer(by_kind.get("mlp"), by_kind.get("attn"), max(budget, 0.0), groups)
+            ks = {"mlp": k_c, "attn": k_g}
+        return {k: lowest(c.scores, ks[k]) for k, c in by_kind.items()}
+
+    def aligned(self, cands: list[Candidates], removed: dict[str, torch.Tensor],
+                align: bool) -> dict[str, torch.Tensor]:
+        """MLP removals rounded so that the kept width is a multiple of opts.channel_multiple (on the last step
+        only: rounding the intermediate steps of flap_iterative would push removals to later steps)."""
+        if self.opts.channel_multiple <= 1 or not align:
+            return removed
+        return {c.kind: align_removal(c.scores, removed[c.kind], self.opts.channel_multiple) if c.kind == "mlp"
+                else removed[c.kind] for c in cands}
+
+    def _pass(self, ids, outputs: str, desc: str, batch_size: int):
+        return blocks(self.adapter, ids, self.device, linears=lambda i, block: self.out_linears(i),
+                      states=lambda kind, lin: RunningMoments(lin.in_features, self.device), outputs=outputs,
+                      batch_size=batch_size, desc=desc)
+
+    def step_uniform(self, ids, keep_frac: float, desc: str, last: bool, batch_size: int = 1) -> None:
+        """Uniform ratios: each block is pruned to keep_frac of its dense measure inside the pass."""
+        for blk in self._pass(ids, "pruned", desc, batch_size):
+            cands = self.candidates(blk.index, blk.states)
+            self.apply(blk.index, self.aligned(cands, self.uniform_removal(blk.index, cands, keep_frac), last),
+                       blk.states)
+
+    def step_global(self, ids, keep_frac: float, desc: str, last: bool, batch_size: int = 1) -> None:
+        """Global ranking: statistics of the unpruned model, one ranking across blocks, then every block sliced."""
+        all_cands: list[Candidates] = []
+        all_moments: dict[int, dict[str, RunningMoments]] = {}
+        for blk in self._pass(ids, "dense", desc, batch_size):
+            all_cands.extend(self.candidates(blk.index, blk.states))
+            all_moments[blk.index] = blk.states
+        n = len(self.layouts)
+        budget = sum(self.ledger.measure(i) + self.ledger.overhead(i) for i in range(n)) \
+            - keep_frac * self.ledger.dense_total
+        removed = select_global(all_cands, max(budget, 0.0))
+        for i in range(n):
+            cands = [c for c in all_cands if c.layer == i]
+            self.apply(i, self.aligned(cands, {c.kind: removed[(i, c.kind)] for c in cands}, last), all_moments[i])
+
+
+def model_layouts(adapter: ModelAdapter) -> list[BlockLayout]:
+    return [block_layout(b, f"{adapter.model_type} block {i}") for i, b in enumerate(adapter.blocks)]
+
+
+def run_steps(job: PruneJob, pruner: StructuredPruner, ids, sparsity: float) -> list[dict]:
+    """Reach the target in opts.steps steps (statistics re-measured each step); one record per step."""
+    opts, ledger, name = pruner.opts, pruner.ledger, job.name
+    step = pruner.step_uniform if opts.ratios == "uniform" else pruner.step_global
+    steps = []
+    schedule = range(1, opts.steps + 1)
+    for t in (tqdm(schedule, desc=f"{name} steps") if opts.steps > 1 else schedule):
+        ts = time.time()
+        keep = kept_fraction(sparsity, t, opts.steps, job.method.schedule)
+        if sparsity > 0:
+            step(ids, keep, f"{name} {t}/{opts.steps}", t == opts.steps, job.recipe.calibration.batch_size)
+        achieved = 1 - sum(ledger.measure(i) for i in range(len(pruner.layouts))) / ledger.dense_total
+        steps.append({"step": t, "target_kept": keep, "achieved_sparsity": achieved, "seconds": time.time() - ts})
+        log.info("%s step %d/%d: kept target %.4f, achieved sparsity %.4f", name, t, opts.steps, keep, achieved)
+    if sparsity > 0 and abs(steps[-1]["achieved_sparsity"] - sparsity) > 0.02:
+        rounding = f"; channel_multiple {opts.channel_multiple} rounds MLP widths" if opts.channel_multiple > 1 else ""
+        log.warning("%s reached sparsity %.3f for a target of %.3f: whole KV groups are coarse units (enable "
+                    "prune_channels or use global ratios to fill the gap)%s", name,
+                    steps[-1]["achieved_sparsity"], sparsity, rounding)
+    return steps
+
+
+def calibration(job: PruneJob) -> tuple[torch.Tensor, dict]:
+    ids, domains, given = job.calibration()
+    n, seqlen = int(ids.shape[0]), int(ids.shape[1])
+    if given:
+        return ids, {"n_samples": n, "seqlen": seqlen, "sources": "given token ids"}
+    return ids, {"sources": job.recipe.calibration.sources, "n_samples": n, "seqlen": seqlen, "domains": domains}
+
+
+def run(job: PruneJob) -> PruneReport:
+    """Remove whole MLP channels and KV head groups from job.model in place (it becomes physically smaller)."""
+    recipe, method = job.recipe, job.method
+    sparsity = check_sparsity(recipe.sparsity)
+    opts = Options.from_recipe(recipe, method.iterative)
+    warn_ignored_settings(job)
+    adapter = ModelAdapter(job.model)
+    layouts = model_layouts(adapter)
+    pruner = StructuredPruner(adapter, layouts, adapter.attention_geometry().head_dim, opts, method, job.device)
+    pruner.ledger.check_feasible(sparsity)
+    before = ModelBefore.of(adapter, layouts)
+    t0 = time.time()
+    ids, calib_summary = calibration(job)
+    timings = {"calibration_data_s": time.time() - t0}
+    t0 = time.time()
+    steps = run_steps(job, pruner, ids, sparsity)
+    timings["prune_s"] = time.time() - t0
+    return build_report(job, pruner, before, steps, calib_summary, timings)
+
+
+def warn_ignored_settings(job: PruneJob) -> None:
+    recipe = job.recipe
+    if recipe.pattern not in ("unstructured", "structured"):
+        raise PrunepilotError(f"structured method {job.name} does not take an N:M pattern ({recipe.pattern})")
+    if recipe.include:
+        log.warning("structured pruning ignores include/ignore patterns: every decoder block is pruned")
+    if recipe.allocation.kind != "uniform":
+        log.warning("structured pruning ignores allocation %s: structured.ratios (global or uniform) decides "
+                    "the per-layer amounts", recipe.allocation.kind)
+    if job.user_set("structured", "steps") and not job.method.iterative and recipe.structured.steps > 1:
+        log.warning("%s prunes in one step; structured.steps applies to flap_iterative", job.name)

@@ -1,0 +1,97 @@
+"""The per-block pipeline of the unstructured and N:M methods (magnitude, Wanda, SparseGPT).
+
+    targets = per-block sparsity (uniform, explicit, or OWL from one statistics-only pass with Wanda's statistics)
+    for each block, one at a time:    (engine.blocks: the pruned outputs of a block feed the next)
+        state per linear <- inputs of that linear over the calibration batches
+        method.prune(W, state, targets[block], pattern)
+Data-free methods (magnitude) prune every block where it lies, without a pass.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+from . import allocation
+from .engine import ModelAdapter, blocks, weight_2d
+from .errors import PrunepilotError
+from .job import PruneJob, PruneReport
+from .masks import parse_pattern
+from .methods.wanda import Wanda
+
+log = logging.getLogger(__name__)
+
+
+def layer_stats(adapter: ModelAdapter) -> dict[str, dict]:
+    """Zero count and shape of every prunable linear."""
+    out = {}
+    for name, lin in adapter.all_linears().items():
+        w = weight_2d(lin)
+        zeros = int((w == 0).sum())
+        out[name] = {"shape": list(w.shape), "numel": w.numel(), "zeros": zeros, "sparsity": zeros / w.numel()}
+    return out
+
+
+def owl_outlier_ratios(adapter: ModelAdapter, ids, device, m: float, batch_size: int = 1) -> list[float]:
+    """One statistics-only pass over the dense model: per block, the share of Wanda scores above m x mean (OWL)."""
+    wanda, ratios = Wanda(), []
+    for blk in blocks(adapter, ids, device, states=lambda name, lin: wanda.init_state(weight_2d(lin)),
+                      outputs="dense", batch_size=batch_size, desc="OWL outliers"):
+        ratios.append(allocation.outlier_ratio(
+            [wanda.scores(weight_2d(lin), blk.states[n]) for n, lin in blk.linears.items()], m))
+    return ratios
+
+
+def block_targets(job: PruneJob, adapter: ModelAdapter, ids) -> list[float]:
+    """Sparsity of every block: the N:M ratio, or the recipe's allocation (uniform, explicit, OWL)."""
+    recipe, n = job.recipe, len(adapter)
+    a = recipe.allocation
+    pattern = parse_pattern(recipe.pattern)
+    if pattern is not None:
+        nm_sparsity = (pattern[1] - pattern[0]) / pattern[1]
+        if a.kind != "uniform":
+            log.warning("N:M pattern %s fixes every layer's sparsity at %.2f; allocation %s ignored",
+                        recipe.pattern, nm_sparsity, a.kind)
+        return [nm_sparsity] * n
+    if a.kind == "uniform":
+        return allocation.uniform(n, recipe.sparsity)
+    if a.kind == "explicit":
+        return allocation.explicit(a.layers, n, recipe.sparsity)
+    ratios = owl_outlier_ratios(adapter, ids, job.device, a.owl_m, recipe.calibration.batch_size)
+    return allocation.owl(ratios, recipe.sparsity, a.owl_lambda)
+
+
+def prune_blocks(job: PruneJob, adapter: ModelAdapter, ids, targets: list[float]) -> None:
+    """Prune every block to its target: one sequential pass when the method needs data, else in place."""
+    method, pattern = job.method, parse_pattern(job.recipe.pattern)
+    if not method.needs_calibration:
+        for i in range(len(adapter)):
+            for lin in adapter.linears(i).values():
+                method.prune(weight_2d(lin), method.init_state(weight_2d(lin)), targets[i], pattern)
+        return
+    for blk in blocks(adapter, ids, job.device, states=lambda name, lin: method.init_state(weight_2d(lin)),
+                      batch_size=job.recipe.calibration.batch_size, desc=job.name):
+        for name, lin in blk.linears.items():
+            method.prune(weight_2d(lin), blk.states[name], targets[blk.index], pattern)
+
+
+def run(job: PruneJob) -> PruneReport:
+    recipe = job.recipe
+    adapter = ModelAdapter(job.model, recipe.include, recipe.ignore)
+    if not adapter.all_linears():
+        raise PrunepilotError("no linear layer matches the include/ignore patterns")
+    timings: dict[str, float] = {}
+    t0 = time.time()
+    ids, summary = None, {}
+    if job.method.needs_calibration or recipe.allocation.kind == "owl" or job.token_ids is not None:
+        ids, summary, _ = job.calibration()
+        summary.update(n_samples=int(ids.shape[0]), seqlen=int(ids.shape[1]))
+    timings["calibration_data_s"] = time.time() - t0
+    t0 = time.time()
+    targets = block_targets(job, adapter, ids)
+    timings["allocation_s"] = time.time() - t0
+    t0 = time.time()
+    prune_blocks(job, adapter, ids, targets)
+    timings["prune_s"] = time.time() - t0
+    report = PruneReport(job.name, recipe.pattern, recipe.sparsity, targets, layer_stats(adapter), summary, timings)
+    log.info("pruned %s: global sparsity %.4f in %.1fs", job.name, report.global_sparsity, timings["prune_s"])
+    return report
