@@ -97,7 +97,7 @@ def test_global_selection_by_hand():
 
 # ---------------------------------------------------------------------------------------------- slicing
 
-@pytest.mark.parametrize("arch", GATED + ["opt"])
+@pytest.mark.parametrize("arch", GATED + ["opt", "phi3"])
 def test_slicing_zeroed_channels_and_groups_keeps_logits(arch):
     """Channels whose down_proj column is zero and KV groups whose o_proj columns are zero contribute
     nothing: slicing them away leaves the logits unchanged."""
@@ -122,10 +122,13 @@ def test_slicing_zeroed_channels_and_groups_keeps_logits(arch):
         width = block.get_submodule(lay.mlp.out).in_features
         keep_mlp_channels(block, [c for c in range(width) if c not in gone_c.tolist()])
         keep_kv_groups(block, [g for g in range(kv) if g != gone_g], hd)
-    assert torch.equal(logits(model), ref)
+    if arch == "phi3":  # the fused gate_up matmul is narrower now: BLAS may round its rows differently (1e-7)
+        torch.testing.assert_close(logits(model), ref, rtol=0, atol=1e-6)
+    else:
+        assert torch.equal(logits(model), ref)
 
 
-@pytest.mark.parametrize("arch", GATED + ["opt"])
+@pytest.mark.parametrize("arch", GATED + ["opt", "phi3"])
 def test_gqa_consistency_after_flap(arch):
     model = tiny_model(arch)
     g = ModelAdapter(model).attention_geometry()
@@ -135,8 +138,13 @@ def test_gqa_consistency_after_flap(arch):
         lay = block_layout(block)
         q, k, v, o = (block.get_submodule(n) for n in (lay.attn.q, lay.attn.k, lay.attn.v, lay.attn.o))
         info = rep.extra["layers"][i]
-        assert q.out_features == info["num_heads"] * g.head_dim == o.in_features
-        assert k.out_features == v.out_features == info["num_kv_heads"] * g.head_dim
+        if lay.attn.fused:  # phi3: one qkv_proj with rows [q; k; v]
+            assert q.out_features == (info["num_heads"] + 2 * info["num_kv_heads"]) * g.head_dim
+            assert attn_of(block).config.num_attention_heads == info["num_heads"]
+        else:
+            assert q.out_features == info["num_heads"] * g.head_dim
+            assert k.out_features == v.out_features == info["num_kv_heads"] * g.head_dim
+        assert o.in_features == info["num_heads"] * g.head_dim
         assert info["num_heads"] == info["num_kv_heads"] * g.group_size       # whole groups only
         assert len(info["kept_kv_groups"]) == info["num_kv_heads"] >= 1
         assert info["head_dim"] == g.head_dim
@@ -286,10 +294,11 @@ def test_uniform_result_loads_with_plain_transformers(tmp_path):
         assert torch.equal(logits(plain), logits(model))
 
 
-def test_non_uniform_result_round_trips_with_widths_file(tmp_path):
+@pytest.mark.parametrize("arch", ["qwen3", "phi3"])
+def test_non_uniform_result_round_trips_with_widths_file(tmp_path, arch):
     from prunepilot.modeling import load_model
 
-    model = tiny_model("qwen3")
+    model = tiny_model(arch)
     rep = prune(model, recipe("flap", 0.45), calibration=IDS)
     assert not rep.extra["uniform_widths"]
     save_pruned(model, None, tmp_path / "m")
@@ -327,9 +336,10 @@ def test_bad_inputs_are_clear_errors():
     # 0.7 is reachable keeping one channel per layer (max 0.79), not keeping 48 of the 96 (max 0.50)
     with pytest.raises(PrunepilotError, match=r"48 MLP channels \(channel_multiple 48\).* at most 0.496"):
         prune(tiny_model("llama"), recipe("flap", 0.7, channel_multiple=48), calibration=IDS)
-    for arch in ("gpt2", "phi3"):
-        with pytest.raises(PrunepilotError, match="structured pruning needs"):
-            prune(tiny_model(arch), recipe("flap", 0.3), calibration=IDS)
+    with pytest.raises(PrunepilotError, match="structured pruning needs"):
+        prune(tiny_model("gpt2"), recipe("flap", 0.3), calibration=IDS)
+    with pytest.raises(PrunepilotError, match="mixture-of-experts block: structured pruning of experts is not"):
+        prune(tiny_model("qwen3_moe"), recipe("flap", 0.3), calibration=IDS)
     with pytest.raises(PrunepilotError, match="N:M"):
         prune(tiny_model("llama"), {**recipe("wanda_sp", 0.3), "pattern": "2:4"}, calibration=IDS)
     with pytest.raises(PrunepilotError, match="calibration"):

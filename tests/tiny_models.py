@@ -21,6 +21,17 @@ CONFIGS = {
                                 num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=64),
 }
 
+# mixture-of-experts models: experts stored as fused 3-D parameters, a router per block
+MOE = dict(COMMON, num_local_experts=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+MOE_CONFIGS = {
+    "qwen3_moe": lambda: tf.Qwen3MoeConfig(**{k: v for k, v in MOE.items() if k != "num_local_experts"},
+                                           head_dim=16, decoder_sparse_step=1, mlp_only_layers=[]),
+    "mixtral": lambda: tf.MixtralConfig(**{k: v for k, v in MOE.items() if k not in ("num_experts", "moe_intermediate_size")}),
+    "olmoe": lambda: tf.OlmoeConfig(**{k: v for k, v in MOE.items() if k not in ("num_local_experts", "moe_intermediate_size")}),
+}
+CONFIGS.update(MOE_CONFIGS)
+DENSE = [a for a in CONFIGS if a not in MOE_CONFIGS]
+
 # architectures whose MLP/attention layout structured pruning supports (gated MLP + q/k/v/o)
 GATED = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3"]
 

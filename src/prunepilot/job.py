@@ -54,6 +54,7 @@ class PruneReport:
     calibration: dict = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
+    coverage: dict = field(default_factory=dict)         # engine.Coverage.to_dict(): what was pruned, what not
 
     @property
     def global_sparsity(self) -> float:

@@ -18,6 +18,8 @@ class CalibrationConfig(Strict):
     seqlen: int = Field(2048, ge=2)
     seed: int = 0
     batch_size: int = Field(1, ge=1)
+    # an MoE expert routed fewer calibration tokens than this is pruned from its weights alone (magnitude)
+    min_expert_tokens: int = Field(32, ge=0)
 
 
 class AllocationConfig(Strict):

@@ -13,9 +13,11 @@ import time
 
 from . import allocation
 from .engine import ModelAdapter, blocks, weight_2d
+from .engine.moe import ExpertMatrix
 from .errors import PrunepilotError
 from .job import PruneJob, PruneReport
 from .masks import parse_pattern
+from .methods.magnitude import Magnitude, MagnitudeOptions
 from .methods.wanda import Wanda
 
 log = logging.getLogger(__name__)
@@ -60,24 +62,37 @@ def block_targets(job: PruneJob, adapter: ModelAdapter, ids) -> list[float]:
     return allocation.owl(ratios, recipe.sparsity, a.owl_lambda)
 
 
-def prune_blocks(job: PruneJob, adapter: ModelAdapter, ids, targets: list[float]) -> None:
-    """Prune every block to its target: one sequential pass when the method needs data, else in place."""
+def prune_blocks(job: PruneJob, adapter: ModelAdapter, ids, targets: list[float]) -> dict[str, int]:
+    """Prune every block to its target: one sequential pass when the method needs data, else in place.
+    Returns {expert matrix: routed tokens} for the MoE experts pruned by the weights-only fallback."""
     method, pattern = job.method, parse_pattern(job.recipe.pattern)
     if not method.needs_calibration:
         for i in range(len(adapter)):
             for lin in adapter.linears(i).values():
                 method.prune(weight_2d(lin), method.init_state(weight_2d(lin)), targets[i], pattern)
-        return
+        return {}
+    fallback, starved = Magnitude(MagnitudeOptions(granularity="row")), {}
     for blk in blocks(adapter, ids, job.device, states=lambda name, lin: method.init_state(weight_2d(lin)),
                       batch_size=job.recipe.calibration.batch_size, desc=job.name):
         for name, lin in blk.linears.items():
-            method.prune(weight_2d(lin), blk.states[name], targets[blk.index], pattern)
+            state = blk.states[name]
+            if isinstance(lin, ExpertMatrix) and state.n < job.recipe.calibration.min_expert_tokens:
+                starved[name] = state.n  # too few routed tokens for statistics: |W| alone, row by row
+                fallback.prune(weight_2d(lin), None, targets[blk.index], pattern)
+            else:
+                method.prune(weight_2d(lin), state, targets[blk.index], pattern)
+    if starved:
+        log.warning("%d MoE expert matrices saw fewer than %d routed calibration tokens and were pruned by weight "
+                    "magnitude (row-wise) instead of %s; see report.json coverage.experts_magnitude_fallback",
+                    len(starved), job.recipe.calibration.min_expert_tokens, job.name)
+    return starved
 
 
 def run(job: PruneJob) -> PruneReport:
     recipe = job.recipe
     adapter = ModelAdapter(job.model, recipe.include, recipe.ignore)
-    if not adapter.all_linears():
+    coverage = adapter.coverage()  # a block weight no method handles stops here, unless the user excluded it
+    if not coverage.eligible_params:
         raise PrunepilotError("no linear layer matches the include/ignore patterns")
     timings: dict[str, float] = {}
     t0 = time.time()
@@ -90,8 +105,9 @@ def run(job: PruneJob) -> PruneReport:
     targets = block_targets(job, adapter, ids)
     timings["allocation_s"] = time.time() - t0
     t0 = time.time()
-    prune_blocks(job, adapter, ids, targets)
+    starved = prune_blocks(job, adapter, ids, targets)
     timings["prune_s"] = time.time() - t0
-    report = PruneReport(job.name, recipe.pattern, recipe.sparsity, targets, layer_stats(adapter), summary, timings)
+    report = PruneReport(job.name, recipe.pattern, recipe.sparsity, targets, layer_stats(adapter), summary, timings,
+                         coverage=coverage.to_dict() | {"experts_magnitude_fallback": starved})
     log.info("pruned %s: global sparsity %.4f in %.1fs", job.name, report.global_sparsity, timings["prune_s"])
     return report

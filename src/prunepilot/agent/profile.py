@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..engine import ModelAdapter, block_output, blocks, blocks_bypassed, kept_placement, move_outside_blocks, weight_2d
+from ..engine import (ModelAdapter, block_output, blocks, blocks_bypassed, grad_2d, kept_placement, leaf_parameter,
+                      move_outside_blocks, weight_2d)
 from ..methods.wanda import Wanda
 from ..stats import zscore_list
 
@@ -149,11 +150,16 @@ def _nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
 
-def _alive_abs_mean(weight: torch.Tensor) -> float:
-    """Mean |grad| over the non-zero entries of the weight (its .grad, same layout)."""
-    alive = weight.detach() != 0
-    g = weight.grad.detach().float().abs()
+def _alive_abs_mean(lin) -> float:
+    """Mean |grad| over the non-zero entries of a prunable matrix's weight (gradient in the same layout)."""
+    alive = weight_2d(lin).detach() != 0
+    g = grad_2d(lin).detach().float().abs()
     return g[alive].mean().item() if alive.any() else 0.0
+
+
+def _clear_grads(linears) -> None:
+    for lin in linears:
+        leaf_parameter(lin).grad = None
 
 
 class _GradOnly:
@@ -200,13 +206,13 @@ def _gradient_full(model, adapter, ids, device) -> dict[str, float]:
     linears = adapter.all_linears()
     acc = {n: 0.0 for n in linears}
     model.to(device)
-    with _GradOnly(model, [lin.weight for lin in linears.values()]), torch.enable_grad():
+    with _GradOnly(model, [leaf_parameter(lin) for lin in linears.values()]), torch.enable_grad():
         for b in tqdm(range(ids.shape[0]), desc="gradients", leave=False):
             x = ids[b:b + 1].to(device)                          # (1, seq)
             _nll(model(x, use_cache=False).logits, x).backward()
             for n, lin in linears.items():
-                acc[n] += _alive_abs_mean(lin.weight)
-                lin.weight.grad = None
+                acc[n] += _alive_abs_mean(lin)
+            _clear_grads(linears.values())
     return {n: v / ids.shape[0] for n, v in acc.items()}
 
 
@@ -220,7 +226,7 @@ def _gradient_blockwise(model, adapter, ids, device) -> dict[str, float]:
     inputs = fwd.inputs
 
     acc = {name: 0.0 for name in adapter.all_linears()}
-    with _GradOnly(model, [lin.weight for lin in adapter.all_linears().values()]), torch.enable_grad():
+    with _GradOnly(model, [leaf_parameter(lin) for lin in adapter.all_linears().values()]), torch.enable_grad():
         # dL/d(last hidden): the final norm and head (whatever the architecture) on the injected last state
         move_outside_blocks(model, adapter, device)
         grads = []
@@ -241,7 +247,7 @@ def _gradient_blockwise(model, adapter, ids, device) -> dict[str, float]:
                 out.backward(grads[b].to(device))
                 grads[b] = x.grad.to("cpu")
                 for name, lin in linears.items():
-                    acc[name] += _alive_abs_mean(lin.weight)
-                    lin.weight.grad = None
+                    acc[name] += _alive_abs_mean(lin)
+                _clear_grads(linears.values())
             block.to(home)
     return {name: v / n for name, v in acc.items()}

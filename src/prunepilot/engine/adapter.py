@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ..errors import PrunepilotError
+from .moe import ExpertMatrix, expert_matrices, fused_experts, layout_problem
 
 # Attribute paths to the ModuleList of decoder blocks, tried in order.
 BLOCK_PATHS = ("model.layers", "model.language_model.layers", "transformer.h", "model.decoder.layers",
@@ -27,9 +28,52 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
-def weight_2d(module: nn.Module) -> torch.Tensor:
-    """The weight as an (out, in) view: writing into it writes into the module."""
+def weight_2d(module: nn.Module | ExpertMatrix) -> torch.Tensor:
+    """The weight as an (out, in) view: writing into it writes into the module (or the fused expert parameter)."""
     return module.weight.t() if type(module).__name__ == "Conv1D" else module.weight
+
+
+def grad_2d(module: nn.Module | ExpertMatrix) -> torch.Tensor | None:
+    """The gradient of weight_2d(module), same layout."""
+    if isinstance(module, ExpertMatrix):
+        return module.grad
+    g = module.weight.grad
+    return None if g is None else (g.t() if type(module).__name__ == "Conv1D" else g)
+
+
+def leaf_parameter(module: nn.Module | ExpertMatrix) -> nn.Parameter:
+    """The parameter that holds the weight (for an expert: the whole fused 3-D parameter)."""
+    return module.parameter if isinstance(module, ExpertMatrix) else module.weight
+
+
+def is_router(name: str, module: nn.Module, block: nn.Module) -> bool:
+    """An MoE router: a module named router / *_expert_gate, a *Router class, or a `gate` beside `experts`."""
+    parent, _, last = name.rpartition(".")
+    if type(module).__name__.lower().endswith("router") or last == "router" or last.endswith("expert_gate"):
+        return True
+    return last == "gate" and hasattr(block.get_submodule(parent) if parent else block, "experts")
+
+
+@dataclass
+class Coverage:
+    """Every weight matrix inside the decoder blocks: pruned (eligible) or excluded, with the reason."""
+    eligible_params: int = 0
+    excluded_params: int = 0
+    excluded: dict[str, str] = field(default_factory=dict)   # weight name -> reason
+
+    def to_dict(self) -> dict:
+        return {"eligible_params": self.eligible_params, "excluded_params": self.excluded_params,
+                "excluded": dict(self.excluded),
+                "denominator": "global_sparsity counts zeros among the eligible parameters only"}
+
+
+@dataclass
+class BlockScan:
+    """What block i holds: prunable matrices (linears, experts), MoE routers, and weights no method handles."""
+    prunable: dict[str, nn.Module | ExpertMatrix] = field(default_factory=dict)
+    routers: dict[str, int] = field(default_factory=dict)      # weight name -> numel
+    unhandled: dict[str, str] = field(default_factory=dict)    # weight name -> what it is
+    sizes: dict[str, int] = field(default_factory=dict)        # weight name -> numel, for unhandled ones
 
 
 @dataclass
@@ -84,11 +128,59 @@ class ModelAdapter:
             return False
         return not any(p.search(name) for p in self.ignore)
 
-    def linears(self, i: int) -> dict[str, nn.Module]:
-        """Prunable linears of block i, keyed by full module name, in module order."""
-        prefix = self.block_name(i)
-        found = {f"{prefix}.{n}": m for n, m in self.blocks[i].named_modules() if is_linear(m)}
-        return {n: m for n, m in found.items() if self._wanted(n)}
+    def scan(self, i: int) -> BlockScan:
+        """Every weight matrix of block i (parameters with 2 or more dimensions), sorted into what can be pruned
+        (nn.Linear / Conv1D, experts in fused 3-D parameters), MoE routers and anything else."""
+        prefix, block, out = self.block_name(i), self.blocks[i], BlockScan()
+        seen: set[int] = set()
+        for name, mod in block.named_modules():
+            full = f"{prefix}.{name}" if name else prefix
+            if is_linear(mod) or (name and is_router(name, mod, block)):
+                if name and is_router(name, mod, block):
+                    out.routers.update({f"{full}.{n}": p.numel() for n, p in mod.named_parameters() if p.dim() >= 2})
+                else:
+                    out.prunable[full] = mod
+                seen.update(id(p) for p in mod.parameters())
+            elif fused_experts(mod):
+                seen.update((id(mod.gate_up_proj), id(mod.down_proj)))
+                problem = layout_problem(mod)
+                if problem is None:
+                    out.prunable.update(expert_matrices(mod, full))
+                else:
+                    out.unhandled[full] = f"a set of fused experts in an unsupported layout ({problem})"
+                    out.sizes[full] = mod.gate_up_proj.numel() + mod.down_proj.numel()
+        for name, p in block.named_parameters():
+            if p.dim() >= 2 and id(p) not in seen:
+                out.unhandled[f"{prefix}.{name}"] = f"a {tuple(p.shape)} parameter that is not a linear layer's weight"
+                out.sizes[f"{prefix}.{name}"] = p.numel()
+        return out
+
+    def linears(self, i: int) -> dict[str, nn.Module | ExpertMatrix]:
+        """Prunable matrices of block i (linears; one entry per expert matrix of fused MoE experts), keyed by full
+        name, in module order, after include/ignore."""
+        return {n: m for n, m in self.scan(i).prunable.items() if self._wanted(n)}
+
+    def coverage(self) -> Coverage:
+        """Where every block weight goes. A weight no method handles stops the run unless include/ignore
+        excludes it explicitly."""
+        cov = Coverage()
+        for i in range(len(self.blocks)):
+            sc = self.scan(i)
+            for name, m in sc.prunable.items():
+                if self._wanted(name):
+                    cov.eligible_params += weight_2d(m).numel()
+                else:
+                    cov.excluded[name], cov.excluded_params = "excluded by include/ignore", \
+                        cov.excluded_params + weight_2d(m).numel()
+            for name, n in sc.routers.items():
+                cov.excluded[name], cov.excluded_params = "MoE router (kept dense by design)", cov.excluded_params + n
+            for name, what in sc.unhandled.items():
+                if self._wanted(name):
+                    raise PrunepilotError(f"{name} is {what}: no prunepilot method handles it; exclude it "
+                                          f"explicitly with --ignore '{re.escape(name)}' (or a pattern for all layers)")
+                cov.excluded[name] = f"excluded by include/ignore ({what})"
+                cov.excluded_params += sc.sizes[name]
+        return cov
 
     def all_linears(self) -> dict[str, nn.Module]:
         out = {}

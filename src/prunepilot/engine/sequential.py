@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from .adapter import ModelAdapter
 from .capture import BlockInputs, capture_block_inputs
+from .moe import ExpertMatrix, routed_hook
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +65,19 @@ def blocks_bypassed(adapter: ModelAdapter, returns_tuple: bool):
 
 
 @contextlib.contextmanager
-def input_hooks(linears: dict[str, nn.Module], fn: Callable[[str, torch.Tensor], None]):
-    """Call fn(name, x) with the input of each linear on every forward; hooks always removed on exit."""
-    handles = []
+def input_hooks(linears: dict[str, nn.Module | ExpertMatrix], fn: Callable[[str, torch.Tensor], None]):
+    """Call fn(name, x) with the input of each linear on every forward (for an expert matrix: the inputs of the
+    tokens routed to that expert); hooks always removed on exit."""
+    handles, experts = [], {}
     try:
         for name, module in linears.items():
+            if isinstance(module, ExpertMatrix):
+                experts.setdefault(id(module.module), (module.module, {}))[1][name] = module
+                continue
             handles.append(module.register_forward_hook(
                 lambda m, args, out, name=name: fn(name, args[0].detach())))
+        for module, members in experts.values():
+            handles.append(routed_hook(module, members, fn))
         yield
     finally:
         for h in handles:

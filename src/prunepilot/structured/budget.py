@@ -36,7 +36,7 @@ class Options:
 
 
 def linear_params(block, layout: BlockLayout) -> int:
-    names = [layout.attn.q, layout.attn.k, layout.attn.v, layout.attn.o, *layout.mlp.ins, layout.mlp.out]
+    names = layout.attn.projections() + layout.mlp.ins + [layout.mlp.out]
     return sum(p.numel() for n in names for p in linear(block, n).parameters())
 
 
@@ -71,7 +71,8 @@ class Ledger:
             return lin.in_features + (lin.bias is not None)
 
         if kind == "mlp":  # gate + up rows, down column
-            return float(sum(row(n) for n in lay.mlp.ins) + linear(block, lay.mlp.out).out_features)
+            return float(lay.mlp.rows_per_channel() * sum(row(n) for n in lay.mlp.ins)
+                         + linear(block, lay.mlp.out).out_features)
         gs = attention_counts(block, lay.attn, hd)[2]  # q rows + k/v rows + o columns of one KV group
         return float(gs * hd * row(lay.attn.q) + hd * (row(lay.attn.k) + row(lay.attn.v))
                      + gs * hd * linear(block, lay.attn.o).out_features)

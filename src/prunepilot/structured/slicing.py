@@ -3,8 +3,10 @@
 Supported block layouts (anything else is a PrunepilotError, never a shape error deep inside torch):
 
     MLP        gated:  mlp.gate_proj / mlp.up_proj rows  +  mlp.down_proj columns   (llama, qwen, mistral, gemma)
+               fused:  mlp.gate_up_proj rows j and I + j +  mlp.down_proj column j  (phi3: [gate; up] in one linear)
                plain:  fc1 rows (+bias)                  +  fc2 columns             (opt-style, block.fc1 or mlp.fc1)
     attention  self_attn.{q,k,v}_proj rows  +  self_attn.{o_proj|out_proj} columns
+               fused:  self_attn.qkv_proj rows [q (H*hd); k (KV*hd); v (KV*hd)]  (phi3)
 
 GQA rule: the unit of attention pruning is one **KV group** = one KV head and the `group_size` query heads
 that read it (HF's repeat_kv maps query head h to KV head h // group_size). Removing group g removes q
@@ -19,11 +21,13 @@ Bias compensation (FLAP): removing input channels J of an output projection W ch
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ..engine.moe import fused_experts
 from ..errors import PrunepilotError
 
 GATED_MLP = ("gate_proj", "up_proj", "down_proj")
@@ -34,8 +38,12 @@ O_NAMES = ("o_proj", "out_proj")
 @dataclass
 class MLPParts:
     owner: str            # module holding the MLP linears, relative to the block ("mlp" or "")
-    ins: list[str]        # projections whose output rows are channels: gate_proj, up_proj (or fc1)
+    ins: list[str]        # projections whose output rows are channels: gate_proj, up_proj (or fc1, or gate_up_proj)
     out: str              # projection whose input columns are channels: down_proj (or fc2)
+    fused: bool = False   # ins is one [gate; up] linear: channel j is its rows j and width + j
+
+    def rows_per_channel(self) -> int:
+        return 2 if self.fused else 1
 
 
 @dataclass
@@ -45,6 +53,13 @@ class AttnParts:
     k: str
     v: str
     o: str
+
+    @property
+    def fused(self) -> bool:  # q, k and v are row ranges of one qkv_proj
+        return self.q == self.k == self.v
+
+    def projections(self) -> list[str]:
+        return list(dict.fromkeys((self.q, self.k, self.v, self.o)))
 
 
 def _sub(module: nn.Module, path: str) -> nn.Module | None:
@@ -67,6 +82,11 @@ def find_mlp(block: nn.Module, where: str = "block") -> MLPParts:
     mlp = getattr(block, "mlp", None)
     if mlp is not None and all(_is_plain_linear(getattr(mlp, n, None)) for n in GATED_MLP):
         return MLPParts("mlp", ["mlp.gate_proj", "mlp.up_proj"], "mlp.down_proj")
+    if mlp is not None and all(_is_plain_linear(getattr(mlp, n, None)) for n in ("gate_up_proj", "down_proj")):
+        return MLPParts("mlp", ["mlp.gate_up_proj"], "mlp.down_proj", fused=True)
+    if mlp is not None and any(fused_experts(m) for m in mlp.modules()):
+        raise PrunepilotError(f"{where} is a mixture-of-experts block: structured pruning of experts is not "
+                              f"implemented; use an unstructured method (magnitude, wanda, sparsegpt) or the agent")
     for owner in ("mlp", ""):
         m = _sub(block, owner)
         if m is not None and _is_plain_linear(getattr(m, "fc1", None)) and _is_plain_linear(getattr(m, "fc2", None)):
@@ -86,9 +106,13 @@ def find_attention(block: nn.Module, where: str = "block") -> AttnParts:
         o = next((n for n in O_NAMES if _is_plain_linear(getattr(attn, n, None))), None)
         if o and all(_is_plain_linear(getattr(attn, n, None)) for n in ("q_proj", "k_proj", "v_proj")):
             return AttnParts(owner, f"{owner}.q_proj", f"{owner}.k_proj", f"{owner}.v_proj", f"{owner}.{o}")
+        if o and _is_plain_linear(getattr(attn, "qkv_proj", None)) and isinstance(
+                getattr(attn, "num_key_value_heads", None), int):
+            qkv = f"{owner}.qkv_proj"
+            return AttnParts(owner, qkv, qkv, qkv, f"{owner}.{o}")
     raise PrunepilotError(
         f"structured pruning needs separate q_proj/k_proj/v_proj and o_proj (or out_proj) nn.Linear layers in "
-        f"{where}'s attention; fused qkv projections (phi3 qkv_proj, GPT-2 c_attn) are not supported")
+        f"{where}'s attention (or phi3's qkv_proj); GPT-2's fused Conv1D c_attn is not supported")
 
 
 @dataclass
@@ -108,9 +132,14 @@ def linear(block: nn.Module, name: str) -> nn.Linear:
 # ---------------------------------------------------------------------------------------------- geometry
 
 def attention_counts(block: nn.Module, parts: AttnParts, head_dim: int) -> tuple[int, int, int]:
-    """(num_heads, num_kv_heads, group_size) of this block, read from the projection widths."""
-    heads = linear(block, parts.q).out_features // head_dim
-    kv = linear(block, parts.k).out_features // head_dim
+    """(num_heads, num_kv_heads, group_size) of this block, read from the projection widths (a fused qkv_proj:
+    its KV head count from the attention module, the query heads from what is left of its rows)."""
+    if parts.fused:
+        kv = _sub(block, parts.owner).num_key_value_heads
+        heads = linear(block, parts.q).out_features // head_dim - 2 * kv
+    else:
+        heads = linear(block, parts.q).out_features // head_dim
+        kv = linear(block, parts.k).out_features // head_dim
     if kv == 0 or heads % kv:
         raise PrunepilotError(f"inconsistent attention widths: {heads} query heads, {kv} KV heads")
     return heads, kv, heads // kv
@@ -200,8 +229,9 @@ def keep_mlp_channels(block: nn.Module, keep, mean: torch.Tensor | None = None,
     keep = _check_keep(keep, width, "MLP channel")
     if mean is not None:
         add_bias(out, compensation(out.weight, mean, complement(keep, width)))
+    rows = torch.cat([keep, keep + width]) if parts.fused else keep  # fused [gate; up]: both halves
     for name in parts.ins:
-        keep_rows(linear(block, name), keep)
+        keep_rows(linear(block, name), rows)
     keep_columns(out, keep)
     owner = _sub(block, parts.owner)
     if owner is not None and hasattr(owner, "intermediate_size"):
@@ -223,11 +253,18 @@ def keep_kv_groups(block: nn.Module, keep, head_dim: int, mean: torch.Tensor | N
     o = linear(block, parts.o)
     if mean is not None:
         add_bias(o, compensation(o.weight, mean, complement(q_idx, heads * head_dim)))
-    keep_rows(linear(block, parts.q), q_idx)
-    keep_rows(linear(block, parts.k), kv_idx)
-    keep_rows(linear(block, parts.v), kv_idx)
+    if parts.fused:  # one qkv_proj: rows [q; k; v]
+        keep_rows(linear(block, parts.q), torch.cat([q_idx, heads * head_dim + kv_idx,
+                                                     (heads + kv) * head_dim + kv_idx]))
+    else:
+        keep_rows(linear(block, parts.q), q_idx)
+        keep_rows(linear(block, parts.k), kv_idx)
+        keep_rows(linear(block, parts.v), kv_idx)
     keep_columns(o, q_idx)
     attn = _sub(block, parts.owner)
+    if parts.fused:  # phi3 splits qkv by config.num_attention_heads: this layer gets its own copy of the config
+        attn.config = copy.copy(attn.config)
+        attn.config.num_attention_heads, attn.config.num_key_value_heads = keep.numel() * gs, keep.numel()
     for attr, value in (("num_heads", keep.numel() * gs), ("num_attention_heads", keep.numel() * gs),
                         ("num_key_value_heads", keep.numel()), ("num_kv_heads", keep.numel())):
         if isinstance(getattr(attn, attr, None), int):
