@@ -60,6 +60,8 @@ def load_results(path: str | Path) -> dict:
         raise PrunepilotError(f"result file not found: {path}")
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise PrunepilotError(f"{path} is not a text file (expected a result JSON from `prunepilot eval --out`)") from None
     except json.JSONDecodeError as e:
         raise PrunepilotError(f"{path} is not valid JSON: {e}") from e
     if not isinstance(doc, dict) or "model" not in doc:

@@ -9,7 +9,15 @@ from torch import nn
 
 from .data import calibration_blocks, check_token_ids
 from .errors import PrunepilotError
+from .modeling import context_length
 from .recipe import Recipe
+
+
+def check_within_context(model, seqlen: int, what: str) -> None:
+    """Calibration windows longer than the model's context would measure positions it was never trained on."""
+    if seqlen > context_length(model, default=seqlen):
+        raise PrunepilotError(f"{what} {seqlen} exceeds the model's context of {context_length(model)} tokens; "
+                              f"pass a shorter --seqlen")
 
 
 @dataclass
@@ -36,10 +44,13 @@ class PruneJob:
     def calibration(self) -> tuple[torch.Tensor, dict, bool]:
         """(ids (n_samples, seqlen), per-domain summary, whether the ids were given rather than drawn)."""
         if self.token_ids is not None:
-            return check_token_ids(self.token_ids), {}, True
+            ids = check_token_ids(self.token_ids)
+            check_within_context(self.model, ids.shape[1], "calibration token ids of length")
+            return ids, {}, True
         if self.tokenizer is None:
             raise PrunepilotError(f"{self.name} needs calibration data: pass a tokenizer or calibration token ids")
         c = self.recipe.calibration
+        check_within_context(self.model, c.seqlen, "calibration seqlen")
         ids, summary = calibration_blocks(self.tokenizer, c.sources, c.n_samples, c.seqlen, c.seed)
         return ids, summary, False
 

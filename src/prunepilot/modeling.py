@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from .errors import PrunepilotError
-from .modelfiles import parse_dtype
+from .modelfiles import load_error, parse_dtype
 from .structured.saving import WIDTHS_FILE, load_pruned
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,10 @@ def load_tokenizer(path: str | Path, gguf_file: str | None = None):
                 return SentencePieceTokenizer(sp_files[0])
             raise PrunepilotError(f"no tokenizer found in {folder} (expected tokenizer.json, a .gguf or a .model)")
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    tok = AutoTokenizer.from_pretrained(str(path), **kwargs)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, **kwargs)
+    except Exception as e:  # noqa: BLE001
+        raise load_error(path, e) from e
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -94,10 +97,11 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: s
             if gguf_file is None:
                 raise PrunepilotError(f"{folder} holds no model weights (*.safetensors, *.bin or *.gguf)")
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=parse_dtype(dtype), **kwargs)
-    except OSError as e:
-        raise PrunepilotError(f"cannot load model {path}: {e}".splitlines()[0]) from e
+    try:  # never run a checkpoint's own code, and never prompt for it
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=parse_dtype(dtype), trust_remote_code=False,
+                                                     **kwargs)
+    except Exception as e:  # noqa: BLE001 - transformers / safetensors raise many kinds; the user gets one line
+        raise load_error(path, e) from e
     return model.to(device).eval()
 
 

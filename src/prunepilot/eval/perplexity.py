@@ -29,6 +29,8 @@ def _windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None, model=N
                               f"tokens; choose a shorter window")
     n_windows = tokens.numel() // seqlen
     if max_windows is not None:
+        if max_windows < 1:
+            raise PrunepilotError(f"max_windows must be >= 1 (or unset for the whole set), got {max_windows}")
         n_windows = min(n_windows, max_windows)
     if n_windows == 0:
         raise PrunepilotError(f"text has {tokens.numel()} tokens, fewer than one window of {seqlen}")
@@ -92,7 +94,7 @@ def perplexity(model, tokenizer, source: str | TextSource, seqlen: int | None = 
 
     seqlen None: 2048, or the model's context when that is shorter."""
     src = TextSource.parse(source) if isinstance(source, str) else source
-    seqlen = seqlen or default_eval_seqlen(model)
+    seqlen = default_eval_seqlen(model) if seqlen is None else seqlen  # 0 is an error below, not "unset"
     tokens = tokenize_stream(tokenizer, load_documents(src), add_special_tokens=True)
     result = perplexity_of_tokens(model, tokens, seqlen, batch_size, max_windows, device, desc=f"ppl {src.domain}")
     return {"dataset": src.domain, "source": str(src), **result}

@@ -24,7 +24,7 @@ import torch
 from ..engine import ModelAdapter
 from ..errors import PrunepilotError
 from ..io import atomic_dir
-from ..modelfiles import gguf_detached, parse_dtype, save_model_files, save_tokenizer
+from ..modelfiles import gguf_detached, load_error, parse_dtype, save_model_files, save_tokenizer
 from .slicing import block_widths, shrink_block
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,11 @@ def load_pruned(path: str | Path, dtype: str | torch.dtype = "float32", device: 
         raise PrunepilotError(f"pruned model folder {folder} does not exist")
     widths_file = folder / WIDTHS_FILE
     if not widths_file.exists():
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=parse_dtype(dtype), **kwargs)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=parse_dtype(dtype),
+                                                         trust_remote_code=False, **kwargs)
+        except Exception as e:  # noqa: BLE001
+            raise load_error(folder, e) from e
         return model.to(device).eval()
     try:
         info = json.loads(widths_file.read_text())
@@ -188,7 +192,12 @@ def load_pruned(path: str | Path, dtype: str | torch.dtype = "float32", device: 
         raise PrunepilotError(f"{widths_file} has {len(info['layers'])} layers, the config {len(adapter.blocks)}")
     for block, widths in zip(adapter.blocks, info["layers"]):
         shrink_block(block, widths, info["head_dim"])
-    state = _load_state(folder)
+    try:
+        state = _load_state(folder)
+    except PrunepilotError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged safetensors file
+        raise load_error(folder, e) from e
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:
