@@ -185,13 +185,16 @@ def run(job: PruneJob) -> PruneReport:
     pruner = StructuredPruner(adapter, layouts, adapter.attention_geometry().head_dim, opts, method, job.device)
     pruner.ledger.check_feasible(sparsity)
     before = ModelBefore.of(adapter, layouts)
+    coverage = adapter.coverage()
     t0 = time.time()
     ids, calib_summary = calibration(job)
     timings = {"calibration_data_s": time.time() - t0}
     t0 = time.time()
     steps = run_steps(job, pruner, ids, sparsity)
     timings["prune_s"] = time.time() - t0
-    return build_report(job, pruner, before, steps, calib_summary, timings)
+    report = build_report(job, pruner, before, steps, calib_summary, timings)
+    report.coverage = coverage.to_dict()
+    return report
 
 
 def warn_ignored_settings(job: PruneJob) -> None:
