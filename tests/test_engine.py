@@ -145,3 +145,18 @@ def test_an_error_inside_an_entry_point_is_not_hidden_by_the_placement_restore(m
 
     with pytest.raises(ValueError, match="the real error"):
         fails(tiny_model("llama"))
+
+
+def test_linears_reading_the_same_input_share_one_state_fed_once():
+    from prunepilot.methods.sparsegpt import HessianState
+
+    model = tiny_model("llama")
+    adapter = ModelAdapter(model)
+    ids = torch.randint(3, 128, (3, 16))
+    for blk in blocks(adapter, ids, "cpu", states=lambda n, m: HessianState(m.in_features, "cpu")):
+        p = f"{adapter.block_name(blk.index)}."
+        st = blk.states
+        assert st[p + "self_attn.q_proj"] is st[p + "self_attn.k_proj"] is st[p + "self_attn.v_proj"]
+        assert st[p + "mlp.gate_proj"] is st[p + "mlp.up_proj"]
+        assert len({id(s) for s in st.values()}) == 4  # qkv, o, gate/up, down
+        assert all(s.n == 3 * 16 for s in st.values())  # every token once, not once per sharing linear

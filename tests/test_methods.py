@@ -103,3 +103,22 @@ def test_method_architecture_invariants(arch, method, pattern):
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
     assert torch.equal(model.get_output_embeddings().weight, head)  # lm_head is ignored by default
+
+
+@pytest.mark.parametrize("pattern", [None, (2, 4)])
+def test_sparsegpt_group_sweep_equals_one_linear_at_a_time(pattern):
+    """Rows are reconstructed independently: q/k/v (or gate/up) swept as one stack of rows give each matrix the
+    masks and weights of its own sweep, each matrix keeping its own selection rule (its own k per block)."""
+    torch.manual_seed(0)
+    X = torch.randn(512, 8) @ torch.randn(8, 64) + 0.1 * torch.randn(512, 64)  # correlated inputs
+    Ws = [torch.randn(32, 64), torch.randn(16, 64), 3 * torch.randn(16, 64)]   # different scales: own selection
+    m = get_method("sparsegpt", blocksize=16)
+    st = m.init_state(Ws[0])
+    m.add_batch(st, X)
+    alone = [w.clone() for w in Ws]
+    masks_alone = [m.prune(w, st, 0.5, pattern) for w in alone]
+    together = [w.clone() for w in Ws]
+    masks_together = m.prune_group(together, st, 0.5, pattern)
+    for a, b, wa, wb in zip(masks_alone, masks_together, alone, together):
+        assert (a != b).float().mean().item() <= 0.001 and b.float().mean().item() == pytest.approx(0.5)
+        torch.testing.assert_close(wa, wb, rtol=1e-4, atol=1e-5)

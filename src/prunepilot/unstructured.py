@@ -62,6 +62,14 @@ def block_targets(job: PruneJob, adapter: ModelAdapter, ids) -> list[float]:
     return allocation.owl(ratios, recipe.sparsity, a.owl_lambda)
 
 
+def shared_state_groups(states: dict) -> list[list[str]]:
+    """Names grouped by state object, in order: linears that read the same input share one (engine.blocks)."""
+    groups: dict[int, list[str]] = {}
+    for name, state in states.items():
+        groups.setdefault(id(state), []).append(name)
+    return list(groups.values())
+
+
 def prune_blocks(job: PruneJob, adapter: ModelAdapter, ids, targets: list[float]) -> dict[str, int]:
     """Prune every block to its target: one sequential pass when the method needs data, else in place.
     Returns {expert matrix: routed tokens} for the MoE experts pruned by the weights-only fallback."""
@@ -74,13 +82,18 @@ def prune_blocks(job: PruneJob, adapter: ModelAdapter, ids, targets: list[float]
     fallback, starved = Magnitude(MagnitudeOptions(granularity="row")), {}
     for blk in blocks(adapter, ids, job.device, states=lambda name, lin: method.init_state(weight_2d(lin)),
                       batch_size=job.recipe.calibration.batch_size, desc=job.name):
-        for name, lin in blk.linears.items():
-            state = blk.states[name]
-            if isinstance(lin, ExpertMatrix) and state.n < job.recipe.calibration.min_expert_tokens:
-                starved[name] = state.n  # too few routed tokens for statistics: |W| alone, row by row
-                fallback.prune(weight_2d(lin), None, targets[blk.index], pattern)
+        for names in shared_state_groups(blk.states):
+            lins = [blk.linears[n] for n in names]
+            state = blk.states[names[0]]
+            if isinstance(lins[0], ExpertMatrix) and state.n < job.recipe.calibration.min_expert_tokens:
+                starved.update({n: state.n for n in names})  # too few routed tokens: |W| alone, row by row
+                for lin in lins:
+                    fallback.prune(weight_2d(lin), None, targets[blk.index], pattern)
+            elif len(names) > 1 and hasattr(method, "prune_group"):  # one sweep for linears sharing an input
+                method.prune_group([weight_2d(lin) for lin in lins], state, targets[blk.index], pattern)
             else:
-                method.prune(weight_2d(lin), state, targets[blk.index], pattern)
+                for lin in lins:
+                    method.prune(weight_2d(lin), state, targets[blk.index], pattern)
     if starved:
         log.warning("%d MoE expert matrices saw fewer than %d routed calibration tokens and were pruned by weight "
                     "magnitude (row-wise) instead of %s; see report.json coverage.experts_magnitude_fallback",

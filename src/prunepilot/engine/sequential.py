@@ -133,12 +133,38 @@ class BlockPass:
 
     def _observe(self, blk: Block) -> list[torch.Tensor] | None:
         """Run the block once with its linears' inputs fed to fresh states; return the outputs when they move on
-        from this run (outputs="dense"), else None."""
+        from this run (outputs="dense"), else None. Linears that read the same input tensor (q/k/v, gate/up)
+        share one state, fed once per forward: the statistic of one input, computed once."""
         if self.make_state is None:
             return run_block(blk.module, blk.index, self.inputs) if self.outputs == "dense" else None
+        seen: dict[tuple, tuple[str, torch.Tensor]] = {}  # inputs of this forward (kept alive: addresses stay unique)
+        shares: dict[str, str] = {}      # linear -> the linear whose state it shares (decided in the first forward)
+
+        fed: set[str] = set()            # linears whose own state has been fed
+
+        def add(name: str, x: torch.Tensor) -> None:
+            key = (x.data_ptr(), tuple(x.shape), x.dtype)
+            first = seen.setdefault(key, (name, x))[0]
+            if first != name and name not in fed and name not in shares:  # the same tensor as `first`: share
+                shares[name] = first
+                blk.states[name] = blk.states[first]
+            if name in shares:
+                if shares[name] != first:
+                    raise RuntimeError(f"{name} shared {shares[name]}'s input in an earlier batch but not now")
+                return                   # x was added for `first` already
+            fed.add(name)
+            blk.states[name].add(x)
+
+        def new_forward(module, args):
+            seen.clear()
+
         blk.states = {name: self.make_state(name, lin) for name, lin in blk.linears.items()}
-        with input_hooks(blk.linears, lambda name, x: blk.states[name].add(x)):
-            return run_block(blk.module, blk.index, self.inputs)
+        pre = blk.module.register_forward_pre_hook(new_forward)
+        try:
+            with input_hooks(blk.linears, add):
+                return run_block(blk.module, blk.index, self.inputs)
+        finally:
+            pre.remove()
 
 
 blocks = BlockPass  # for blk in blocks(adapter, ids, device, states=...)

@@ -49,7 +49,10 @@ class SparseGPT(PruningMethod):
     """SparseGPT (Frantar & Alistarh 2023): OBS-style mask selection with weight reconstruction.
 
     Columns are processed left to right in blocks; pruning column i moves its error onto the
-    not-yet-processed columns through the inverse Hessian's Cholesky factor.
+    not-yet-processed columns through the inverse Hessian's Cholesky factor. Every row is reconstructed
+    independently of the others, so linears that read the same input (q/k/v, gate/up: one shared state, see
+    engine.blocks) are swept together as one stack of rows (prune_group): one damping + inverse Cholesky and
+    one column sweep, each matrix keeping its own selection rule.
     """
     summary = "second-order mask selection + weight update (SparseGPT)"
 
@@ -63,45 +66,67 @@ class SparseGPT(PruningMethod):
 
     @torch.no_grad()
     def prune(self, weight, state, sparsity, pattern):
-        cols = weight.shape[1]
+        return self.prune_group([weight], state, sparsity, pattern)[0]
+
+    @torch.no_grad()
+    def prune_group(self, weights: list[torch.Tensor], state: HessianState, sparsity: float,
+                    pattern: tuple[int, int] | None) -> list[torch.Tensor]:
+        """Prune (out_k, in) matrices that share the input statistics `state`; returns each one's bool mask."""
+        cols = weights[0].shape[1]
         if pattern is not None and cols % pattern[1]:
             raise PrunepilotError(f"N:M pattern needs the input width ({cols}) divisible by {pattern[1]}")
-        W = weight.detach().float().clone()  # (out, in)
+        W = torch.cat([w.detach().float() for w in weights])  # (rows, in): every matrix's rows, stacked
         H = state.H.clone()
         dead = torch.diag(H) == 0
         H[dead, dead] = 1
         W[:, dead] = 0
         U = _inverse_cholesky(H, self.percdamp)  # (in, in), upper
+        bounds = torch.tensor([0] + [w.shape[0] for w in weights]).cumsum(0).tolist()
         mask = torch.zeros_like(W, dtype=torch.bool)
         for i1 in range(0, cols, self.blocksize):
             i2 = min(i1 + self.blocksize, cols)
-            W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
-            d1 = torch.diag(U1)  # (count,)
-            Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
-            if pattern is None:  # block-wide selection by the OBS saliency w² / [H⁻¹]_jj
-                sal = W1.pow(2) / d1.pow(2).unsqueeze(0)
-                k = int(sal.numel() * sparsity)
-                mask1 = torch.zeros(sal.numel(), dtype=torch.bool, device=W.device)
-                if k:
-                    mask1[torch.topk(sal.flatten(), k, largest=False).indices] = True
-                mask1 = mask1.view_as(sal)
-            else:
+            mask[:, i1:i2] = self._sweep(W, U, i1, i2, sparsity, pattern, bounds)
+        W.masked_fill_(mask, 0.0)
+        for w, a, b in zip(weights, bounds[:-1], bounds[1:]):
+            w.copy_(W[a:b].to(w.dtype))
+        return [mask[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def _sweep(self, W, U, i1, i2, sparsity, pattern, bounds) -> torch.Tensor:
+        """Columns i1..i2-1: choose their masks, zero them one column at a time moving each column's error onto
+        the columns to its right (inside the block now, beyond it in one matmul at the end). Returns (rows, count)."""
+        U1 = U[i1:i2, i1:i2]
+        d1 = torch.diag(U1)                                   # (count,)
+        Wt = W[:, i1:i2].t().contiguous()                     # (count, rows): column i is the contiguous row i
+        err = torch.zeros_like(Wt)                            # (count, rows)
+        if pattern is None:  # block-wide selection by the OBS saliency w² / [H⁻¹]_jj, per matrix
+            mask_t = self._block_mask(Wt, d1, sparsity, bounds)
+            pruned = mask_t.to(Wt.dtype)                      # (count, rows): 1 where pruned
+        for i in range(i2 - i1):
+            if pattern is not None and i % pattern[1] == 0:  # this m-group's mask, chosen on updated weights
+                if i == 0:
+                    mask_t = torch.zeros_like(Wt, dtype=torch.bool)
                 n, m = pattern
-                mask1 = torch.zeros_like(W1, dtype=torch.bool)
-            for i in range(i2 - i1):
-                w = W1[:, i]
-                if pattern is not None and i % m == 0:  # choose this m-group's mask on updated weights
-                    sal = W1[:, i:i + m].pow(2) / d1[i:i + m].pow(2).unsqueeze(0)
-                    idx = torch.topk(sal, m - n, dim=1, largest=False).indices
-                    mask1.scatter_(1, i + idx, True)
-                q = w.clone()
-                q[mask1[:, i]] = 0
-                Q1[:, i] = q
-                err = (w - q) / d1[i]  # (out,)
-                W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
-                Err1[:, i] = err
-            W[:, i1:i2] = Q1
-            W[:, i2:] -= Err1 @ U[i1:i2, i2:]
-            mask[:, i1:i2] = mask1
-        weight.copy_(W.to(weight.dtype))
+                sal = Wt[i:i + m].pow(2) / d1[i:i + m].pow(2).unsqueeze(1)         # (m, rows)
+                idx = torch.topk(sal, m - n, dim=0, largest=False).indices
+                mask_t[i:i + m].scatter_(0, idx, True)
+                pruned = mask_t.to(Wt.dtype)
+            e = Wt[i] * pruned[i] / d1[i]                     # (w - q) / d: w / d where pruned, 0 where kept
+            Wt[i:].addr_(U1[i, i:], e, alpha=-1.0)            # W1[:, i:] -= e ⊗ U1[i, i:]
+            err[i] = e
+        W[:, i1:i2] = Wt.t()
+        W[:, i2:].addmm_(err.t(), U[i1:i2, i2:], alpha=-1.0)
+        return mask_t.t()
+
+    @staticmethod
+    def _block_mask(Wt, d1, sparsity, bounds) -> torch.Tensor:
+        """(count, rows) mask: in each matrix's rows the int(size * sparsity) lowest saliencies of the block."""
+        sal = Wt.pow(2) / d1.pow(2).unsqueeze(1)              # (count, rows)
+        mask = torch.zeros_like(sal, dtype=torch.bool)
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            part = sal[:, a:b]
+            k = int(part.numel() * sparsity)
+            if k:
+                flat = torch.zeros(part.numel(), dtype=torch.bool, device=sal.device)
+                flat[torch.topk(part.t().flatten(), k, largest=False).indices] = True
+                mask[:, a:b] = flat.view(b - a, -1).t()
         return mask
