@@ -103,3 +103,81 @@ def test_unsupported_expert_layouts_are_refused_by_name():
     with pytest.raises(PrunepilotError, match=r"layers\.0\.mlp\.experts is a set of fused experts in an unsupported "
                                               r"layout \(has_bias=True\)"):
         prune(model, {"method": "wanda", "sparsity": 0.5, "device": "cpu"}, calibration=IDS)
+
+
+# ---------------------------------------------------------------------------------------------- structured
+
+
+def test_slicing_each_experts_own_zeroed_channels_keeps_logits():
+    from prunepilot.structured.slicing import block_layout, keep_mlp_channels
+
+    model = tiny_model("qwen3_moe")
+    x = torch.randint(3, 128, (2, 16))
+    keeps = []
+    with torch.no_grad():
+        for block in model.model.layers:
+            ex = block.mlp.experts
+            gone = torch.stack([torch.randperm(32, generator=torch.Generator().manual_seed(e))[:8] for e in range(4)])
+            for e in range(4):
+                ex.down_proj[e][:, gone[e]] = 0  # each expert loses other channels
+            keeps.append(torch.stack([torch.tensor([c for c in range(32) if c not in gone[e]]) for e in range(4)]))
+        ref = model(x).logits
+        for block, keep in zip(model.model.layers, keeps):
+            keep_mlp_channels(block, keep, parts=block_layout(block).mlp)
+            assert block.mlp.experts.gate_up_proj.shape == (4, 48, 64) and block.mlp.experts.down_proj.shape == (4, 64, 24)
+        torch.testing.assert_close(model(x).logits, ref, rtol=0, atol=1e-6)
+
+
+def test_structured_experts_drop_their_own_weakest_channels_by_routed_statistics():
+    """flap on an MoE block: every expert keeps the same number of channels (the tensors stay 3-D), each
+    removing the channels with its lowest FLAP scores over the tokens routed to it."""
+    from prunepilot.engine import blocks
+    from prunepilot.structured.scores import RunningMoments, fluctuation_scores, standardize
+
+    dense = tiny_model("qwen3_moe")
+    observed = {}
+    for blk in blocks(ModelAdapter(dense), IDS, "cpu", states=lambda n, m: RunningMoments(m.in_features),
+                      linears=lambda i, b: {e: ExpertMatrix(b.mlp.experts, "down_proj", e) for e in range(4)},
+                      outputs="dense"):
+        w = blk.module.mlp.experts.down_proj
+        observed[blk.index] = [standardize(fluctuation_scores(w[e], blk.states[e])).argsort(stable=True)
+                               for e in range(4)]
+    model = tiny_model("qwen3_moe")
+    rep = prune(model, {"method": "flap", "sparsity": 0.3, "device": "cpu", "structured": {"prune_heads": False},
+                        "calibration": {"min_expert_tokens": 0}}, calibration=IDS)
+    for i, block in enumerate(model.model.layers):
+        width = rep.extra["layers"][i]["intermediate_size"]
+        assert width % 8 == 0 and width < 32  # aligned for transformers' grouped_mm experts kernel
+        for e in range(4):
+            kept = observed[i][e][32 - width:].sort().values  # all but its 32 - width weakest
+            dense_down = dense.model.layers[i].mlp.experts.down_proj[e]
+            assert torch.equal(block.mlp.experts.down_proj[e], dense_down[:, kept])
+
+
+@pytest.mark.parametrize("arch", list(MOE_CONFIGS))
+@pytest.mark.parametrize("method", ["flap", "wanda_sp", "flap_iterative"])
+def test_structured_moe_reloads(arch, method, tmp_path):
+    from prunepilot.modeling import load_model
+    from prunepilot.structured.saving import WIDTHS_FILE, save_pruned
+
+    model = tiny_model(arch)
+    rep = prune(model, {"method": method, "sparsity": 0.4, "device": "cpu", "calibration": {"min_expert_tokens": 0}},
+                calibration=IDS)
+    assert 0.3 < rep.extra["achieved_sparsity"] < 0.5
+    assert rep.extra["params_after"] == sum(p.numel() for p in model.parameters())
+    save_pruned(model, None, tmp_path / "m")
+    uniform = len({w["intermediate_size"] for w in rep.extra["layers"]}) == 1 and not rep.extra["bias_compensation"]
+    if not uniform:  # per-layer widths (or compensation biases): prunepilot's widths file; else a plain checkpoint
+        assert (tmp_path / "m" / WIDTHS_FILE).exists()
+    again = load_model(tmp_path / "m")
+    x = torch.randint(3, 128, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(again(x).logits, model(x).logits, rtol=0, atol=1e-5)
+
+
+def test_structured_experts_with_too_few_routed_tokens_are_scored_by_weights_and_reported():
+    model = tiny_model("mixtral")
+    rep = prune(model, {"method": "flap", "sparsity": 0.3, "device": "cpu",
+                        "calibration": {"min_expert_tokens": 10 ** 6}}, calibration=IDS)
+    starved = rep.coverage["experts_scored_by_weights"]
+    assert len(starved) == 3 * 4 and all(isinstance(n, int) for n in starved.values())

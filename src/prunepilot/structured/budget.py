@@ -8,11 +8,14 @@ recipe.structured.target:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..engine import ModelAdapter
 from ..errors import PrunepilotError
-from .slicing import BlockLayout, attention_counts, linear, mlp_width
+from .slicing import BlockLayout, MoEParts, attention_counts, channel_cost, linear, mlp_params, mlp_width
+
+EXPERT_MULTIPLE = 8
 
 
 @dataclass
@@ -36,8 +39,8 @@ class Options:
 
 
 def linear_params(block, layout: BlockLayout) -> int:
-    names = layout.attn.projections() + layout.mlp.ins + [layout.mlp.out]
-    return sum(p.numel() for n in names for p in linear(block, n).parameters())
+    attn = sum(p.numel() for n in layout.attn.projections() for p in linear(block, n).parameters())
+    return attn + mlp_params(block, layout.mlp)
 
 
 class Ledger:
@@ -70,9 +73,8 @@ class Ledger:
             lin = linear(block, name)
             return lin.in_features + (lin.bias is not None)
 
-        if kind == "mlp":  # gate + up rows, down column
-            return float(lay.mlp.rows_per_channel() * sum(row(n) for n in lay.mlp.ins)
-                         + linear(block, lay.mlp.out).out_features)
+        if kind == "mlp":  # gate + up rows, down column (of every expert)
+            return channel_cost(block, lay.mlp)
         gs = attention_counts(block, lay.attn, hd)[2]  # q rows + k/v rows + o columns of one KV group
         return float(gs * hd * row(lay.attn.q) + hd * (row(lay.attn.k) + row(lay.attn.v))
                      + gs * hd * linear(block, lay.attn.o).out_features)
@@ -82,14 +84,20 @@ class Ledger:
         if self.opts.target != "params" or not self.opts.bias_compensation:
             return 0.0
         block, lay = self.adapter.blocks[i], self.layouts[i]
-        outs = {"mlp": lay.mlp.out, "attn": lay.attn.o}
+        outs = {"mlp": lay.mlp.out, "attn": lay.attn.o}  # fused experts have no bias: nothing added (out "")
         return float(sum(linear(block, outs[k]).out_features for k in self.opts.kinds
-                         if linear(block, outs[k]).bias is None))
+                         if outs[k] and linear(block, outs[k]).bias is None))
+
+    def multiple(self, i: int) -> int:
+        """MLP widths of layer i are kept at a multiple of this: channel_multiple, and for fused MoE experts at
+        least 8 (transformers' grouped_mm experts kernel needs 16-byte strides: 8 bf16 / 4 fp32 values)."""
+        m = self.opts.channel_multiple
+        return math.lcm(m, EXPERT_MULTIPLE) if isinstance(self.layouts[i].mlp, MoEParts) else m
 
     def min_kept(self, i: int, kind: str) -> int:
         """Fewest units a module can keep: one, or one multiple of channel_multiple for an MLP wide enough
         to be rounded (align_removal never rounds a kept width down to zero)."""
-        m = self.opts.channel_multiple
+        m = self.multiple(i)
         return m if kind == "mlp" and 1 < m <= self.dense_units[i]["mlp"] else 1
 
     def capacity(self, i: int) -> float:

@@ -47,7 +47,8 @@ def state_uniform_widths(adapter: ModelAdapter, widths: list[dict]) -> bool:
     keys = ("intermediate_size", "num_heads", "num_kv_heads")
     uniform = all(tuple(w[k] for k in keys) == tuple(widths[0][k] for k in keys) for w in widths)
     cfg = text_config(adapter.config)
-    if not (uniform and hasattr(cfg, "head_dim") and hasattr(cfg, "intermediate_size")):
+    moe = any(w.get("experts") for w in widths)  # expert widths are not the config's intermediate_size
+    if moe or not (uniform and hasattr(cfg, "head_dim") and hasattr(cfg, "intermediate_size")):
         return uniform
     old = write_widths(cfg, widths[0])
     try:

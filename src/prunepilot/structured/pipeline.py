@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..engine import ModelAdapter, blocks
+from ..engine import ExpertMatrix, ModelAdapter, blocks
 from ..errors import PrunepilotError
 from ..job import PruneJob, PruneReport
 from ..masks import check_sparsity
@@ -27,9 +27,9 @@ from .budget import Ledger, Options
 from .methods import StructuredMethod, kept_fraction
 from .outcome import ModelBefore, build_report
 from .scores import Candidates, RunningMoments, align_removal, group_scores, head_scores, lowest, select_global, \
-    split_uniform_layer
-from .slicing import BlockLayout, attention_counts, block_layout, complement, keep_kv_groups, keep_mlp_channels, \
-    linear
+    split_uniform_layer, standardize
+from .slicing import BlockLayout, MoEParts, attention_counts, block_layout, complement, keep_kv_groups, \
+    keep_mlp_channels, linear
 
 log = logging.getLogger(__name__)
 
@@ -49,24 +49,58 @@ class StructuredPruner:
         self.ledger = Ledger(adapter, layouts, head_dim, opts)
         self.tracker = Tracker(channels=[torch.arange(u["mlp"]) for u in self.ledger.dense_units],
                                groups=[torch.arange(u["attn"]) for u in self.ledger.dense_units])
+        self.expert_order: dict[int, torch.Tensor] = {}   # MoE layer -> (E, I) each expert's channels, weakest first
+        self.starved: dict[str, int] = {}                   # experts scored by weights alone -> routed tokens
+        self.min_expert_tokens = 0
 
     def out_linears(self, i: int) -> dict:
+        """The output projections whose inputs are observed: {"mlp": down_proj, "attn": o_proj}; an MoE block's
+        experts as {"mlp.<e>": expert e's down_proj} (statistics of the tokens routed to e)."""
         block, lay = self.adapter.blocks[i], self.layouts[i]
-        outs = {"mlp": lay.mlp.out, "attn": lay.attn.o}
-        return {k: linear(block, outs[k]) for k in self.opts.kinds}
+        out = {}
+        if "mlp" in self.opts.kinds and isinstance(lay.mlp, MoEParts):
+            experts = block.get_submodule(lay.mlp.experts)
+            out.update({f"mlp.{e}": ExpertMatrix(experts, "down_proj", e) for e in range(experts.down_proj.shape[0])})
+        elif "mlp" in self.opts.kinds:
+            out["mlp"] = linear(block, lay.mlp.out)
+        if "attn" in self.opts.kinds:
+            out["attn"] = linear(block, lay.attn.o)
+        return out
 
     def candidates(self, i: int, moments: dict[str, RunningMoments]) -> list[Candidates]:
         """Scores of layer i's MLP channels and KV groups from the input statistics of down_proj / o_proj."""
         block, lay, hd = self.adapter.blocks[i], self.layouts[i], self.head_dim
         out = []
-        for kind, lin in self.out_linears(i).items():
-            col = self.method.column_scores(lin.weight, moments[kind])  # (in,)
-            if kind == "attn":
-                gs = attention_counts(block, lay.attn, hd)[2]
-                reduce = self.method.group_reduce
-                col = group_scores(head_scores(col, hd, reduce), gs, reduce)  # (kv_heads,)
-            out.append(Candidates(i, kind, col, self.ledger.cost(i, kind)))
+        if "mlp" in moments:
+            out.append(Candidates(i, "mlp", self.method.column_scores(linear(block, lay.mlp.out).weight,
+                                                                      moments["mlp"]), self.ledger.cost(i, "mlp")))
+        elif "mlp" in self.opts.kinds:
+            out.append(Candidates(i, "mlp", self.expert_slots(i, moments), self.ledger.cost(i, "mlp")))
+        if "attn" in moments:
+            gs = attention_counts(block, lay.attn, hd)[2]
+            col = self.method.column_scores(linear(block, lay.attn.o).weight, moments["attn"])  # (in,)
+            reduce = self.method.group_reduce
+            out.append(Candidates(i, "attn", group_scores(head_scores(col, hd, reduce), gs, reduce),  # (kv_heads,)
+                                  self.ledger.cost(i, "attn")))
         return out
+
+    def expert_slots(self, i: int, moments: dict[str, RunningMoments]) -> torch.Tensor:
+        """Scores of an MoE layer's channel slots: slot r = removing each expert's r-th weakest channel (by its
+        own routed-token statistics); its score is the mean over experts of those r-th scores, so slots come in
+        ascending order. Experts routed fewer than min_expert_tokens tokens are scored by their weights alone."""
+        experts = self.adapter.blocks[i].get_submodule(self.layouts[i].mlp.experts)
+        scores = []
+        for e in range(experts.down_proj.shape[0]):
+            m = moments[f"mlp.{e}"]
+            if m.n < self.min_expert_tokens:
+                self.starved[f"{self.adapter.block_name(i)}.mlp.experts.{e}"] = m.n
+                col = standardize(experts.down_proj[e].detach().float().pow(2).sum(0).cpu())
+            else:
+                col = self.method.column_scores(experts.down_proj[e], m)
+            scores.append(col)
+        ordered = torch.stack(scores).sort(dim=1, stable=True)            # (E, I) each expert ascending
+        self.expert_order[i] = ordered.indices
+        return ordered.values.mean(0)
 
     def apply(self, i: int, removed: dict[str, torch.Tensor], moments: dict[str, RunningMoments]) -> None:
         """Slice layer i (with bias compensation when on: every output projection gets a bias)."""
@@ -75,6 +109,9 @@ class StructuredPruner:
         for kind in self.opts.kinds:
             gone = removed.get(kind, torch.zeros(0, dtype=torch.long))
             if gone.numel() == 0 and not self.opts.bias_compensation:
+                continue
+            if kind == "mlp" and isinstance(lay.mlp, MoEParts):  # each expert drops its own weakest len(gone)
+                keep_mlp_channels(block, self.expert_order[i][:, gone.numel():], parts=lay.mlp)
                 continue
             keep = complement(gone, units[kind])
             mean = moments[kind].mean if self.opts.bias_compensation else None
@@ -105,11 +142,14 @@ class StructuredPruner:
 
     def aligned(self, cands: list[Candidates], removed: dict[str, torch.Tensor],
                 align: bool) -> dict[str, torch.Tensor]:
-        """MLP removals rounded so that the kept width is a multiple of opts.channel_multiple (on the last step
-        only: rounding the intermediate steps of flap_iterative would push removals to later steps)."""
-        if self.opts.channel_multiple <= 1 or not align:
-            return removed
-        return {c.kind: align_removal(c.scores, removed[c.kind], self.opts.channel_multiple) if c.kind == "mlp"
+        """MLP removals rounded so that the kept width is a multiple of ledger.multiple (channel_multiple; 8 for
+        MoE experts), on the last step only (rounding the intermediate steps of flap_iterative would push
+        removals to later steps), except for MoE experts, which must stay aligned to run at all."""
+        def rounds(c: Candidates) -> bool:
+            moe = isinstance(self.layouts[c.layer].mlp, MoEParts)
+            return c.kind == "mlp" and (align or moe) and self.ledger.multiple(c.layer) > 1
+
+        return {c.kind: align_removal(c.scores, removed[c.kind], self.ledger.multiple(c.layer)) if rounds(c)
                 else removed[c.kind] for c in cands}
 
     def _pass(self, ids, outputs: str, desc: str, batch_size: int):
@@ -183,6 +223,7 @@ def run(job: PruneJob) -> PruneReport:
     adapter = ModelAdapter(job.model)
     layouts = model_layouts(adapter)
     pruner = StructuredPruner(adapter, layouts, adapter.attention_geometry().head_dim, opts, method, job.device)
+    pruner.min_expert_tokens = recipe.calibration.min_expert_tokens
     pruner.ledger.check_feasible(sparsity)
     before = ModelBefore.of(adapter, layouts)
     coverage = adapter.coverage()
@@ -193,7 +234,7 @@ def run(job: PruneJob) -> PruneReport:
     steps = run_steps(job, pruner, ids, sparsity)
     timings["prune_s"] = time.time() - t0
     report = build_report(job, pruner, before, steps, calib_summary, timings)
-    report.coverage = coverage.to_dict()
+    report.coverage = coverage.to_dict() | ({"experts_scored_by_weights": pruner.starved} if pruner.starved else {})
     return report
 
 

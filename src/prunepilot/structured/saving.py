@@ -136,8 +136,8 @@ def _save_resized(model, folder: Path) -> None:
             model.save_pretrained(folder, state_dict=state)
             cfg.save_pretrained(folder)  # the shrunk config replaces the one save_pretrained wrote
             log.info("saved %s: uniform widths, loads with plain from_pretrained", folder)
-        else:
-            model.save_pretrained(folder)
+        else:  # prunepilot's own layout: the fused tensors as they are (transformers would unfuse MoE experts)
+            model.save_pretrained(folder, save_original_format=False)
             info = {"format": FORMAT, "model_type": adapter.model_type, "head_dim": head_dim, "layers": widths}
             (folder / WIDTHS_FILE).write_text(json.dumps(info, indent=1) + "\n")
             log.info("saved %s: per-layer widths in %s (load with prunepilot load_pruned)", folder, WIDTHS_FILE)

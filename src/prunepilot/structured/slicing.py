@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..engine.moe import fused_experts
+from ..engine.moe import fused_experts, layout_problem
 from ..errors import PrunepilotError
 
 GATED_MLP = ("gate_proj", "up_proj", "down_proj")
@@ -44,6 +44,20 @@ class MLPParts:
 
     def rows_per_channel(self) -> int:
         return 2 if self.fused else 1
+
+
+@dataclass
+class MoEParts:
+    """Experts kept as fused 3-D parameters: gate_up_proj (E, 2I, H), down_proj (E, H, I) (engine/moe.py).
+    Every expert keeps the same number of channels (the tensors stay 3-D), each expert choosing its own."""
+    owner: str            # "mlp"
+    experts: str          # "mlp.experts"
+
+    fused = False
+
+    @property
+    def out(self) -> str:  # no bias to compensate into: fused experts have none
+        return ""
 
 
 @dataclass
@@ -84,9 +98,15 @@ def find_mlp(block: nn.Module, where: str = "block") -> MLPParts:
         return MLPParts("mlp", ["mlp.gate_proj", "mlp.up_proj"], "mlp.down_proj")
     if mlp is not None and all(_is_plain_linear(getattr(mlp, n, None)) for n in ("gate_up_proj", "down_proj")):
         return MLPParts("mlp", ["mlp.gate_up_proj"], "mlp.down_proj", fused=True)
+    if mlp is not None and fused_experts(getattr(mlp, "experts", None)) and layout_problem(mlp.experts) is None:
+        if any(_is_plain_linear(getattr(mlp, n, None)) for n in ("shared_expert", "shared_experts")) or any(
+                isinstance(getattr(mlp, n, None), nn.Module) for n in ("shared_expert", "shared_experts")):
+            raise PrunepilotError(f"{where}: MoE blocks with shared experts are not supported by structured pruning; "
+                                  f"use an unstructured method")
+        return MoEParts("mlp", "mlp.experts")
     if mlp is not None and any(fused_experts(m) for m in mlp.modules()):
-        raise PrunepilotError(f"{where} is a mixture-of-experts block: structured pruning of experts is not "
-                              f"implemented; use an unstructured method (magnitude, wanda, sparsegpt) or the agent")
+        raise PrunepilotError(f"{where} is a mixture-of-experts block whose experts layout structured pruning does "
+                              f"not support; use an unstructured method (magnitude, wanda, sparsegpt) or the agent")
     for owner in ("mlp", ""):
         m = _sub(block, owner)
         if m is not None and _is_plain_linear(getattr(m, "fc1", None)) and _is_plain_linear(getattr(m, "fc2", None)):
@@ -145,8 +165,28 @@ def attention_counts(block: nn.Module, parts: AttnParts, head_dim: int) -> tuple
     return heads, kv, heads // kv
 
 
-def mlp_width(block: nn.Module, parts: MLPParts) -> int:
+def mlp_width(block: nn.Module, parts: MLPParts | MoEParts) -> int:
+    if isinstance(parts, MoEParts):
+        return _sub(block, parts.experts).down_proj.shape[2]
     return linear(block, parts.out).in_features
+
+
+def mlp_params(block: nn.Module, parts: MLPParts | MoEParts) -> int:
+    """Parameters of the MLP projections (all experts' matrices for an MoE block; the router is not pruned)."""
+    if isinstance(parts, MoEParts):
+        ex = _sub(block, parts.experts)
+        return ex.gate_up_proj.numel() + ex.down_proj.numel()
+    return sum(p.numel() for n in parts.ins + [parts.out] for p in linear(block, n).parameters())
+
+
+def channel_cost(block: nn.Module, parts: MLPParts | MoEParts) -> float:
+    """Parameters removed with one MLP channel: gate + up rows and the down column (weights and biases);
+    for an MoE block one channel of every expert."""
+    if isinstance(parts, MoEParts):
+        e, _, h = _sub(block, parts.experts).gate_up_proj.shape
+        return float(e * 3 * h)
+    rows = sum(linear(block, n).in_features + (linear(block, n).bias is not None) for n in parts.ins)
+    return float(parts.rows_per_channel() * rows + linear(block, parts.out).out_features)
 
 
 def group_columns(groups: torch.Tensor, group_size: int, head_dim: int) -> torch.Tensor:
@@ -224,6 +264,8 @@ def keep_mlp_channels(block: nn.Module, keep, mean: torch.Tensor | None = None,
     contribution moves into down_proj's bias (added if absent, even when nothing is removed).
     """
     parts = parts or find_mlp(block)
+    if isinstance(parts, MoEParts):
+        return keep_expert_channels(block, keep, parts)
     out = linear(block, parts.out)
     width = out.in_features
     keep = _check_keep(keep, width, "MLP channel")
@@ -236,6 +278,28 @@ def keep_mlp_channels(block: nn.Module, keep, mean: torch.Tensor | None = None,
     owner = _sub(block, parts.owner)
     if owner is not None and hasattr(owner, "intermediate_size"):
         owner.intermediate_size = keep.numel()
+
+
+@torch.no_grad()
+def keep_expert_channels(block: nn.Module, keep, parts: MoEParts) -> None:
+    """Keep channels keep[e] of every expert e (keep: (E, k), or (k,) for all experts alike): rows j and I + j
+    of its gate_up_proj slice, column j of its down_proj slice. The fused tensors become (E, 2k, H), (E, H, k)."""
+    ex = _sub(block, parts.experts)
+    e, two_i, _ = ex.gate_up_proj.shape
+    width = two_i // 2
+    keep = torch.as_tensor(keep, dtype=torch.long)
+    keep = keep.expand(e, -1) if keep.dim() == 1 else keep
+    if keep.shape[0] != e or len({k.numel() for k in keep}) != 1:
+        raise PrunepilotError(f"expert channels to keep must be one row of equal length per expert ({e})")
+    keep = torch.stack([_check_keep(k, width, "expert channel") for k in keep])      # (E, k), sorted rows
+    rows = torch.cat([keep, keep + width], dim=1).to(ex.gate_up_proj.device)          # (E, 2k)
+    gu = torch.gather(ex.gate_up_proj, 1, rows.unsqueeze(2).expand(-1, -1, ex.gate_up_proj.shape[2]))
+    down = torch.gather(ex.down_proj, 2, keep.to(ex.down_proj.device).unsqueeze(1).expand(-1, ex.down_proj.shape[1], -1))
+    ex.gate_up_proj = nn.Parameter(gu.contiguous(), requires_grad=ex.gate_up_proj.requires_grad)
+    ex.down_proj = nn.Parameter(down.contiguous(), requires_grad=ex.down_proj.requires_grad)
+    for attr in ("intermediate_dim", "intermediate_size"):
+        if isinstance(getattr(ex, attr, None), int):
+            setattr(ex, attr, keep.shape[1])
 
 
 @torch.no_grad()
@@ -280,13 +344,15 @@ def block_widths(block: nn.Module, head_dim: int, layout: BlockLayout | None = N
     """What a reloader needs to rebuild this block: widths, head counts and which outputs have biases."""
     layout = layout or block_layout(block)
     heads, kv, _ = attention_counts(block, layout.attn, head_dim)
+    moe = isinstance(layout.mlp, MoEParts)
     return {
         "intermediate_size": mlp_width(block, layout.mlp),
         "num_heads": heads,
         "num_kv_heads": kv,
         "head_dim": head_dim,
         "o_bias": linear(block, layout.attn.o).bias is not None,
-        "down_bias": linear(block, layout.mlp.out).bias is not None,
+        "down_bias": not moe and linear(block, layout.mlp.out).bias is not None,
+        **({"experts": True} if moe else {}),
     }
 
 
