@@ -181,3 +181,31 @@ def test_structured_experts_with_too_few_routed_tokens_are_scored_by_weights_and
                         "calibration": {"min_expert_tokens": 10 ** 6}}, calibration=IDS)
     starved = rep.coverage["experts_scored_by_weights"]
     assert len(starved) == 3 * 4 and all(isinstance(n, int) for n in starved.values())
+
+
+def test_removing_the_least_routed_experts_keeps_the_router_consistent(tmp_path):
+    """remove_experts: each layer drops the experts the router sends the fewest calibration tokens (never
+    leaving fewer than its top-k); the router loses their rows, so it scores and picks among the kept ones."""
+    from prunepilot.engine import blocks
+    from prunepilot.modeling import load_model
+    from prunepilot.structured.pipeline import TokenCount
+    from prunepilot.structured.saving import save_pruned
+
+    dense = tiny_model("qwen3_moe")
+    routed = {}
+    for blk in blocks(ModelAdapter(dense), IDS, "cpu", states=lambda n, m: TokenCount(), outputs="dense",
+                      linears=lambda i, b: {e: ExpertMatrix(b.mlp.experts, "gate_up_proj", e) for e in range(4)}):
+        routed[blk.index] = [blk.states[e].n for e in range(4)]
+    model = tiny_model("qwen3_moe")
+    rep = prune(model, {"method": "flap", "sparsity": 0.45, "device": "cpu", "calibration": {"min_expert_tokens": 0},
+                        "structured": {"remove_experts": 0.9}}, calibration=IDS)
+    for i, block in enumerate(model.model.layers):
+        kept = rep.extra["layers"][i]["kept_experts"]
+        assert len(kept) == 2 == block.mlp.gate.top_k  # 90% of 4 would leave fewer than top-k = 2
+        assert sorted(kept) == sorted(sorted(range(4), key=lambda e: -routed[i][e])[:2])  # the most routed stay
+        assert torch.equal(block.mlp.gate.weight, dense.model.layers[i].mlp.gate.weight[kept])
+        assert block.mlp.experts.num_experts == 2 and block.mlp.experts.gate_up_proj.shape[0] == 2
+    save_pruned(model, None, tmp_path / "m")
+    x = torch.randint(3, 128, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path / "m")(x).logits, model(x).logits, rtol=0, atol=1e-5)

@@ -46,6 +46,8 @@ class StructuredConfig(Strict):
     steps: int = Field(5, ge=1)                         # flap_iterative: re-measure statistics k times
     bias_compensation: bool = True
     channel_multiple: int = Field(1, ge=1)              # MLP widths kept at a multiple of this (GPU kernels: 64/128)
+    remove_experts: float = Field(0.0, ge=0.0, lt=1.0)  # MoE: fraction of each layer's experts removed first
+    #                                                     (those the router sends the fewest calibration tokens)
 
 
 class Recipe(Strict):

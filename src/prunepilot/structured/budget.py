@@ -27,6 +27,7 @@ class Options:
     kinds: tuple[str, ...]          # ("mlp", "attn") minus what the recipe switches off
     steps: int
     channel_multiple: int = 1       # MLP widths kept at a multiple of this
+    remove_experts: float = 0.0     # MoE: fraction of each layer's experts removed before the channel steps
 
     @classmethod
     def from_recipe(cls, recipe, iterative: bool) -> "Options":
@@ -35,7 +36,8 @@ class Options:
         if not kinds:
             raise PrunepilotError("structured pruning with prune_heads and prune_channels both off removes nothing")
         return cls(ratios=st.ratios, target=st.target, bias_compensation=st.bias_compensation, kinds=kinds,
-                   steps=st.steps if iterative else 1, channel_multiple=st.channel_multiple)
+                   steps=st.steps if iterative else 1, channel_multiple=st.channel_multiple,
+                   remove_experts=st.remove_experts)
 
 
 def linear_params(block, layout: BlockLayout) -> int:

@@ -28,8 +28,8 @@ from .methods import StructuredMethod, kept_fraction
 from .outcome import ModelBefore, build_report
 from .scores import Candidates, RunningMoments, align_removal, group_scores, head_scores, lowest, select_global, \
     split_uniform_layer, standardize
-from .slicing import BlockLayout, MoEParts, attention_counts, block_layout, complement, keep_kv_groups, \
-    keep_mlp_channels, linear
+from .slicing import BlockLayout, MoEParts, attention_counts, block_layout, complement, keep_experts, \
+    keep_kv_groups, keep_mlp_channels, linear
 
 log = logging.getLogger(__name__)
 
@@ -231,11 +231,54 @@ def run(job: PruneJob) -> PruneReport:
     ids, calib_summary = calibration(job)
     timings = {"calibration_data_s": time.time() - t0}
     t0 = time.time()
+    kept_experts = remove_experts(pruner, ids, job.recipe.calibration.batch_size) if opts.remove_experts else {}
     steps = run_steps(job, pruner, ids, sparsity)
     timings["prune_s"] = time.time() - t0
     report = build_report(job, pruner, before, steps, calib_summary, timings)
     report.coverage = coverage.to_dict() | ({"experts_scored_by_weights": pruner.starved} if pruner.starved else {})
+    for i, kept in kept_experts.items():
+        report.extra["layers"][i]["kept_experts"] = kept
     return report
+
+
+class TokenCount:
+    """A statistic state that only counts the tokens it is given."""
+
+    def __init__(self):
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        self.n += x.reshape(-1, x.shape[-1]).shape[0]
+
+
+def remove_experts(pruner: StructuredPruner, ids, batch_size: int) -> dict[int, list[int]]:
+    """Before the channel steps: in every MoE layer remove the opts.remove_experts fraction of experts that the
+    router sends the fewest calibration tokens (one statistics-only pass; never fewer experts than its top-k).
+    Returns {layer: kept expert indices}."""
+    def observed(i, block):
+        lay = pruner.layouts[i].mlp
+        if not isinstance(lay, MoEParts):
+            return {}
+        ex = block.get_submodule(lay.experts)
+        return {e: ExpertMatrix(ex, "gate_up_proj", e) for e in range(ex.gate_up_proj.shape[0])}
+
+    counts = {}
+    for blk in blocks(pruner.adapter, ids, pruner.device, linears=observed, states=lambda e, m: TokenCount(),
+                      outputs="dense", batch_size=batch_size, desc="expert routing"):
+        if blk.states:
+            counts[blk.index] = torch.tensor([blk.states[e].n for e in sorted(blk.states)])
+    kept = {}
+    for i, n in counts.items():
+        block, lay = pruner.adapter.blocks[i], pruner.layouts[i].mlp
+        top_k = getattr(block.get_submodule(lay.router), "top_k", 1)
+        k = min(int(pruner.opts.remove_experts * n.numel()), n.numel() - top_k)
+        keep = torch.argsort(n, descending=True, stable=True)[: n.numel() - k].sort().values
+        keep_experts(block, keep, lay)
+        kept[i] = keep.tolist()
+        gone = [e for e in range(n.numel()) if e not in kept[i]]
+        log.info("layer %d: removed experts %s (routed calibration tokens %s), kept %d", i, gone, n[gone].tolist(),
+                 keep.numel())
+    return kept
 
 
 def warn_ignored_settings(job: PruneJob) -> None:

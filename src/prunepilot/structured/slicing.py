@@ -52,6 +52,7 @@ class MoEParts:
     Every expert keeps the same number of channels (the tensors stay 3-D), each expert choosing its own."""
     owner: str            # "mlp"
     experts: str          # "mlp.experts"
+    router: str = "mlp.gate"
 
     fused = False
 
@@ -303,6 +304,25 @@ def keep_expert_channels(block: nn.Module, keep, parts: MoEParts) -> None:
 
 
 @torch.no_grad()
+def keep_experts(block: nn.Module, keep, parts: MoEParts) -> None:
+    """Keep experts `keep` of an MoE block: their slices of the fused tensors and their router rows, so the
+    router scores (and its top-k chooses among) the kept experts only."""
+    ex, router = _sub(block, parts.experts), _sub(block, parts.router)
+    n = ex.gate_up_proj.shape[0]
+    keep = _check_keep(keep, n, "expert")
+    top_k = getattr(router, "top_k", 1)
+    if keep.numel() < top_k:
+        raise PrunepilotError(f"cannot keep {keep.numel()} experts: the router picks {top_k} per token")
+    for owner, attr in ((ex, "gate_up_proj"), (ex, "down_proj"), (router, "weight"), (router, "bias")):
+        p = getattr(owner, attr, None)
+        if isinstance(p, torch.Tensor) and p.shape[0] == n:
+            setattr(owner, attr, nn.Parameter(p[keep.to(p.device)].contiguous(), requires_grad=p.requires_grad))
+    for owner in (ex, router):
+        if isinstance(getattr(owner, "num_experts", None), int):
+            owner.num_experts = keep.numel()
+
+
+@torch.no_grad()
 def keep_kv_groups(block: nn.Module, keep, head_dim: int, mean: torch.Tensor | None = None,
                    parts: AttnParts | None = None) -> None:
     """Keep the KV groups `keep` (KV head g and its query heads), GQA-consistently.
@@ -352,13 +372,15 @@ def block_widths(block: nn.Module, head_dim: int, layout: BlockLayout | None = N
         "head_dim": head_dim,
         "o_bias": linear(block, layout.attn.o).bias is not None,
         "down_bias": not moe and linear(block, layout.mlp.out).bias is not None,
-        **({"experts": True} if moe else {}),
+        **({"experts": _sub(block, layout.mlp.experts).gate_up_proj.shape[0]} if moe else {}),
     }
 
 
 def shrink_block(block: nn.Module, widths: dict, head_dim: int) -> None:
     """Reshape a freshly built dense block to recorded widths (contents are overwritten by a state dict)."""
     layout = block_layout(block)
+    if widths.get("experts"):
+        keep_experts(block, torch.arange(widths["experts"]), layout.mlp)
     keep_mlp_channels(block, torch.arange(widths["intermediate_size"]), parts=layout.mlp)
     keep_kv_groups(block, torch.arange(widths["num_kv_heads"]), head_dim, parts=layout.attn)
     heads, kv, _ = attention_counts(block, layout.attn, head_dim)
