@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..engine import (ModelAdapter, block_output, blocks, blocks_bypassed, grad_2d, kept_placement, leaf_parameter,
                       move_outside_blocks, weight_2d)
 from ..methods.wanda import Wanda
@@ -193,13 +194,15 @@ def gradient_importance(model, adapter: ModelAdapter, ids: torch.Tensor, device,
         raise ValueError(f"unknown gradient mode {mode!r}")
     was_training = model.training
     model.eval()
+    mine = distributed.shard(ids)  # torchrun: this rank's samples; the sums are all-reduced
     try:
         with kept_placement(model):
-            if mode == "full":
-                return _gradient_full(model, adapter, ids, device)
-            return _gradient_blockwise(model, adapter, ids, device)
+            sums = (_gradient_full if mode == "full" else _gradient_blockwise)(model, adapter, mine, device)
     finally:
         model.train(was_training)
+    names = list(sums)
+    total = distributed.all_reduce_(torch.tensor([sums[n] for n in names], dtype=torch.float64))
+    return {n: v / ids.shape[0] for n, v in zip(names, total.tolist())}
 
 
 def _gradient_full(model, adapter, ids, device) -> dict[str, float]:
@@ -213,14 +216,14 @@ def _gradient_full(model, adapter, ids, device) -> dict[str, float]:
             for n, lin in linears.items():
                 acc[n] += _alive_abs_mean(lin)
             _clear_grads(linears.values())
-    return {n: v / ids.shape[0] for n, v in acc.items()}
+    return acc  # summed over the samples
 
 
 def _gradient_blockwise(model, adapter, ids, device) -> dict[str, float]:
     """Manual checkpointing, one block on the device at a time; block-boundary activations of all
     samples are kept on CPU: (n_blocks + 1) x n x seq x hidden floats."""
     n, modules = ids.shape[0], adapter.blocks
-    fwd = blocks(adapter, ids, device, storage_device="cpu", desc="gradients fwd")
+    fwd = blocks(adapter, ids, device, storage_device="cpu", desc="gradients fwd", shard=False)
     acts = [blk.inputs.hidden for blk in fwd]                    # acts[i][b]: input of block i, (1, seq, hidden)
     acts.append(fwd.hidden)                                      # the last block's outputs
     inputs = fwd.inputs
@@ -250,4 +253,4 @@ def _gradient_blockwise(model, adapter, ids, device) -> dict[str, float]:
                     acc[name] += _alive_abs_mean(lin)
                 _clear_grads(linears.values())
             block.to(home)
-    return {name: v / n for name, v in acc.items()}
+    return acc  # summed over the samples

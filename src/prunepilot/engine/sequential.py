@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import distributed
 from .adapter import ModelAdapter
 from .capture import BlockInputs, capture_block_inputs
 from .moe import ExpertMatrix, routed_hook
@@ -106,12 +107,14 @@ class BlockPass:
     def __init__(self, adapter: ModelAdapter, ids, device, *, states: Callable[[str, nn.Module], Any] | None = None,
                  linears: Callable[[int, nn.Module], dict[str, nn.Module]] | None = None,
                  outputs: Literal["pruned", "dense"] = "pruned", batch_size: int = 1, storage_device=None,
-                 desc: str = "blocks"):
+                 desc: str = "blocks", shard: bool = True):
         if outputs not in ("pruned", "dense"):
             raise ValueError(f"outputs must be 'pruned' or 'dense', got {outputs!r}")
         self.adapter, self.device, self.desc = adapter, device, desc
         self.make_state, self.outputs = states, outputs
         self.select = linears or (lambda i, block: adapter.linears(i))
+        if shard and not isinstance(ids, BlockInputs):  # torchrun: this rank's share of the samples
+            ids = distributed.shard(ids)
         self.inputs = ids if isinstance(ids, BlockInputs) else capture_block_inputs(
             adapter.model, adapter, ids, device, batch_size, storage_device)
 
@@ -162,9 +165,13 @@ class BlockPass:
         pre = blk.module.register_forward_pre_hook(new_forward)
         try:
             with input_hooks(blk.linears, add):
-                return run_block(blk.module, blk.index, self.inputs)
+                out = run_block(blk.module, blk.index, self.inputs)
         finally:
             pre.remove()
+        if distributed.world_size() > 1:  # every rank saw its share: merge, so every rank prunes alike
+            for state in {id(s): s for s in blk.states.values()}.values():
+                state.all_reduce()
+        return out
 
 
 blocks = BlockPass  # for blk in blocks(adapter, ids, device, states=...)

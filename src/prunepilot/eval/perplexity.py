@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..data import TextSource, load_documents, tokenize_stream
 from ..engine import ModelAdapter, blocks, blocks_bypassed, keeps_placement
 from ..errors import PrunepilotError
@@ -55,14 +56,15 @@ def perplexity_of_tokens(model, tokens: torch.Tensor, seqlen: int, batch_size: i
                          max_windows: int | None = None, device=None, desc: str = "ppl") -> dict:
     """tokens: (n_tokens,) long. Returns {"ppl", "nll", "seqlen", "windows", "tokens", "seconds"}."""
     windows = _windows(tokens, seqlen, max_windows, model)
+    mine = distributed.shard(windows)  # torchrun: this rank's windows; the sums are all-reduced
     device = device or next(model.parameters()).device
     total_nll, counted = 0.0, 0
     t0 = time.time()
-    for i in tqdm(range(0, windows.shape[0], batch_size), desc=desc, leave=False):
-        ids = windows[i:i + batch_size].to(device)
+    for i in tqdm(range(0, mine.shape[0], batch_size), desc=desc, leave=False):
+        ids = mine[i:i + batch_size].to(device)
         total_nll += _window_nll(model(ids, use_cache=False).logits, ids)
         counted += ids[:, 1:].numel()
-    return _result(total_nll, counted, seqlen, windows.shape[0], t0)
+    return _result(distributed.total(total_nll), int(distributed.total(counted)), seqlen, windows.shape[0], t0)
 
 
 @torch.no_grad()
@@ -75,17 +77,18 @@ def perplexity_sequential(model, tokens: torch.Tensor, seqlen: int, device, batc
     windows = _windows(tokens, seqlen, max_windows, model)  # (n, seqlen)
     t0 = time.time()
     adapter = ModelAdapter(model)
-    run = blocks(adapter, windows, device, batch_size=batch_size, desc=desc)
+    mine = distributed.shard(windows)  # torchrun: this rank's windows; the sums are all-reduced
+    run = blocks(adapter, mine, device, batch_size=batch_size, desc=desc, shard=False)
     for _ in run:  # the iterator moves every block's outputs on; nothing to do per block
         pass
     total_nll, counted = 0.0, 0
     with blocks_bypassed(adapter, run.inputs.block_returns_tuple) as injected:
         for b, hidden in enumerate(run.hidden):
-            ids = windows[b * batch_size:(b + 1) * batch_size].to(device)
+            ids = mine[b * batch_size:(b + 1) * batch_size].to(device)
             injected["h"] = hidden.to(device)
             total_nll += _window_nll(model(ids, use_cache=False).logits, ids)
             counted += ids[:, 1:].numel()
-    return _result(total_nll, counted, seqlen, windows.shape[0], t0)
+    return _result(distributed.total(total_nll), int(distributed.total(counted)), seqlen, windows.shape[0], t0)
 
 
 def perplexity(model, tokenizer, source: str | TextSource, seqlen: int | None = 2048, batch_size: int = 1,

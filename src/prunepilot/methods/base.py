@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import masks
+from .. import distributed, masks
 from ..schema import Strict
 
 
@@ -56,3 +56,9 @@ class InputNormState:
         t = x.shape[0]
         self.sq_mean.mul_(self.n / (self.n + t)).add_(x.pow(2).sum(0) / (self.n + t))
         self.n += t
+
+    def all_reduce(self) -> None:
+        """Merge the ranks' statistics (distributed calibration): the mean over every rank's tokens."""
+        total = distributed.all_reduce_(self.sq_mean * self.n)
+        self.n = int(distributed.total(self.n))
+        self.sq_mean = total / max(self.n, 1)

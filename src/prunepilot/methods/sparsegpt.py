@@ -4,6 +4,7 @@ import torch
 
 from pydantic import Field
 
+from .. import distributed
 from ..errors import PrunepilotError
 from ..schema import Strict
 from .base import PruningMethod
@@ -23,6 +24,12 @@ class HessianState:
         x = x * (2.0 / (self.n + t)) ** 0.5
         self.H.addmm_(x.t(), x)
         self.n += t
+
+    def all_reduce(self) -> None:
+        """Merge the ranks' Hessians (distributed calibration): (2/N) Σ x xᵀ over every rank's tokens."""
+        total = distributed.all_reduce_(self.H * self.n)
+        self.n = int(distributed.total(self.n))
+        self.H = total / max(self.n, 1)
 
 
 def _inverse_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..engine import ExpertMatrix, ModelAdapter, blocks
 from ..errors import PrunepilotError
 from ..job import PruneJob, PruneReport
@@ -249,6 +250,9 @@ class TokenCount:
 
     def add(self, x: torch.Tensor) -> None:
         self.n += x.reshape(-1, x.shape[-1]).shape[0]
+
+    def all_reduce(self) -> None:
+        self.n = int(distributed.total(self.n))
 
 
 def remove_experts(pruner: StructuredPruner, ids, batch_size: int) -> dict[int, list[int]]:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import distributed
 from ..errors import PrunepilotError
 from ..stats import zscore
 
@@ -53,6 +54,17 @@ class RunningMoments:
         self.m2 = self.m2 + b_m2 + delta.pow(2) * (self.n * nb / n)
         self.sq_sum = self.sq_sum + x.pow(2).sum(0)
         self.n = n
+
+    def all_reduce(self) -> None:
+        """Merge the ranks' moments (distributed calibration) with the same parallel update:
+        mean = Σ n_r mean_r / N,  M2 = Σ (M2_r + n_r (mean_r - mean)²)."""
+        n = distributed.total(self.n)
+        if n == 0:
+            return
+        mean = distributed.all_reduce_(self.mean * self.n) / n
+        self.m2 = distributed.all_reduce_(self.m2 + (self.mean - mean).pow(2) * self.n)
+        self.sq_sum = distributed.all_reduce_(self.sq_sum.clone())
+        self.mean, self.n = mean, int(n)
 
     def var(self, unbiased: bool = True) -> torch.Tensor:
         """Per-channel variance over all tokens seen (unbiased, as torch.var's default)."""

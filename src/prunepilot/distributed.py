@@ -1,0 +1,86 @@
+"""Data-parallel calibration over processes (torchrun): each rank sees its share of the calibration samples,
+every statistic is all-reduced, so every rank prunes the same weights the same way; only rank 0 writes.
+
+    torchrun --nproc-per-node 2 -m prunepilot prune MODEL --method sparsegpt --sparsity 0.5 --out runs/x
+    torchrun --nnodes 2 --node-rank R --master-addr HOST --master-port 29500 --nproc-per-node 8 -m prunepilot ...
+
+Without torchrun (WORLD_SIZE unset or 1) every function here is the single-process identity.
+Backend: nccl when the run uses CUDA, else gloo. A rank that fails ends with one error line; torchrun then stops
+the other ranks, and nothing has been written (outputs are written by rank 0, atomically, at the end).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from .errors import PrunepilotError
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if world_size() > 1 else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init_from_env(device_type: str = "cpu") -> None:
+    """Join the process group torchrun describes in the environment (no-op when not launched by torchrun)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend)
+    if device_type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def local_device(name: str | None) -> str | None:
+    """The device this rank computes on: with CUDA and several ranks, cuda:LOCAL_RANK."""
+    if world_size() > 1 and torch.cuda.is_available() and name in (None, "auto", "cuda"):
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return name
+
+
+def shard(ids: torch.Tensor) -> torch.Tensor:
+    """This rank's share of the calibration samples (rows rank, rank + world, ...). ids: (n, seq)."""
+    n = world_size()
+    if n == 1:
+        return ids
+    if ids.shape[0] < n:
+        raise PrunepilotError(f"{ids.shape[0]} calibration samples cannot be split over {n} processes")
+    return ids[rank()::n]
+
+
+def all_reduce_(t: torch.Tensor) -> torch.Tensor:
+    """Sum `t` over the ranks, in place (float64 sums are reduced as float64)."""
+    if world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def total(x: float | int) -> float:
+    """Sum of a number over the ranks."""
+    if world_size() == 1:
+        return x
+    return all_reduce_(torch.tensor([float(x)], dtype=torch.float64)).item()
+
+
+def broadcast(obj):
+    """Rank 0's value of a picklable object, on every rank (e.g. a controller's decision)."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def summary(n_samples: int) -> dict:
+    """What report.json records about the processes: how many, and how many calibration samples each saw."""
+    n = world_size()
+    return {"world_size": n, "samples_per_rank": [len(range(r, n_samples, n)) for r in range(n)]}
