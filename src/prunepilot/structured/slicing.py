@@ -115,8 +115,7 @@ def find_mlp(block: nn.Module, where: str = "block") -> MLPParts:
     found = sorted(n for n, m in block.named_modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D")
     raise PrunepilotError(
         f"structured pruning needs a gated MLP (gate_proj/up_proj/down_proj) or fc1/fc2 nn.Linear layers; "
-        f"{where} has {', '.join(found) or 'no linears'} (fused projections such as gate_up_proj or GPT-2 "
-        f"Conv1D are not supported)")
+        f"{where} has {', '.join(found) or 'no linears'} (GPT-2's Conv1D projections are not supported)")
 
 
 def find_attention(block: nn.Module, where: str = "block") -> AttnParts:
