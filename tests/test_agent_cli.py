@@ -72,3 +72,18 @@ def test_unreachable_endpoint_is_one_clear_line_with_strict_controller(tmp_path,
     assert "unreachable after 1 attempt(s)" in err[-1]
     assert main(["agent", model, "--out", str(tmp_path / "p"), "--controller", "openai"]) == 2
     assert "needs a base URL" in capsys.readouterr().err
+
+
+def test_controller_and_rollback_flags_reach_the_config(tmp_path):
+    from prunepilot.agent.cli import config_from_args
+
+    cfg = config_from_args(parse(["agent", "m", "--out", str(tmp_path / "o"), "--controller", "openai",
+                                  "--base-url", "http://u:p@127.0.0.1:9/v1", "--model-name", "x",
+                                  "--timeout", "3", "--retries", "0", "--max-tokens", "160", "--table-rows", "4",
+                                  "--history-chars", "500", "--max-layers-per-reply", "2", "--reasoning-chars", "80",
+                                  "--max-total-ppl-rise", "0.5"]))
+    c = cfg.controller
+    assert (c.timeout_s, c.retries, c.max_tokens, c.table_rows, c.history_chars, c.max_layers_per_reply,
+            c.reasoning_chars) == (3, 0, 160, 4, 500, 2, 80)
+    assert cfg.max_total_ppl_rise == 0.5 and c.base_url == "http://127.0.0.1:9/v1" and c.base_url_auth == ("u", "p")
+    assert config_from_args(parse(["agent", "m", "--out", str(tmp_path / "o")])).max_total_ppl_rise is None

@@ -31,13 +31,22 @@ def add_agent_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--base-url", help="openai: endpoint base URL, e.g. http://127.0.0.1:8000/v1")
     p.add_argument("--model-name", help="openai: served model name; hf: chat model folder or hub name")
     p.add_argument("--api-key-env", help="openai: NAME of the env var holding the API key (default OPENAI_API_KEY)")
-    p.add_argument("--timeout", type=float, help="openai: request timeout in seconds (default 60)")
+    p.add_argument("--timeout", type=float,
+                   help="openai: wall-clock limit of one decision in seconds, every retry included (default 60)")
     p.add_argument("--retries", type=int, help="openai: extra attempts on transport errors (default 2)")
+    p.add_argument("--max-tokens", type=int, help="openai/hf: most tokens of one answer (default 4096)")
+    p.add_argument("--table-rows", type=int, help="openai/hf: show only the N least sensitive layers (small contexts)")
+    p.add_argument("--history-chars", type=int, help="openai/hf: character budget of the decision history (3000)")
+    p.add_argument("--max-layers-per-reply", type=int,
+                   help="openai/hf: at most N layers per answer (schema maxItems; helps small models)")
+    p.add_argument("--reasoning-chars", type=int, help="openai/hf: schema maxLength of the reasoning")
     p.add_argument("--strict-controller", action="store_true",
                    help="unreachable endpoint or invalid answers are an error (default: fall back to builtin)")
     p.add_argument("--resume", action="store_true", help="continue the run journaled in --out")
     p.add_argument("--max-iterations", type=int)
     p.add_argument("--rollback-threshold", type=float, help="relative held-out ppl rise that undoes a step (0.15)")
+    p.add_argument("--max-total-ppl-rise", type=float,
+                   help="also undo a step that leaves held-out ppl more than this fraction above the dense baseline")
     p.add_argument("--calib", action="append", metavar="SPEC", help="calibration source, repeatable (default web)")
     p.add_argument("--n-samples", type=int, help="calibration samples (default 32)")
     p.add_argument("--seqlen", type=int, help="calibration sequence length (default 512)")
@@ -65,11 +74,14 @@ def config_from_args(args):
     base = args.config or (saved if args.resume and saved.is_file() else None)  # resume: the run's own settings
     data = AgentConfig.from_yaml(base).model_dump() if base else AgentConfig().model_dump()
     top = {"target_sparsity": args.target, "max_iterations": args.max_iterations,
-           "rollback_threshold": args.rollback_threshold, "eval_tokens": args.eval_tokens,
+           "rollback_threshold": args.rollback_threshold, "max_total_ppl_rise": args.max_total_ppl_rise,
+           "eval_tokens": args.eval_tokens,
            "eval_seqlen": args.eval_seqlen, "grad_refresh_every": args.grad_refresh,
            "grad_samples": args.grad_samples, "grad_mode": args.grad_mode, "seed": args.seed, "device": args.device}
     ctl = {"kind": args.controller, "base_url": args.base_url, "model_name": args.model_name,
-           "api_key_env": args.api_key_env, "timeout_s": args.timeout, "retries": args.retries}
+           "api_key_env": args.api_key_env, "timeout_s": args.timeout, "retries": args.retries,
+           "max_tokens": args.max_tokens, "table_rows": args.table_rows, "history_chars": args.history_chars,
+           "max_layers_per_reply": args.max_layers_per_reply, "reasoning_chars": args.reasoning_chars}
     cal = {"sources": args.calib, "n_samples": args.n_samples, "seqlen": args.seqlen}
     for section, values in ((data, top), (data["controller"], ctl), (data["calibration"], cal)):
         section.update({k: v for k, v in values.items() if v is not None})

@@ -6,14 +6,43 @@ journal header so that ``--resume`` refuses a journal written under different se
 """
 from __future__ import annotations
 
+import logging
+import re
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse, urlunparse
 
 import yaml
-from pydantic import Field, field_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from ..schema import Strict, load_yaml_mapping, validate
+
+log = logging.getLogger(__name__)
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# prefixes of common API keys and tokens (OpenAI, Anthropic, Hugging Face, GitHub, Slack, Groq, AWS, JWT ...)
+_TOKEN_PREFIX = re.compile(r"(sk|pk|rk)[-_]|sk-ant|hf_[A-Za-z0-9]{8}|gh[pousr]_|github_pat_|xox[abprs]-|gsk_|"
+                           r"AKIA[0-9A-Z]{8}|eyJ|ya29\.|AIza")
+
+
+def looks_like_secret(value: str) -> bool:
+    """True when an --api-key-env value looks like a key rather than the NAME of an environment variable:
+    a known key prefix, characters no variable name has, or a long mixed-case-and-digits token."""
+    if _TOKEN_PREFIX.match(value) or not _ENV_NAME.fullmatch(value):
+        return True
+    mixed = any(c.islower() for c in value) and any(c.isupper() for c in value) and any(c.isdigit() for c in value)
+    return (len(value) >= 20 and mixed) or (len(value) >= 32 and "_" not in value)
+
+
+def split_userinfo(url: str) -> tuple[str, tuple[str, str] | None]:
+    """(url without user:password@, (user, password) or None)."""
+    parts = urlparse(url)
+    if parts.username is None and parts.password is None:
+        return url, None
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    return urlunparse(parts._replace(netloc=netloc)), (unquote(parts.username or ""), unquote(parts.password or ""))
 
 
 class ControllerConfig(Strict):
@@ -23,7 +52,7 @@ class ControllerConfig(Strict):
     base_url: str | None = None          # openai: e.g. http://127.0.0.1:8000/v1 (…/chat/completions is appended)
     model_name: str | None = None        # openai: served model name; hf: local folder or hub name
     api_key_env: str | None = "OPENAI_API_KEY"  # name of the env var holding the key (never the key itself)
-    timeout_s: float = Field(60.0, gt=0)
+    timeout_s: float = Field(60.0, gt=0)        # openai: wall-clock limit of one decision, every attempt included
     retries: int = Field(2, ge=0, le=10)        # extra attempts on transport errors (refused, timeout, 5xx, 429)
     retry_backoff_s: float = Field(1.0, ge=0)   # sleep backoff * 2**attempt between transport retries
     invalid_retries: int = Field(2, ge=0, le=10)  # re-asks after an invalid decision, then built-in fallback
@@ -32,15 +61,47 @@ class ControllerConfig(Strict):
     temperature: float = Field(0.0, ge=0, le=2)
     max_tokens: int = Field(4096, ge=16)
     table_rows: int | None = Field(None, ge=1)  # show only the first N rows of the profile (small contexts)
+    history_chars: int = Field(3000, ge=200)    # budget of the decision history in the prompt (newest in full)
+    max_layers_per_reply: int | None = Field(None, ge=1)  # schema maxItems + prompt hint (small models)
+    reasoning_chars: int | None = Field(None, ge=20)      # schema maxLength of reasoning (constrained decoders)
+    _base_url_auth: tuple[str, str] | None = PrivateAttr(None)  # userinfo of base_url: used, never saved
 
     @field_validator("base_url")
     @classmethod
     def _url(cls, v: str | None) -> str | None:
         if v is not None:
-            url = urlparse(v)
-            if url.scheme not in ("http", "https") or not url.hostname:
-                raise ValueError(f"base_url must be http(s)://HOST[:PORT][/PATH], got {v!r}")
+            try:
+                url = urlparse(v)
+                ok = url.scheme in ("http", "https") and bool(url.hostname)
+                url.port  # noqa: B018 - raises on a bad port
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ValueError(f"base_url must be http(s)://HOST[:PORT][/PATH], got {split_userinfo(v)[0]!r}"
+                                 if "@" not in v else "base_url must be http(s)://HOST[:PORT][/PATH]")
         return v
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _key_name(cls, v: str | None) -> str | None:
+        if v and looks_like_secret(v):  # never echo the value: it may be the key
+            raise ValueError("api_key_env must be the NAME of an environment variable holding the key (e.g. "
+                             "OPENAI_API_KEY), not the key itself; export the key and pass its variable name")
+        return v or None
+
+    @model_validator(mode="after")
+    def _strip_userinfo(self):
+        """user:password@ in base_url is kept in memory for this run only (HTTP basic auth), never in a dump."""
+        if self.base_url:
+            self.base_url, auth = split_userinfo(self.base_url)
+            if auth:
+                self._base_url_auth = auth
+                log.info("credentials in base_url are used as HTTP basic auth for this run and not saved")
+        return self
+
+    @property
+    def base_url_auth(self) -> tuple[str, str] | None:
+        return self._base_url_auth
 
 
 class PolicyConfig(Strict):
@@ -69,6 +130,7 @@ class AgentConfig(Strict):
     target_sparsity: float = Field(0.5, gt=0.0, lt=1.0)
     max_iterations: int = Field(30, ge=1)
     rollback_threshold: float = Field(0.15, gt=0)    # relative held-out ppl rise over the last accepted step
+    max_total_ppl_rise: float | None = Field(None, gt=0)  # also roll back above (1 + this) x the baseline ppl
     target_tolerance: float = Field(0.001, ge=0, lt=0.1)  # "reached" when global sparsity ≥ target - tol
     max_layer_sparsity: float = Field(0.9, gt=0, lt=1)    # never prune one linear beyond this
     controller: ControllerConfig = Field(default_factory=ControllerConfig)

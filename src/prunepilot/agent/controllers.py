@@ -1,50 +1,39 @@
 """Controllers: given an Observation, propose how much more to prune which layers.
 
 Every controller implements ``propose(obs, errors) -> str | dict`` (raw, untrusted output; `errors`
-lists why its previous answers this iteration were rejected). GuardedController validates it
-(validate.parse_decision), re-asks, and falls back to the built-in policy with a logged warning:
+lists why its previous answers this iteration were rejected; empty: a new decision) and may expose
+``last_usage`` (prompt_chars, prompt_tokens, completion_tokens of its last answer). GuardedController
+validates the output (validate.parse_decision), re-asks, and falls back to the built-in policy with a
+logged warning:
 
 - BuiltinPolicy    deterministic, no network (the default), a pure function of the observation.
-- OpenAIController any OpenAI-compatible /chat/completions endpoint, standard library only (urllib),
-                   structured output through response_format json_schema, timeouts and retries.
-- HFController     a local Hugging Face chat model: apply_chat_template + greedy generate, parse JSON.
+- OpenAIController any OpenAI-compatible /chat/completions endpoint through the official openai client:
+                   one wall-clock deadline per decision, structured output (response_format json_schema
+                   from the validator's pydantic model), secrets redacted (openai_controller.py).
+- HFController     a local Hugging Face chat model, JSON-schema-constrained decoding (hf_controller.py).
 
-Unreachable endpoint (after its retries): one warning, then the built-in policy for the rest of the
-run; with ``strict`` a PrunepilotError instead.
+Unreachable endpoint (after its retries): one warning, then the built-in policy for the rest of the run;
+with ``strict`` a PrunepilotError instead.
 """
 from __future__ import annotations
 
-import http.client
-import json
 import logging
 import math
-import os
 import re
-import socket
 import time
-import urllib.error
-import urllib.request
 
 from ..errors import PrunepilotError
 from ..stats import zscore_list
-from .config import AgentConfig, ControllerConfig, PolicyConfig
+from .config import AgentConfig, PolicyConfig
 from .decision import MAX_EXTRA, MIN_EXTRA, Decision, Observation
-from .prompts import build_messages, decision_schema
+from .hf_controller import HFController
+from .openai_controller import BadRequest, ControllerUnavailable, DeadlineExceeded, OpenAIController
 from .validate import DecisionError, parse_decision
 
 log = logging.getLogger(__name__)
 
-
-class ControllerUnavailable(RuntimeError):
-    """The controller cannot be reached or loaded at all (as opposed to answering badly)."""
-
-
-class BadRequest(DecisionError):
-    """The endpoint refused this request (HTTP 400/413/422: unsupported option, prompt too long ...):
-    a failed answer for this iteration, not a reason to stop asking."""
-
-
-MAX_RESPONSE_BYTES = 8 << 20  # a chat completion larger than this is not a decision
+__all__ = ["BadRequest", "BuiltinPolicy", "ControllerUnavailable", "DeadlineExceeded", "GuardedController",
+           "HFController", "OpenAIController", "layer_type", "make_controller"]
 
 
 # ------------------------------------------------------------------------------------------ builtin
@@ -157,143 +146,11 @@ class BuiltinPolicy:
                 "layer_decisions": [{"layer": r["layer"], "extra_sparsity": e} for r, e in zip(rows, extras)]}
 
 
-# ------------------------------------------------------------------------------------------- openai
-
-class OpenAIController:
-    """POST {base_url}/chat/completions with urllib; returns the message content (untrusted text).
-
-    Transport errors (refused, timeouts, 408/409/429/5xx, cut responses) are retried with backoff; 401/403/
-    404 mean the endpoint is unusable (ControllerUnavailable); 400/413/422 fail this answer only. An endpoint
-    that rejects response_format json_schema is asked again without it, and not sent it again. timeout_s
-    bounds each whole request (connect + reading the body), and bodies are capped at MAX_RESPONSE_BYTES.
-    """
-    name = "openai"
-
-    def __init__(self, cfg: ControllerConfig):
-        if not cfg.base_url:
-            raise PrunepilotError("controller openai needs a base URL (--base-url http://HOST:PORT/v1)")
-        if not cfg.model_name:
-            raise PrunepilotError("controller openai needs a model name (--model-name)")
-        self.cfg = cfg
-        self.use_schema = cfg.json_schema
-        self.url = cfg.base_url.rstrip("/") + "/chat/completions"
-        self.api_key = None
-        if cfg.api_key_env:
-            self.api_key = os.environ.get(cfg.api_key_env)
-            if not self.api_key:
-                log.info("env var %s is not set: calling %s without an API key", cfg.api_key_env, self.url)
-
-    def propose(self, obs: Observation, errors: list[str] | None = None) -> str:
-        body = {"model": self.cfg.model_name, "messages": build_messages(obs, errors, self.cfg.table_rows),
-                "temperature": self.cfg.temperature, "max_tokens": self.cfg.max_tokens}
-        if self.use_schema:
-            body["response_format"] = {"type": "json_schema", "json_schema": {
-                "name": "pruning_decision", "strict": True, "schema": decision_schema(obs.layer_names)}}
-        try:
-            raw = self._post(body)
-        except BadRequest as e:
-            if "response_format" not in body:
-                raise
-            log.info("%s refused the request with response_format json_schema (%s); asking without it from now on",
-                     self.url, e)
-            self.use_schema = False
-            del body["response_format"]
-            raw = self._post(body)
-        try:
-            envelope = json.loads(raw)
-            content = envelope["choices"][0]["message"]["content"]
-        except (json.JSONDecodeError, KeyError, IndexError, TypeError):
-            raise DecisionError(f"malformed chat completion response: {raw[:200]!r}") from None
-        if not isinstance(content, str):
-            raise DecisionError("chat completion content is not a string")
-        return content
-
-    def _post(self, body: dict) -> str:
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        data = json.dumps(body).encode()
-        attempts, reason = self.cfg.retries + 1, ""
-        for attempt in range(attempts):
-            if attempt:
-                time.sleep(self.cfg.retry_backoff_s * 2 ** (attempt - 1))
-            req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
-            deadline = time.monotonic() + self.cfg.timeout_s
-            try:
-                with urllib.request.urlopen(req, timeout=self.cfg.timeout_s) as resp:
-                    return self._read(resp, deadline)
-            except urllib.error.HTTPError as e:
-                detail = e.read()[:200].decode("utf-8", errors="replace") if e.fp else ""
-                reason = f"HTTP {e.code} {e.reason} {detail}".strip()
-                if e.code in (400, 413, 422):
-                    raise BadRequest(f"{self.url}: {reason}") from None
-                if e.code not in (408, 409, 429) and e.code < 500:  # auth, not found ...: retrying won't help
-                    raise ControllerUnavailable(f"{self.url}: {reason}") from None
-            except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError, OSError,
-                    http.client.HTTPException) as e:
-                reason = str(getattr(e, "reason", e)) or type(e).__name__
-            log.debug("controller request %d/%d to %s failed: %s", attempt + 1, attempts, self.url, reason)
-        raise ControllerUnavailable(f"{self.url} unreachable after {attempts} attempt(s): {reason}")
-
-    def _read(self, resp, deadline: float) -> str:
-        """The response body, read in chunks against the request's deadline and the size cap."""
-        chunks, size = [], 0
-        while True:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"response not complete within {self.cfg.timeout_s:g}s")
-            chunk = resp.read(1 << 16)
-            if not chunk:
-                return b"".join(chunks).decode("utf-8", errors="replace")
-            size += len(chunk)
-            if size > MAX_RESPONSE_BYTES:
-                raise DecisionError(f"response larger than {MAX_RESPONSE_BYTES} bytes")
-            chunks.append(chunk)
-
-
-# ----------------------------------------------------------------------------------------------- hf
-
-class HFController:
-    """A local chat model: apply_chat_template + greedy generate; returns the generated text."""
-    name = "hf"
-
-    def __init__(self, cfg: ControllerConfig, device: str = "cpu", model=None, tokenizer=None):
-        if model is None and not cfg.model_name:
-            raise PrunepilotError("controller hf needs a model (--model-name PATH_OR_HUB_NAME)")
-        self.cfg, self.device = cfg, device
-        self.model, self.tokenizer = model, tokenizer
-
-    def _load(self):
-        if self.model is not None:
-            return
-        from ..modeling import load_model_and_tokenizer
-
-        try:
-            self.model, self.tokenizer = load_model_and_tokenizer(self.cfg.model_name, device=self.device)
-        except Exception as e:  # missing folder, no network for a hub name ...
-            raise ControllerUnavailable(f"cannot load chat model {self.cfg.model_name}: {str(e).splitlines()[0]}") from None
-
-    def propose(self, obs: Observation, errors: list[str] | None = None) -> str:
-        import torch
-
-        self._load()
-        tok = self.tokenizer
-        if not getattr(tok, "chat_template", None):
-            raise ControllerUnavailable(f"tokenizer of {self.cfg.model_name} has no chat template")
-        enc = tok.apply_chat_template(build_messages(obs, errors, self.cfg.table_rows), add_generation_prompt=True,
-                                      return_tensors="pt", return_dict=True)
-        enc = {k: v.to(self.device) for k, v in enc.items()}
-        kwargs = {"max_new_tokens": self.cfg.max_tokens, "do_sample": self.cfg.temperature > 0}
-        if self.cfg.temperature > 0:
-            kwargs["temperature"] = self.cfg.temperature
-        with torch.no_grad():
-            out = self.model.generate(**enc, **kwargs, pad_token_id=getattr(tok, "pad_token_id", None))
-        return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-
-
 # ------------------------------------------------------------------------------------------- guard
 
 class GuardedController:
-    """Validate, re-ask on invalid output, fall back to the built-in policy; never raises unless strict."""
+    """Validate, re-ask on invalid output, fall back to the built-in policy; never raises unless strict.
+    Every Decision it returns carries `stats`: controller_s, replies, prompt_chars, prompt/completion tokens."""
 
     def __init__(self, primary, fallback: BuiltinPolicy, invalid_retries: int = 2, strict: bool = False):
         self.primary, self.fallback = primary, fallback
@@ -307,25 +164,41 @@ class GuardedController:
         return d
 
     def decide(self, obs: Observation) -> Decision:
+        t0, stats = time.perf_counter(), {"replies": 0, "prompt_chars": 0}
         if isinstance(self.primary, BuiltinPolicy):
-            return parse_decision(self.primary.propose(obs), obs.layer_names, source="builtin")
-        if self.disabled:
-            return self._fallback(obs, self.disabled)
+            d = parse_decision(self.primary.propose(obs), obs.layer_names, source="builtin")
+        elif self.disabled:
+            d = self._fallback(obs, self.disabled)
+        else:
+            d = self._ask(obs, stats)
+        d.stats = {**stats, "controller_s": round(time.perf_counter() - t0, 3)}
+        return d
+
+    def _count(self, stats: dict) -> None:
+        """Add the primary's usage of its last answer to this decision's stats."""
+        stats["replies"] += 1
+        usage = getattr(self.primary, "last_usage", None) or {}
+        for key, value in usage.items():
+            if isinstance(value, int):
+                stats[key] = stats.get(key, 0) + value
+
+    def _ask(self, obs: Observation, stats: dict) -> Decision:
         errors: list[str] = []
         for attempt in range(self.invalid_retries + 1):
             try:
-                raw = self.primary.propose(obs, errors)
+                if hasattr(self.primary, "last_usage"):
+                    self.primary.last_usage = {}
+                try:
+                    raw = self.primary.propose(obs, errors)
+                finally:
+                    self._count(stats)
                 return parse_decision(raw, obs.layer_names, source=self.name)
             except ControllerUnavailable as e:
-                msg = f"agent controller '{self.name}' unavailable: {e}"
-                if self.strict:
-                    raise PrunepilotError(msg) from None
-                log.warning("%s; using the built-in policy for the rest of this run "
-                            "(--strict-controller makes this an error)", msg)
-                self.disabled = msg
-                return self._fallback(obs, msg)
+                return self._unavailable(obs, e)
             except DecisionError as e:
                 errors.append(str(e))
+                if isinstance(e, DeadlineExceeded):
+                    break
             except Exception as e:  # a buggy controller must not take the run down
                 errors.append(f"controller raised {type(e).__name__}: {e}")
             log.info("controller '%s' answer %d rejected: %s", self.name, attempt + 1, errors[-1])
@@ -334,6 +207,15 @@ class GuardedController:
         if self.strict:
             raise PrunepilotError(msg)
         log.warning("%s; using the built-in policy for this iteration", msg)
+        return self._fallback(obs, msg)
+
+    def _unavailable(self, obs: Observation, e: ControllerUnavailable) -> Decision:
+        msg = f"agent controller '{self.name}' unavailable: {e}"
+        if self.strict:
+            raise PrunepilotError(msg) from None
+        log.warning("%s; using the built-in policy for the rest of this run "
+                    "(--strict-controller makes this an error)", msg)
+        self.disabled = msg
         return self._fallback(obs, msg)
 
 

@@ -19,6 +19,8 @@ class Feedback:
     reasoning: str = ""
     source: str = ""          # controller that produced the decision (builtin, openai, builtin-fallback ...)
     n_layers: int = 0
+    applied: dict[str, float] = field(default_factory=dict)  # extra sparsity applied per layer
+    rollback_reason: str = ""  # "step" (rise over the last accepted step) | "total" (over the baseline cap)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -37,6 +39,7 @@ class Observation:
     last: Feedback | None = None
     history: list[Feedback] = field(default_factory=list)
     max_layer_sparsity: float = 1.0  # no layer is pruned beyond this
+    max_total_ppl_rise: float | None = None  # a step is also rolled back above (1 + this) x baseline_ppl
 
     @property
     def layer_names(self) -> list[str]:
@@ -56,6 +59,9 @@ class Decision:
     layer_decisions: list[LayerDecision]
     source: str = ""
     warnings: list[str] = field(default_factory=list)
+    # how the decision was obtained: controller_s (wall time), replies (answers asked of the controller),
+    # prompt_chars, prompt_tokens / completion_tokens (when the server reports usage)
+    stats: dict = field(default_factory=dict)
 
     def extras(self) -> dict[str, float]:
         return {d.layer: d.extra_sparsity for d in self.layer_decisions}

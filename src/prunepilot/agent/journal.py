@@ -57,6 +57,12 @@ class IterationRecord:
     grad: dict[str, float] | None = None   # gradients refreshed after this step
     mask_hash: str = ""              # fingerprint.mask_fingerprint after the step (after a rollback: restored)
     seconds: float = 0.0
+    controller_s: float = 0.0        # wall time of the decision (every answer asked, the fallback included)
+    replies: int = 0                 # answers asked of the controller (0: the built-in policy decided directly)
+    prompt_chars: int = 0            # characters of the prompts sent (all replies)
+    prompt_tokens: int | None = None       # as reported by the server (all replies), None when not reported
+    completion_tokens: int | None = None
+    rollback_reason: str = ""        # step | total (max_total_ppl_rise), when rolled back
 
     @property
     def rolled_back(self) -> bool:
@@ -64,12 +70,14 @@ class IterationRecord:
 
     def feedback(self) -> Feedback:
         return Feedback(self.iteration, self.gain, self.ppl_before, self.ppl_after, self.ppl_change, self.label,
-                        self.accepted, self.decision.get("reasoning", ""), self.source, len(self.applied))
+                        self.accepted, self.decision.get("reasoning", ""), self.source, len(self.applied),
+                        dict(self.applied), self.rollback_reason)
 
 
 def _to_line(record, kind: str) -> dict:
     d = {"type": kind, **asdict(record)}
-    for key, unset in (("stopped", False), ("grad", None)):  # optional fields appear only when they say something
+    for key, unset in (("stopped", False), ("grad", None), ("prompt_tokens", None), ("completion_tokens", None),
+                       ("rollback_reason", "")):  # optional fields appear only when they say something
         if key in d and d[key] == unset:
             del d[key]
     return d

@@ -95,8 +95,13 @@ def _accepted(change: float, threshold: float) -> bool:
     return math.isfinite(change) and change <= threshold  # a NaN / inf perplexity is never accepted
 
 
-def _label(change: float, threshold: float, gain: float) -> str:
-    if not _accepted(change, threshold):
+def _within_total(ppl: float, baseline: float, cap: float | None) -> bool:
+    """The optional cap on the total degradation: ppl at most (1 + cap) x the dense baseline."""
+    return cap is None or (math.isfinite(ppl) and ppl <= (1 + cap) * baseline)
+
+
+def _label(change: float, threshold: float, gain: float, within_total: bool = True) -> str:
+    if not _accepted(change, threshold) or not within_total:
         return "poor-rolled-back"
     if gain <= 0:
         return "no-op"
@@ -112,6 +117,7 @@ class AgentRun:
         self.model, self.tokenizer, self.cfg, self.out_dir = model, tokenizer, cfg, out_dir
         self.device = resolve_device(cfg.device)
         self.adapter = ModelAdapter(model, cfg.include, cfg.ignore)
+        self.coverage = self.adapter.coverage()  # a block weight no method handles stops here, unless excluded
         self.linears = self.adapter.all_linears()
         if not self.linears:
             raise PrunepilotError("no linear layer matches the include/ignore patterns")
@@ -219,7 +225,7 @@ class AgentRun:
                            sum(zeros.values()) / sum(numel.values()),
                            Profile(self.names, numel, zeros, self.s, self.grad).rows(), self.ppl_acc,
                            self.header.baseline_ppl, cfg.rollback_threshold, history[-1] if history else None,
-                           history, cfg.max_layer_sparsity)
+                           history, cfg.max_layer_sparsity, cfg.max_total_ppl_rise)
 
     def iterate(self) -> IterationRecord:
         """Ask the controller, try its step, keep it or roll it back; the record of what happened."""
@@ -227,8 +233,12 @@ class AgentRun:
         numel, zeros = zero_counts(self.adapter)
         obs = self.observe(numel, zeros)
         decision = self.guard.decide(obs)
+        st = decision.stats
         base = dict(iteration=obs.iteration, source=decision.source, decision=decision.to_dict(),
-                    warnings=decision.warnings, sparsity_before=obs.current_sparsity, ppl_before=self.ppl_acc)
+                    warnings=decision.warnings, sparsity_before=obs.current_sparsity, ppl_before=self.ppl_acc,
+                    controller_s=st.get("controller_s", 0.0), replies=st.get("replies", 0),
+                    prompt_chars=st.get("prompt_chars", 0), prompt_tokens=st.get("prompt_tokens"),
+                    completion_tokens=st.get("completion_tokens"))
         if decision.stop_pruning:
             rec = IterationRecord(**base, accepted=False, applied={}, scale=1.0, gain=0.0, ppl_after=self.ppl_acc,
                                   ppl_change=0.0, label="stop", sparsity_after=obs.current_sparsity,
@@ -251,7 +261,9 @@ class AgentRun:
         ppl = self.held_ppl()
         zeros_try = sum(zero_counts(self.adapter)[1].values())
         gain, change = zeros_try / total - current, ppl / self.ppl_acc - 1
-        ok = _accepted(change, self.cfg.rollback_threshold)
+        step_ok = _accepted(change, self.cfg.rollback_threshold)
+        total_ok = _within_total(ppl, self.header.baseline_ppl, self.cfg.max_total_ppl_rise)
+        ok = step_ok and total_ok
         if ok:
             self.s, self.ppl_acc = new_s, ppl
             self.since_grad += 1
@@ -260,9 +272,10 @@ class AgentRun:
                 for n, w in checkpoint.items():
                     weight_2d(self.linears[n]).copy_(w)
         rec = IterationRecord(**base, accepted=ok, applied=applied, scale=scale, gain=gain, ppl_after=ppl,
-                              ppl_change=change, label=_label(change, self.cfg.rollback_threshold, gain),
+                              ppl_change=change, label=_label(change, self.cfg.rollback_threshold, gain, total_ok),
                               sparsity_after=(zeros_try if ok else before) / total,
-                              zeros_after=zeros_try if ok else before)
+                              zeros_after=zeros_try if ok else before,
+                              rollback_reason="" if ok else ("step" if not step_ok else "total"))
         cfg = self.cfg
         if ok and cfg.grad_refresh_every and self.since_grad >= cfg.grad_refresh_every and cfg.grad_samples:
             self.grad = rec.grad = self.gradients()
@@ -283,8 +296,8 @@ class AgentRun:
             rec = self.iterate()
             self.journal.append(rec)
             self.records.append(rec)
-            log.info("iter %d [%s] %d layers: sparsity %.4f -> %.4f, ppl %.3f -> %.3f (%+.1f%%) %s",
-                     rec.iteration, rec.source, len(rec.applied), rec.sparsity_before,
+            log.info("iter %d [%s, %.1fs] %d layers: sparsity %.4f -> %.4f, ppl %.3f -> %.3f (%+.1f%%) %s",
+                     rec.iteration, rec.source, rec.controller_s, len(rec.applied), rec.sparsity_before,
                      rec.sparsity_before + rec.gain, rec.ppl_before, rec.ppl_after, 100 * rec.ppl_change, rec.label)
             bar.update(1)
         bar.close()
@@ -293,6 +306,7 @@ class AgentRun:
     def finish(self, stop_reason: str, t_start: float) -> AgentResult:
         numel, zeros = zero_counts(self.adapter)
         report = build_report(self.cfg, self.header, self.records, numel, zeros, stop_reason, time.time() - t_start)
+        report["coverage"] = self.coverage.to_dict()
         write_report(report, self.out_dir)
         if self.cfg.save_model:
             save_model(self.model, self.tokenizer, self.out_dir / "model")

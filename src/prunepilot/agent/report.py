@@ -24,8 +24,24 @@ def _trajectory(header: JournalHeader, records: list[IterationRecord], start: fl
                            "ppl_change": r.ppl_change, "accepted": r.accepted,
                            "rolled_back": r.rolled_back, "label": r.label,
                            "source": r.source, "layers_touched": len(r.applied),
-                           "scale": r.scale, "seconds": r.seconds})
+                           "scale": r.scale, "seconds": r.seconds, "controller_s": r.controller_s,
+                           "replies": r.replies, "prompt_chars": r.prompt_chars, "prompt_tokens": r.prompt_tokens,
+                           "completion_tokens": r.completion_tokens, "rollback_reason": r.rollback_reason})
     return trajectory
+
+
+def controller_summary(records: list[IterationRecord]) -> dict:
+    """How the controller did: answers asked, valid ones (each decision it made is one valid answer), fallbacks,
+    time and prompt size in all."""
+    asked = sum(r.replies for r in records)
+    valid = sum(r.replies > 0 and not r.source.endswith("fallback") for r in records)
+    tokens = [r.prompt_tokens for r in records if r.prompt_tokens is not None]
+    return {"replies": asked, "valid_replies": valid, "invalid_replies": asked - valid,
+            "valid_rate": round(valid / asked, 4) if asked else None,
+            "fallbacks": sum(r.source.endswith("fallback") for r in records),
+            "controller_s": round(sum(r.controller_s for r in records), 2),
+            "prompt_chars": sum(r.prompt_chars for r in records),
+            "prompt_tokens": sum(tokens) if tokens else None}
 
 
 def build_report(cfg: AgentConfig, header: JournalHeader, records: list[IterationRecord], numel: dict[str, int],
@@ -44,6 +60,7 @@ def build_report(cfg: AgentConfig, header: JournalHeader, records: list[Iteratio
         "accepted": len(accepted),
         "rollbacks": sum(r.rolled_back for r in records),
         "fallbacks": sum(r.source == "builtin-fallback" for r in records),
+        "controller_stats": controller_summary(records),
         "baseline_ppl": header.baseline_ppl,
         "final_ppl": accepted[-1].ppl_after if accepted else header.baseline_ppl,
         "held_out_tokens": header.held_out_tokens,
