@@ -4,12 +4,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 
 from .agent.cli import add_agent_parser
 from .errors import PrunepilotError
+from .export.cli import add_export_parser, run_export
 
 log = logging.getLogger("prunepilot")
 
@@ -35,6 +37,12 @@ def _add_prune_parser(sub) -> None:
     p.add_argument("--channel-multiple", type=int,
                    help="structured: keep every MLP width a multiple of this (64 or 128 lets GPU matmul kernels "
                         "run at full speed; default 1)")
+    p.add_argument("--remove-experts", type=float, metavar="FRACTION",
+                   help="structured, MoE models: remove this fraction of each layer's experts first, those the router "
+                        "sends the fewest calibration tokens (default 0)")
+    p.add_argument("--domain-stats", choices=["fused", "pooled"],
+                   help="structured, several --calib domains: per-domain channel statistics fused by the source "
+                        "weights (flap_iterative's default) or one pooled mean/variance (flap, wanda_sp)")
     p.add_argument("--calib", action="append", metavar="SPEC",
                    help="calibration source, repeatable: preset (wiki, web, code, math), file, folder or "
                         "hf:NAME[,CONFIG][@SPLIT]; optional DOMAIN= prefix, #START:END range, :WEIGHT suffix")
@@ -60,6 +68,9 @@ def _add_eval_parser(sub) -> None:
     p.add_argument("--harness-tasks", help="comma-separated lm-evaluation-harness tasks run on the loaded model "
                                            "(needs `pip install lm-eval` and the harness's data)")
     p.add_argument("--num-fewshot", type=int, help="shots for --harness-tasks (default: each task's own)")
+    p.add_argument("--harness-include", metavar="DIR",
+                   help="folder of lm-eval task YAMLs (e.g. over local jsonl files) registered with lm-eval's "
+                        "TaskManager, so --harness-tasks can name them and run offline")
     p.add_argument("--data-dir", help="folder laid out like ../shared/data (default: that folder)")
     p.add_argument("--limit", type=int, help="first N items of each task (quick runs)")
     p.add_argument("--batch-size", type=int, default=8, help="requests per forward pass for --tasks / --harness-tasks "
@@ -75,6 +86,9 @@ def _add_eval_parser(sub) -> None:
     p.add_argument("--max-windows", type=int, help="perplexity: score only the first N windows")
     p.add_argument("--speed", action="store_true",
                    help="also measure prefill / decode tokens per second (batch 1, 128-token prompt, 32 new tokens)")
+    p.add_argument("--semi-structured", action="store_true",
+                   help="with --speed: convert 2:4-pruned linears to torch's semi-structured sparse format first "
+                        "(CUDA GPU, float16/bfloat16 only)")
     p.add_argument("--label", help="name of this model in comparison reports")
     p.add_argument("--out", help="write results JSON here")
 
@@ -91,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("results", nargs="+", help="result JSON files (from `prunepilot eval --out`)")
     p.add_argument("--out", required=True, help="output folder")
     add_agent_parser(sub)
+    add_export_parser(sub)
     return parser
 
 
@@ -106,7 +121,8 @@ def _recipe_from_args(args):
         (): {"method": args.method, "sparsity": args.sparsity, "pattern": args.pattern, "device": args.device,
              "dtype": args.dtype},
         ("allocation",): {"kind": args.allocation},
-        ("structured",): {"ratios": args.ratios, "steps": args.steps, "channel_multiple": args.channel_multiple},
+        ("structured",): {"ratios": args.ratios, "steps": args.steps, "channel_multiple": args.channel_multiple,
+                          "remove_experts": args.remove_experts, "domain_stats": args.domain_stats},
         ("calibration",): {"sources": args.calib, "n_samples": args.n_samples, "seqlen": args.seqlen,
                            "seed": args.seed},
         ("evaluation",): {"datasets": ([] if args.eval == ["none"] else args.eval),
@@ -132,6 +148,7 @@ def _ppl_all(model, tokenizer, datasets, seqlen, max_windows, batch_size=1) -> d
 
 
 def cmd_prune(args) -> int:
+    from . import distributed
     from .api import prune
     from .engine import resolve_device
     from .modeling import context_length, load_model_and_tokenizer
@@ -143,7 +160,7 @@ def cmd_prune(args) -> int:
     out = Path(args.out)
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise PrunepilotError(f"output folder {out} is not empty; pass --overwrite to replace it")
-    device = resolve_device(recipe.device)
+    device = resolve_device(distributed.local_device(recipe.device))  # torchrun + CUDA: this rank's GPU
     t0 = time.time()
     model, tokenizer = load_model_and_tokenizer(args.model, recipe.dtype, str(device), args.gguf_file)
     load_s = time.time() - t0
@@ -160,6 +177,9 @@ def cmd_prune(args) -> int:
               "parameters_after": sum(p.numel() for p in model.parameters()),
               "perplexity_before": before, "perplexity_after": after}
     result["timings"]["load_s"] = load_s
+    result["distributed"] = distributed.summary(report.calibration.get("n_samples", 0))
+    if not distributed.is_main():  # every rank holds the same pruned model; rank 0 writes it
+        return 0
     save_result(model, tokenizer, out, recipe, result, overwrite=args.overwrite, save_model=not args.no_save_model)
     for d in ev.datasets:
         b = f"{before[d]['ppl']:.3f} -> " if d in before else ""
@@ -168,6 +188,25 @@ def cmd_prune(args) -> int:
     print(json.dumps({"out": str(out), "global_sparsity": round(report.global_sparsity, 4),
                       "perplexity_after": {d: round(v["ppl"], 3) for d, v in after.items()}}))
     return 0
+
+
+def _eval_preflight(args, device, dtype: str) -> None:
+    """Checks of cmd_eval that need no model: lm-eval importable, --harness-include a folder of task YAMLs,
+    --semi-structured only with --speed on a CUDA device in float16/bfloat16."""
+    if args.harness_tasks or args.harness_include:
+        from .eval.lm_eval_adapter import check_harness_args
+
+        check_harness_args(args.harness_tasks, args.harness_include)
+    if args.semi_structured:
+        from .eval.semi_structured import check_semi_structured_args
+
+        check_semi_structured_args(args.speed, device, dtype)
+
+
+def _check_window_args(args) -> None:
+    for flag, value, least in (("--seqlen", args.seqlen, 2), ("--max-windows", args.max_windows, 1)):
+        if value is not None and value < least:  # 0 would otherwise read as "unset"
+            raise PrunepilotError(f"{flag} must be >= {least}, got {value}")
 
 
 def cmd_eval(args) -> int:
@@ -179,6 +218,7 @@ def cmd_eval(args) -> int:
     if not (args.ppl or args.tasks or args.harness_tasks or args.speed):
         raise PrunepilotError("nothing to evaluate: give --ppl DATASET, --tasks TASKS, --harness-tasks TASKS "
                               "and/or --speed")
+    _check_window_args(args)
     if args.checkpoint and not args.tasks:
         raise PrunepilotError("--checkpoint applies to --tasks; give --tasks TASKS")
     if args.checkpoint and Path(args.checkpoint).is_dir():
@@ -189,12 +229,9 @@ def cmd_eval(args) -> int:
         from .eval.suite import resolve_tasks
 
         resolve_tasks(tasks, data_dir)  # a typo or a missing file fails before loading the model
-    if args.harness_tasks:
-        from .eval.lm_eval_adapter import require_lm_eval
-
-        require_lm_eval()  # fail before loading the model
     device = resolve_device(args.device)
     dtype = args.dtype or "float32"
+    _eval_preflight(args, device, dtype)  # lm-eval, --harness-include, --semi-structured: before loading the model
     model, tokenizer = load_model_and_tokenizer(args.model, dtype, str(device), args.gguf_file)
     from .report import environment
 
@@ -219,11 +256,15 @@ def cmd_eval(args) -> int:
 
         harness = [t.strip() for t in args.harness_tasks.split(",") if t.strip()]
         result["results"].update(run_lm_eval(model, tokenizer, harness, limit=args.limit, batch_size=args.batch_size,
-                                             num_fewshot=args.num_fewshot, device=device))
+                                             num_fewshot=args.num_fewshot, device=device,
+                                             include_path=args.harness_include))
         save()
     if args.speed:
+        from .eval.semi_structured import to_semi_structured
         from .eval.speed import measure_speed
 
+        if args.semi_structured:  # 2:4 linears as torch semi-structured sparse tensors (CUDA, fp16/bf16: checked)
+            result["semi_structured"] = to_semi_structured(model)
         result["speed"] = measure_speed(model)
         save()
     print(json.dumps(result, indent=2, default=str))
@@ -249,7 +290,22 @@ def cmd_report(args) -> int:
     return 0
 
 
-COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "methods": cmd_methods, "report": cmd_report}
+COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "methods": cmd_methods, "report": cmd_report, "export": run_export}
+
+
+def _join_torchrun(args) -> None:
+    """Under torchrun (WORLD_SIZE > 1) `prune` splits its calibration samples over the processes (distributed.py);
+    the other commands run in one process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    if args.command != "prune":
+        raise PrunepilotError(f"`prunepilot {args.command}` does not run under torchrun; run it as one process "
+                              "(only `prune` splits calibration over processes)")
+    import torch
+
+    from . import distributed
+
+    distributed.init_from_env("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -260,13 +316,15 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
+        _join_torchrun(args)
         if args.command == "agent":
             from .agent.cli import run_agent_command
 
             return run_agent_command(args)
         return COMMANDS[args.command](args)
     except PrunepilotError as e:
-        print(f"prunepilot: error: {e}", file=sys.stderr)
+        rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+        print(f"prunepilot: error: {f'[rank {rank}] ' if rank else ''}{e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("prunepilot: interrupted", file=sys.stderr)

@@ -1,6 +1,7 @@
 """Saving a pruning result: model + tokenizer + recipe.yaml + report.json + a per-layer sparsity plot."""
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -48,6 +49,41 @@ def plot_layer_sparsity(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+SPARSITY_FORMAT = "prunepilot-sparsity/1"
+SPARSITY_STORAGE = ("dense: pruned weights are stored as explicit zeros; runtimes multiply them like any other "
+                    "weight (no size or speed change until a sparse kernel or a quantized export uses them)")
+
+
+def sparsity_config(report: dict) -> dict | None:
+    """The config.json entry describing an unstructured / N:M result (None for structured ones, which are
+    physically smaller instead): method, pattern, global and per-linear sparsity, how the zeros are stored."""
+    pattern = report.get("pattern")
+    if pattern in (None, "structured") or not report.get("layers"):
+        return None
+    return {"format": SPARSITY_FORMAT, "method": report.get("method"), "pattern": pattern,
+            "target_sparsity": report.get("target_sparsity"),
+            "global_sparsity": round(float(report.get("global_sparsity", 0.0)), 6),
+            "layers": {name: round(float(v["sparsity"]), 6) for name, v in report["layers"].items()},
+            "storage": SPARSITY_STORAGE}
+
+
+def record_sparsity(model_dir: Path, report: dict) -> None:
+    """Add {"prunepilot": {"sparsity_config": ...}} to model_dir/config.json (transformers keeps unknown keys as
+    config attributes, so plain from_pretrained still loads the folder)."""
+    entry = sparsity_config(report)
+    cfg_file = model_dir / "config.json"
+    if not cfg_file.is_file():
+        return
+    cfg = json.loads(cfg_file.read_text())
+    if entry is None:  # structured: drop a stale entry inherited from an earlier unstructured run's config
+        if not cfg.get("prunepilot", {}).pop("sparsity_config", None):
+            return
+        cfg = {k: v for k, v in cfg.items() if k != "prunepilot" or v}
+    else:
+        cfg.setdefault("prunepilot", {})["sparsity_config"] = entry
+    cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
 def save_result(model, tokenizer, out_dir: str | Path, recipe, report: dict, overwrite: bool = False,
                 save_model: bool = True) -> Path:
     """Write everything into out_dir atomically (temp folder, then one rename)."""
@@ -55,6 +91,7 @@ def save_result(model, tokenizer, out_dir: str | Path, recipe, report: dict, ove
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         if save_model:  # an ordinary checkpoint, or a resized one with its widths (structured pruning)
             save_pruned(model, tokenizer, tmp / "model")
+            record_sparsity(tmp / "model", report)  # unstructured / N:M: what is pruned, in config.json
         (tmp / "recipe.yaml").write_text(recipe.to_yaml())
         atomic_write_json(tmp / "report.json", report)
         if report.get("layers"):

@@ -37,6 +37,7 @@ from ..errors import PrunepilotError
 from ..eval.perplexity import perplexity_sequential
 from ..fingerprint import mask_fingerprint, model_fingerprint
 from ..io import atomic_write_text
+from ..job import check_within_context
 from .config import AgentConfig
 from .controllers import make_controller
 from .decision import Observation
@@ -145,6 +146,8 @@ class AgentRun:
         if self.tokenizer is None:
             raise PrunepilotError("the agent needs a tokenizer (or calibration/held-out token ids)")
         c, cfg = self.cfg.calibration, self.cfg
+        check_within_context(self.model, c.seqlen, "calibration seqlen")
+        check_within_context(self.model, cfg.eval_seqlen, "held-out perplexity window (eval_seqlen)")
         cal = calibration_split(self.tokenizer, c.sources, c.n_samples, c.seqlen, cfg.seed,
                                 held_out_windows=max(1, cfg.eval_tokens // cfg.eval_seqlen),
                                 held_out_seqlen=cfg.eval_seqlen)
