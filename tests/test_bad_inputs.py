@@ -68,3 +68,12 @@ def test_calibration_longer_than_the_models_context_is_an_error(capsys, tmp_path
                                    "tinystories", "--eval", "none", "--out", str(tmp_path / "out")])
     assert "calibration seqlen 4096 exceeds the model's context of 512" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_agent_target_above_the_per_layer_cap_and_resume_without_a_run(tmp_path, capsys):
+    stories = str(shared_path("models", "stories260K"))
+    line = one_error_line(capsys, ["agent", stories, "--out", str(tmp_path / "a"), "--target", "0.99"])
+    assert line == ("prunepilot: error: invalid agent config: target_sparsity 0.99 is unreachable: no layer is pruned "
+                    "beyond max_layer_sparsity 0.9 (raise it, or lower the target)")
+    line = one_error_line(capsys, ["agent", stories, "--out", str(tmp_path / "b"), "--resume"])
+    assert "nothing to resume" in line and not (tmp_path / "b").exists()

@@ -22,9 +22,10 @@ def validate(cls: type[M], data: dict | None, what: str) -> M:
         return cls.model_validate(data or {})
     except ValidationError as e:
         first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or what
+        where = ".".join(str(p) for p in first["loc"])
+        msg = first["msg"].removeprefix("Value error, ")  # a model-level check: its own sentence
         more = f" ({len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
-        raise PrunepilotError(f"invalid {what}: {where}: {first['msg']}{more}") from None
+        raise PrunepilotError(f"invalid {what}: {where + ': ' if where else ''}{msg}{more}") from None
 
 
 def load_yaml_mapping(path: str | Path, what: str) -> dict | None:

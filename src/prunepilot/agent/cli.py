@@ -106,6 +106,9 @@ def run_agent_command(args) -> int:
         raise PrunepilotError(f"output path {out} exists and is not a folder")
     if (out / "journal.jsonl").exists() and not args.resume:
         raise PrunepilotError(f"{out / 'journal.jsonl'} exists: pass --resume to continue it or choose another --out")
+    if args.resume and not (out / "journal.jsonl").exists():
+        raise PrunepilotError(f"nothing to resume: {out / 'journal.jsonl'} does not exist (drop --resume to start a "
+                              "new run there)")
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, "cpu", args.gguf_file)
     before = {}
     if args.ppl:

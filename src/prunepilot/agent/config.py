@@ -148,6 +148,14 @@ class AgentConfig(Strict):
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
     save_model: bool = True
 
+    @model_validator(mode="after")
+    def _reachable(self):
+        """No linear is pruned beyond max_layer_sparsity, so a global target above it can never be reached."""
+        if self.target_sparsity > self.max_layer_sparsity:
+            raise ValueError(f"target_sparsity {self.target_sparsity:g} is unreachable: no layer is pruned beyond "
+                             f"max_layer_sparsity {self.max_layer_sparsity:g} (raise it, or lower the target)")
+        return self
+
     def replay_key(self) -> dict:
         """Settings a journal replay depends on (must match on --resume)."""
         return {"calibration": self.calibration.model_dump(mode="json"), "seed": self.seed,
