@@ -9,7 +9,7 @@ A damaged line (bad JSON in the middle, a missing or wrongly typed field) is an 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pydantic import TypeAdapter, ValidationError

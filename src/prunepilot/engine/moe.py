@@ -18,7 +18,6 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..errors import PrunepilotError
 
 MATRICES = ("gate_up_proj", "down_proj")
 

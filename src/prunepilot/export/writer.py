@@ -9,24 +9,16 @@ Hyperparameters and tensors: export/arch.py and export/tensors.py; tokenizer: ex
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 from ..errors import PrunepilotError
+from ..io import atomic_file
 from .arch import ExportPlan, check_saved_config, plan_export, write_hparams
 from .tensors import FILE_TYPES, encode, gguf_tensors
 from .vocab import VocabWriter
 
 log = logging.getLogger(__name__)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def check_target(out: str | Path, overwrite: bool) -> Path:
@@ -76,24 +68,13 @@ def write_gguf(model, out: str | Path, vocab: VocabWriter, file_type: str = "f16
     _file_type(file_type)
     out = check_target(out, overwrite)
     plan = plan_export(model)  # refuses what llama.cpp cannot run before any file is created
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        writer = gguf.GGUFWriter(tmp, arch=plan.arch)
+    with atomic_file(out) as tmp:  # a crash never leaves a short file at `out`
+        writer = gguf.GGUFWriter(str(tmp), arch=plan.arch)
         summary = _fill(writer, model, plan, file_type, vocab, name or out.stem)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        with open(tmp, "rb") as f:  # on disk before the rename, so a crash never leaves a short file at `out`
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the permissions open() would
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
     summary.update(path=str(out), bytes=out.stat().st_size, file_type=file_type)
     return summary
 
