@@ -8,6 +8,7 @@ import torch
 import transformers as tf
 
 from prunepilot.api import prune
+from prunepilot.data import Calibration
 from prunepilot.engine import ModelAdapter
 from prunepilot.errors import PrunepilotError
 from prunepilot.recipe import Recipe
@@ -253,11 +254,11 @@ def test_structured_calibration_defaults(monkeypatch):
 
     seen = {}
 
-    def fake_blocks(tok, sources, n, seqlen, seed):
+    def fake_split(tok, sources, n, seqlen, seed):
         seen.update(sources=sources, seqlen=seqlen)
-        return torch.randint(3, 128, (n, seqlen)), {}
+        return Calibration(torch.randint(3, 128, (n, seqlen)), torch.zeros(0, dtype=torch.long), {})
 
-    monkeypatch.setattr(job, "calibration_blocks", fake_blocks)
+    monkeypatch.setattr(job, "calibration_split", fake_split)
     tok = object()
     prune(tiny_model("llama"), {"method": "flap_iterative", "sparsity": 0.2, "calibration": {"n_samples": 2}}, tok)
     assert seen == {"sources": ["wiki", "web", "code", "math"], "seqlen": 128}

@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -221,6 +221,18 @@ class Calibration:
     ids: torch.Tensor          # (n_samples, seqlen)
     held_out: torch.Tensor     # (n_held_tokens,); empty when no held-out part was asked for
     summary: dict              # {domain: {"samples", ["held_out_tokens",] "tokens_available", "source"}}
+    domains: list[str] = field(default_factory=list)          # (n_samples,) each row's domain, in ids' order
+    weights: dict[str, float] = field(default_factory=dict)   # {domain: its sources' :WEIGHT}, summing to 1
+
+
+def domain_weights(sources: list[TextSource]) -> dict[str, float]:
+    """{domain: share} from the sources' :WEIGHT (1 when not given), normalised to sum 1; sources naming the
+    same domain add up."""
+    out: dict[str, float] = {}
+    for src in sources:
+        out[src.domain] = out.get(src.domain, 0.0) + src.weight
+    total = sum(out.values())
+    return {d: w / total for d, w in out.items()}
 
 
 def calibration_split(tokenizer, sources: list[TextSource | str], n_samples: int, seqlen: int, seed: int = 0,
@@ -240,7 +252,7 @@ def calibration_split(tokenizer, sources: list[TextSource | str], n_samples: int
     counts = split_counts([s.weight for s in sources], n_samples)
     held_counts = split_counts([s.weight for s in sources], held_out_windows) if held_out_windows else [0] * len(sources)
     rng = random.Random(seed)
-    blocks, held, summary = [], [], {}
+    blocks, held, summary, domains = [], [], {}, []
     for src, count, hw in zip(sources, counts, held_counts):
         stream = tokenize_stream(tokenizer, load_documents(src), max_chars=max_chars)
         n_held = hw * held_out_seqlen
@@ -253,11 +265,13 @@ def calibration_split(tokenizer, sources: list[TextSource | str], n_samples: int
         for _ in range(count):
             i = rng.randint(0, head.numel() - seqlen - 1)
             blocks.append(head[i:i + seqlen])
+            domains.append(src.domain)
         summary[src.domain] = {"samples": count, **({"held_out_tokens": n_held} if held_out_windows else {}),
                                "tokens_available": int(stream.numel()), "source": str(src)}
     order = list(range(len(blocks)))
     rng.shuffle(order)  # mix domains across batches
-    return Calibration(torch.stack([blocks[i] for i in order]), torch.cat(held), summary)
+    return Calibration(torch.stack([blocks[i] for i in order]), torch.cat(held), summary,
+                       [domains[i] for i in order], domain_weights(sources))
 
 
 def calibration_blocks(tokenizer, sources: list[TextSource | str], n_samples: int, seqlen: int,

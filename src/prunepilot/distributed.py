@@ -57,6 +57,11 @@ def shard(ids: torch.Tensor) -> torch.Tensor:
     return ids[rank()::n]
 
 
+def shard_list(items: list) -> list:
+    """This rank's share of per-sample items (items rank, rank + world, ...), matching shard(ids)'s rows."""
+    return items[rank()::world_size()] if world_size() > 1 else items
+
+
 def all_reduce_(t: torch.Tensor) -> torch.Tensor:
     """Sum `t` over the ranks, in place (float64 sums are reduced as float64)."""
     if world_size() > 1:

@@ -1,16 +1,19 @@
 """What a pruning pipeline receives (PruneJob) and returns (PruneReport)."""
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from .data import calibration_blocks, check_token_ids
+from .data import Calibration, calibration_split, check_token_ids
 from .errors import PrunepilotError
 from .modeling import context_length
 from .recipe import Recipe
+
+log = logging.getLogger(__name__)
 
 
 def check_within_context(model, seqlen: int, what: str) -> None:
@@ -43,16 +46,26 @@ class PruneJob:
 
     def calibration(self) -> tuple[torch.Tensor, dict, bool]:
         """(ids (n_samples, seqlen), per-domain summary, whether the ids were given rather than drawn)."""
+        cal = self.calibration_data()
+        return cal.ids, cal.summary, self.token_ids is not None
+
+    def calibration_data(self) -> Calibration:
+        """The calibration windows with each row's domain and the domain weights (data.Calibration; no held-out
+        part). Given token ids have no domains (domains [], weights {})."""
         if self.token_ids is not None:
             ids = check_token_ids(self.token_ids)
             check_within_context(self.model, ids.shape[1], "calibration token ids of length")
-            return ids, {}, True
+            return Calibration(ids, torch.zeros(0, dtype=torch.long), {})
         if self.tokenizer is None:
             raise PrunepilotError(f"{self.name} needs calibration data: pass a tokenizer or calibration token ids")
         c = self.recipe.calibration
-        check_within_context(self.model, c.seqlen, "calibration seqlen")
-        ids, summary = calibration_blocks(self.tokenizer, c.sources, c.n_samples, c.seqlen, c.seed)
-        return ids, summary, False
+        seqlen, context = c.seqlen, context_length(self.model, default=c.seqlen)
+        if seqlen > context and not self.user_set("calibration", "seqlen"):  # a default: fit it to the model
+            log.warning("calibration seqlen %d (the default) exceeds the model's context of %d tokens: using %d",
+                        seqlen, context, context)
+            seqlen = context
+        check_within_context(self.model, seqlen, "calibration seqlen")
+        return calibration_split(self.tokenizer, c.sources, c.n_samples, seqlen, c.seed)
 
 
 @dataclass

@@ -48,6 +48,9 @@ class StructuredConfig(Strict):
     channel_multiple: int = Field(1, ge=1)              # MLP widths kept at a multiple of this (GPU kernels: 64/128)
     remove_experts: float = Field(0.0, ge=0.0, lt=1.0)  # MoE: fraction of each layer's experts removed first
     #                                                     (those the router sends the fewest calibration tokens)
+    # per-channel input statistics over several calibration domains: "pooled" = one running mean/variance of
+    # all tokens; "fused" = per-domain moments, mean Σ w_k μ_k and variance Σ w_k σ²_k (w_k: source weights)
+    domain_stats: Literal["fused", "pooled"] = "pooled"
 
 
 class Recipe(Strict):

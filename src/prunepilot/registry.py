@@ -73,7 +73,8 @@ for _spec in (
         "calibration": FLAP_CALIBRATION, "structured": {"ratios": "uniform", "bias_compensation": False}}),
     MethodSpec("flap", FLAP, STRUCTURED, defaults={"calibration": FLAP_CALIBRATION}),
     MethodSpec("flap_iterative", FLAPIterative, STRUCTURED, FLAPIterativeOptions,
-               defaults={"calibration": {**FLAP_CALIBRATION, "sources": MULTI_DOMAIN}}),
+               defaults={"calibration": {**FLAP_CALIBRATION, "sources": MULTI_DOMAIN},
+                         "structured": {"domain_stats": "fused"}}),
 ):
     register(_spec)
 

@@ -28,11 +28,20 @@ class BlockInputs:
     hidden[b]:     (batch, seq, hidden) input of the current block for batch b
     args[b][i]:    extra positional args block i receives for batch b
     kwargs[b][i]:  keyword args block i receives for batch b (use_cache=False)
+    tags[b]:       the tag (e.g. calibration domain) of every row of batch b, when the pass was given tags
+    current:       the batch being run now (engine.run_block sets it), so `tag` names its tag
     """
     hidden: list[torch.Tensor]
     args: list[list[tuple]] = field(default_factory=list)
     kwargs: list[list[dict]] = field(default_factory=list)
     block_returns_tuple: bool = False  # learnt when a block runs (GPT-2 blocks return tuples, Llama tensors)
+    tags: list[str] | None = None
+    current: int = 0
+
+    @property
+    def tag(self) -> str | None:
+        """The tag of the batch being run now (None when the pass has no tags)."""
+        return self.tags[self.current] if self.tags is not None else None
 
     @property
     def n_batches(self) -> int:
@@ -75,11 +84,30 @@ def _dedupe(value, reference):
     return value
 
 
+def tagged_batches(tags: list[str], batch_size: int) -> tuple[list[int], list[tuple[int, int]]]:
+    """Batches whose rows share one tag: (order, spans). Rows are taken in `order` (with batch_size 1 the given
+    order; else grouped by tag, tags in order of first appearance, rows of a tag in their given order) and
+    spans [(start, stop)] index that reordered list, each at most batch_size rows of one tag."""
+    n = len(tags)
+    order = list(range(n))
+    if batch_size > 1:
+        first = {t: k for k, t in reversed(list(enumerate(tags)))}
+        order.sort(key=lambda r: first[tags[r]])  # stable: a tag's rows keep their order
+    spans, start = [], 0
+    for k in range(1, n + 1):
+        if k == n or k - start == batch_size or tags[order[k]] != tags[order[start]]:
+            spans.append((start, k))
+            start = k
+    return order, spans
+
+
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor, device,
-                         batch_size: int = 1, storage_device=None) -> BlockInputs:
+                         batch_size: int = 1, storage_device=None,
+                         spans: list[tuple[int, int]] | None = None) -> BlockInputs:
     """Run the model's embedding stage on `input_ids` (n, seq) and record every block's arguments.
 
+    Batches are `batch_size` consecutive rows, or the rows [start, stop) of each of `spans`.
     Hidden states are kept on `storage_device` (default: the compute device).
     """
     storage_device = storage_device or device
@@ -109,10 +137,11 @@ def capture_block_inputs(model: nn.Module, adapter: ModelAdapter, input_ids: tor
     try:
         for i, block in enumerate(adapter.blocks):
             block.forward = make_stub(i)
-        for start in range(0, input_ids.shape[0], batch_size):
+        n = input_ids.shape[0]
+        for start, stop in spans or [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]:
             record.clear()
             try:
-                model(input_ids[start:start + batch_size].to(device), use_cache=False)
+                model(input_ids[start:stop].to(device), use_cache=False)
             except _StopForward:
                 pass
             args, kwargs = record["args"], record["kwargs"]

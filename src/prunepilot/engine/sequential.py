@@ -10,6 +10,10 @@ the next block, so each block's statistics come from the pruned model's activati
 outputs="dense": the outputs of the statistics run itself (the block as it was before the body) feed the next
 block: a statistics-only pass over the unpruned model (OWL ratios, FLAP's global ranking). No caller moves
 activations by hand.
+
+tags=[one string per row of ids] (e.g. each calibration sample's domain): every batch holds rows of one tag
+(with batch_size > 1 the rows are grouped by tag first), and `pass_.tag` names the tag of the batch whose inputs
+the states are being fed, so a state can keep per-tag statistics (structured.scores.DomainMoments).
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from .adapter import ModelAdapter
-from .capture import BlockInputs, capture_block_inputs
+from .capture import BlockInputs, capture_block_inputs, tagged_batches
 from .moe import ExpertMatrix, routed_hook
 
 log = logging.getLogger(__name__)
@@ -39,6 +43,7 @@ def run_block(block: nn.Module, i: int, inputs: BlockInputs) -> list[torch.Tenso
     """Outputs of block i for every batch (kept where the inputs are)."""
     outs = []
     for b, hidden in enumerate(inputs.hidden):
+        inputs.current = b  # inputs.tag names this batch's tag while it runs
         dev = next(block.parameters()).device
         out = block(hidden.to(dev), *inputs.args[b][i], **inputs.kwargs[b][i])
         inputs.block_returns_tuple = isinstance(out, (tuple, list))
@@ -101,26 +106,49 @@ class BlockPass:
     ids: (n, seq) token ids, captured here (embedding-only forward, `batch_size` rows per batch), or BlockInputs.
     states(name, linear) -> an object with .add(x) fed every input of that linear; None: no statistics.
     linears(i, block) -> {name: linear} to observe; default: the adapter's prunable linears of block i.
-    After the loop, `hidden` holds the last block's outputs (one tensor per batch).
+    tags: one string per row of ids (n,): batches of one tag each, `tag` names the current batch's (see above).
+    After the loop, `hidden` holds the last block's outputs (one tensor per batch; with tags and batch_size > 1
+    the rows are in the tag-grouped order).
     """
 
     def __init__(self, adapter: ModelAdapter, ids, device, *, states: Callable[[str, nn.Module], Any] | None = None,
                  linears: Callable[[int, nn.Module], dict[str, nn.Module]] | None = None,
                  outputs: Literal["pruned", "dense"] = "pruned", batch_size: int = 1, storage_device=None,
-                 desc: str = "blocks", shard: bool = True):
+                 desc: str = "blocks", shard: bool = True, tags: list[str] | None = None):
         if outputs not in ("pruned", "dense"):
             raise ValueError(f"outputs must be 'pruned' or 'dense', got {outputs!r}")
         self.adapter, self.device, self.desc = adapter, device, desc
         self.make_state, self.outputs = states, outputs
         self.select = linears or (lambda i, block: adapter.linears(i))
-        if shard and not isinstance(ids, BlockInputs):  # torchrun: this rank's share of the samples
-            ids = distributed.shard(ids)
-        self.inputs = ids if isinstance(ids, BlockInputs) else capture_block_inputs(
-            adapter.model, adapter, ids, device, batch_size, storage_device)
+        if isinstance(ids, BlockInputs):
+            if tags is not None:
+                raise ValueError("tags go with token ids; captured BlockInputs carry their own inputs.tags")
+            self.inputs = ids
+            return
+        if shard:  # torchrun: this rank's share of the samples
+            ids, tags = distributed.shard(ids), (None if tags is None else distributed.shard_list(list(tags)))
+        self.inputs = self._capture(ids, tags, batch_size, storage_device)
+
+    def _capture(self, ids: torch.Tensor, tags: list[str] | None, batch_size: int, storage_device) -> BlockInputs:
+        """Embedding-only forward of ids (n, seq): batch_size rows per batch, or single-tag batches with tags."""
+        if tags is None:
+            return capture_block_inputs(self.adapter.model, self.adapter, ids, self.device, batch_size, storage_device)
+        if len(tags) != ids.shape[0]:
+            raise ValueError(f"{len(tags)} tags for {ids.shape[0]} rows of token ids")
+        order, spans = tagged_batches(list(tags), batch_size)
+        inputs = capture_block_inputs(self.adapter.model, self.adapter, ids[order], self.device, batch_size,
+                                      storage_device, spans=spans)
+        inputs.tags = [tags[order[start]] for start, _ in spans]
+        return inputs
 
     @property
     def hidden(self) -> list[torch.Tensor]:
         return self.inputs.hidden
+
+    @property
+    def tag(self) -> str | None:
+        """The tag of the batch whose inputs the states are being fed now (None without tags)."""
+        return self.inputs.tag
 
     def __iter__(self) -> Iterator[Block]:
         for i, module in enumerate(tqdm(self.adapter.blocks, desc=self.desc, leave=False)):

@@ -4,7 +4,8 @@
     for step in 1..k:                        # k = 1 (wanda_sp, flap) or recipe.structured.steps
         target = dense * kept_fraction(step)  # geometric schedule by default
         one pass over the current model, block by block, recording the input statistics of
-        down_proj / o_proj (float32 streaming moments):
+        down_proj / o_proj (float32 streaming moments; structured.domain_stats "fused": one set per calibration
+        domain, fused as mean Σ w_k μ_k, variance Σ w_k σ²_k, scores.DomainMoments):
           uniform ratios: each block is pruned inside the pass (the next block sees pruned outputs)
           global ranking: a statistics-only pass; all blocks' scores are ranked together, then every block is sliced
     report params before/after, per-layer widths and kept KV groups (outcome.py)
@@ -22,13 +23,14 @@ from tqdm.auto import tqdm
 from .. import distributed
 from ..engine import ExpertMatrix, ModelAdapter, blocks
 from ..errors import PrunepilotError
+from ..data import Calibration
 from ..job import PruneJob, PruneReport
 from ..masks import check_sparsity
 from .budget import Ledger, Options
 from .methods import StructuredMethod, kept_fraction
 from .outcome import ModelBefore, build_report
-from .scores import Candidates, RunningMoments, align_removal, group_scores, head_scores, lowest, select_global, \
-    split_uniform_layer, standardize
+from .scores import Candidates, DomainMoments, RunningMoments, align_removal, group_scores, head_scores, lowest, \
+    select_global, split_uniform_layer, standardize
 from .slicing import BlockLayout, MoEParts, attention_counts, block_layout, complement, keep_experts, \
     keep_kv_groups, keep_mlp_channels, linear
 
@@ -53,6 +55,14 @@ class StructuredPruner:
         self.expert_order: dict[int, torch.Tensor] = {}   # MoE layer -> (E, I) each expert's channels, weakest first
         self.starved: dict[str, int] = {}                   # experts scored by weights alone -> routed tokens
         self.min_expert_tokens = 0
+        self.tags: list[str] | None = None                  # fused statistics: each calibration row's domain
+        self.domain_weights: dict[str, float] = {}
+
+    def use_domains(self, cal: Calibration) -> None:
+        """domain_stats "fused": keep per-domain statistics when the calibration rows carry their domains (given
+        token ids do not: one domain, for which fused and pooled are the same statistic)."""
+        if self.opts.domain_stats == "fused" and cal.domains:
+            self.tags, self.domain_weights = cal.domains, cal.weights
 
     def out_linears(self, i: int) -> dict:
         """The output projections whose inputs are observed: {"mlp": down_proj, "attn": o_proj}; an MoE block's
@@ -154,9 +164,16 @@ class StructuredPruner:
                 else removed[c.kind] for c in cands}
 
     def _pass(self, ids, outputs: str, desc: str, batch_size: int):
-        return blocks(self.adapter, ids, self.device, linears=lambda i, block: self.out_linears(i),
-                      states=lambda kind, lin: RunningMoments(lin.in_features, self.device), outputs=outputs,
-                      batch_size=batch_size, desc=desc)
+        """One block pass recording the output projections' input moments: pooled (RunningMoments), or per
+        domain (DomainMoments, told each batch's domain by the pass) when self.tags is set."""
+        def state(kind, lin):
+            if self.tags is None:
+                return RunningMoments(lin.in_features, self.device)
+            return DomainMoments(lin.in_features, self.domain_weights, lambda: bp.tag, self.device)
+
+        bp = blocks(self.adapter, ids, self.device, linears=lambda i, block: self.out_linears(i), states=state,
+                    outputs=outputs, batch_size=batch_size, desc=desc, tags=self.tags)
+        return bp
 
     def step_uniform(self, ids, keep_frac: float, desc: str, last: bool, batch_size: int = 1) -> None:
         """Uniform ratios: each block is pruned to keep_frac of its dense measure inside the pass."""
@@ -207,12 +224,17 @@ def run_steps(job: PruneJob, pruner: StructuredPruner, ids, sparsity: float) -> 
     return steps
 
 
-def calibration(job: PruneJob) -> tuple[torch.Tensor, dict]:
-    ids, domains, given = job.calibration()
-    n, seqlen = int(ids.shape[0]), int(ids.shape[1])
-    if given:
-        return ids, {"n_samples": n, "seqlen": seqlen, "sources": "given token ids"}
-    return ids, {"sources": job.recipe.calibration.sources, "n_samples": n, "seqlen": seqlen, "domains": domains}
+def calibration(job: PruneJob) -> tuple[Calibration, dict]:
+    """The calibration data (ids (n, seqlen), per-row domains, domain weights) and its report summary."""
+    cal = job.calibration_data()
+    n, seqlen = int(cal.ids.shape[0]), int(cal.ids.shape[1])
+    stats = {"domain_stats": job.recipe.structured.domain_stats}
+    if job.token_ids is not None:
+        return cal, {"n_samples": n, "seqlen": seqlen, "sources": "given token ids", **stats}
+    if stats["domain_stats"] == "fused":
+        stats["domain_weights"] = cal.weights
+    return cal, {"sources": job.recipe.calibration.sources, "n_samples": n, "seqlen": seqlen, "domains": cal.summary,
+                 **stats}
 
 
 def run(job: PruneJob) -> PruneReport:
@@ -229,13 +251,16 @@ def run(job: PruneJob) -> PruneReport:
     before = ModelBefore.of(adapter, layouts)
     coverage = adapter.coverage()
     t0 = time.time()
-    ids, calib_summary = calibration(job)
+    cal, calib_summary = calibration(job)
+    ids = cal.ids
+    pruner.use_domains(cal)
     timings = {"calibration_data_s": time.time() - t0}
     t0 = time.time()
     kept_experts = remove_experts(pruner, ids, job.recipe.calibration.batch_size) if opts.remove_experts else {}
     steps = run_steps(job, pruner, ids, sparsity)
     timings["prune_s"] = time.time() - t0
     report = build_report(job, pruner, before, steps, calib_summary, timings)
+    report.extra["domain_stats"] = opts.domain_stats
     report.coverage = coverage.to_dict() | ({"experts_scored_by_weights": pruner.starved} if pruner.starved else {})
     for i, kept in kept_experts.items():
         report.extra["layers"][i]["kept_experts"] = kept

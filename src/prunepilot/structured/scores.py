@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -75,6 +76,77 @@ class RunningMoments:
 
     def l2(self) -> torch.Tensor:
         """‖X_j‖₂ over all tokens seen. (dim,)"""
+        return self.sq_sum.sqrt()
+
+
+class DomainMoments:
+    """RunningMoments kept per calibration domain, fused by the domain weights w_k (normalised to sum 1):
+
+        mean_j = Σ_k w_k μ_kj        var_j = Σ_k w_k σ²_kj        (σ²_k: domain k's unbiased variance)
+
+    Pooling every token into one RunningMoments instead adds the between-domain spread of the channel means,
+    Σ_k (n_k/N)(μ_kj - μ_j)², to the variance; fusion does not. Domains that saw no tokens (an MoE expert no
+    token of a domain was routed to) drop out and the others' weights are renormalised; when only one domain
+    saw tokens the fused statistic *is* that domain's RunningMoments (bit for bit the pooled one).
+    tag() names the domain of the batch being added (engine.BlockPass.tag). Duck-types RunningMoments: n,
+    mean (dim,), var() (dim,), sq_sum (dim,) = N · Σ_k w_k (Σx²)_k / n_k, l2() (dim,).
+    """
+
+    def __init__(self, dim: int, weights: dict[str, float], tag: Callable[[], str | None], device=None):
+        total = sum(weights.values())
+        if not weights or total <= 0:
+            raise PrunepilotError("fused domain statistics need at least one domain with a positive weight")
+        self.weights = {d: w / total for d, w in weights.items()}
+        self.parts = {d: RunningMoments(dim, device) for d in self.weights}
+        self.tag = tag
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add x (..., dim) to the moments of the current batch's domain."""
+        domain = self.tag()
+        if domain not in self.parts:
+            raise PrunepilotError(f"calibration domain {domain!r} has no weight (domains: {', '.join(self.parts)})")
+        self.parts[domain].add(x)
+
+    def all_reduce(self) -> None:
+        """Merge every domain's moments over the ranks (same domain order on every rank)."""
+        for d in self.weights:
+            self.parts[d].all_reduce()
+
+    def present(self) -> list[tuple[float, RunningMoments]]:
+        """(renormalised weight, moments) of the domains that saw tokens."""
+        seen = [(self.weights[d], m) for d, m in self.parts.items() if m.n > 0]
+        total = sum(w for w, _ in seen)
+        return [(w / total, m) for w, m in seen]
+
+    def _fuse(self, value: Callable[[RunningMoments], torch.Tensor]) -> torch.Tensor:
+        seen = self.present()
+        if len(seen) == 1:
+            return value(seen[0][1])
+        if not seen:
+            return torch.zeros_like(next(iter(self.parts.values())).mean)
+        return sum(w * value(m) for w, m in seen)
+
+    @property
+    def n(self) -> int:
+        return sum(m.n for m in self.parts.values())
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """Σ_k w_k μ_k. (dim,)"""
+        return self._fuse(lambda m: m.mean)
+
+    def var(self, unbiased: bool = True) -> torch.Tensor:
+        """Σ_k w_k σ²_k (each domain's own variance, unbiased by default). (dim,)"""
+        return self._fuse(lambda m: m.var(unbiased))
+
+    @property
+    def sq_sum(self) -> torch.Tensor:
+        """N · Σ_k w_k (Σx²)_k / n_k: the weighted mean square, scaled to all N tokens. (dim,)"""
+        if len(self.present()) == 1:
+            return self.present()[0][1].sq_sum
+        return self._fuse(lambda m: m.sq_sum / m.n) * self.n
+
+    def l2(self) -> torch.Tensor:
         return self.sq_sum.sqrt()
 
 
