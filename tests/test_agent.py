@@ -54,6 +54,15 @@ class Scripted:
         return out(obs) if callable(out) else out
 
 
+def send_json(handler, status: int, data: bytes) -> None:
+    """A complete JSON response from a test server's request handler."""
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
 def all_layers(extra):
     return lambda obs: {"reasoning": f"all at {extra}", "stop_pruning": False,
                         "layer_decisions": [{"layer": n, "extra_sparsity": extra} for n in obs.layer_names]}
@@ -461,11 +470,7 @@ class _Server:
                      "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
                                   "finish_reason": "stop"}],
                      "usage": {"prompt_tokens": 11, "completion_tokens": 5, "total_tokens": 16}}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                send_json(self, 200, data)
 
             def log_message(self, *a):
                 pass
@@ -838,12 +843,7 @@ def test_an_echoed_key_never_reaches_stderr_logs_journal_or_outputs(tmp_path, mo
                 status, data = 200, json.dumps({"choices": [{"message": {"content": content}}]})
             else:  # then the key is refused, echoed once more
                 status, data = 401, json.dumps({"error": {"message": f"invalid key {auth[7:]}"}})
-            data = data.encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            send_json(self, status, data.encode())
 
         def log_message(self, *a):
             pass
