@@ -97,7 +97,8 @@ def agent(args) -> dict:
         recs = [json.loads(x) for x in (Path(tmp) / "journal.jsonl").read_text().splitlines()]
     iteration = [r for r in recs if r.get("type") == "iteration"]
     return {"part": "agent_8b", "shape": args.shape, "wall_s": round(wall, 1),
-            "iteration_s": [r["seconds"] for r in iteration], "phase_s_total": {k: round(v, 3) for k, v in spent.items()},
+            "iteration_s": [r["seconds"] for r in iteration],
+            "phase_s_total": {k: round(v, 3) for k, v in spent.items()},
             "note": "phase totals include the start (one profile, one held-out ppl, one gradient pass)",
             "iterations": res.iterations, "peak_gpu_gib": gpu_peak_gib(args.device)}
 
