@@ -26,8 +26,19 @@ sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "bench"))
 from gpu_engine import SHAPES, build, n_params  # noqa: E402
 
+from prunepilot.agent.journal import Journal  # noqa: E402
 from prunepilot.agent.loop import run_agent  # noqa: E402
 from prunepilot.io import atomic_write_text  # noqa: E402
+
+
+def timed_agent_run(model, cfg: dict, calib, held):
+    """run_agent in a scratch folder: (AgentResult, wall seconds, the journal's IterationRecords)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.time()
+        res = run_agent(model, None, cfg, tmp, calibration=calib, held_out=held)
+        wall = time.time() - t0
+        _, records = Journal(Path(tmp) / "journal.jsonl").read()
+    return res, wall, records
 
 
 def main() -> None:
@@ -55,13 +66,8 @@ def main() -> None:
            "grad_samples": args.grad_samples, "grad_mode": args.grad_mode, "save_model": False,
            "eval_tokens": args.eval_tokens, "eval_seqlen": args.seqlen,
            "calibration": {"n_samples": args.n_samples, "seqlen": args.seqlen}}
-    with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.time()
-        res = run_agent(model, None, cfg, tmp, calibration=calib, held_out=held)
-        wall = time.time() - t0
-        records = [json.loads(x) for x in (Path(tmp) / "journal.jsonl").read_text().splitlines()]
-    iters = [r for r in records if r.get("type") == "iteration"]
-    per_iter = [r["seconds"] for r in iters]
+    res, wall, iters = timed_agent_run(model, cfg, calib, held)
+    per_iter = [r.seconds for r in iters]
     start_s = wall - sum(per_iter)
     peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else float("nan")
     gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
@@ -69,7 +75,7 @@ def main() -> None:
                "iterations": res.iterations, "rollbacks": res.rollbacks, "global_sparsity": round(res.global_sparsity, 4),
                "wall_s": round(wall, 1), "start_s": round(start_s, 1),
                "iteration_s_median": round(statistics.median(per_iter), 1) if per_iter else None,
-               "iteration_s": per_iter, "grad_refreshes": sum("grad" in r for r in iters),
+               "iteration_s": per_iter, "grad_refreshes": sum(r.grad is not None for r in iters),
                "peak_gpu_gib": round(peak, 2), "stop_reason": res.stop_reason}
     print(json.dumps(summary), flush=True)
     text = (f"| model | iterations | rollbacks | sparsity reached | start (s) | iteration, median (s) | total (s) | "

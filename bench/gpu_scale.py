@@ -16,7 +16,6 @@ import argparse
 import json
 import resource
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -26,9 +25,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "bench"))
+from gpu_agent import timed_agent_run  # noqa: E402
 from gpu_engine import SHAPES, build, n_params  # noqa: E402
 
-from prunepilot.agent.loop import AgentRun, run_agent  # noqa: E402
+from prunepilot.agent.loop import AgentRun  # noqa: E402
 from prunepilot.api import prune  # noqa: E402
 
 
@@ -90,14 +90,9 @@ def agent(args) -> dict:
            "calibration": {"n_samples": args.n_samples, "seqlen": args.seqlen}}
     calib = ids(args.shape, args.n_samples, args.seqlen)
     held = ids(args.shape, 1, 4 * args.seqlen, seed=1).flatten()
-    with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.time()
-        res = run_agent(model, None, cfg, tmp, calibration=calib, held_out=held)
-        wall = time.time() - t0
-        recs = [json.loads(x) for x in (Path(tmp) / "journal.jsonl").read_text().splitlines()]
-    iteration = [r for r in recs if r.get("type") == "iteration"]
+    res, wall, iteration = timed_agent_run(model, cfg, calib, held)
     return {"part": "agent_8b", "shape": args.shape, "wall_s": round(wall, 1),
-            "iteration_s": [r["seconds"] for r in iteration],
+            "iteration_s": [r.seconds for r in iteration],
             "phase_s_total": {k: round(v, 3) for k, v in spent.items()},
             "note": "phase totals include the start (one profile, one held-out ppl, one gradient pass)",
             "iterations": res.iterations, "peak_gpu_gib": gpu_peak_gib(args.device)}
