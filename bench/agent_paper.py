@@ -56,7 +56,8 @@ from prunepilot.modeling import load_model, load_model_and_tokenizer  # noqa: E4
 ROWS = ["dense", "wanda_sp", "flap", "nm", "wanda", "owl", "agent", "agent_llm"]
 DEFAULT_GGUF = "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
 # prompt settings a 135M chat model can answer within its context (what tests/test_agent_llm.py uses)
-SMALL_PROMPT = dict(table_rows=4, history_chars=500, max_layers_per_reply=2, reasoning_chars=80, max_tokens=160)
+SMALL_PROMPT = dict(granularity="block", table_rows=8, history_chars=500, max_layers_per_reply=4, reasoning_chars=80,
+                    max_tokens=240)
 
 
 def parse_args(argv=None):
@@ -86,7 +87,8 @@ def parse_args(argv=None):
     ap.add_argument("--controller-json", default="{}",
                     help='extra ControllerConfig fields for the LLM row, e.g. \'{"max_layers_per_reply": 8}\'')
     ap.add_argument("--small-prompt", choices=["auto", "yes", "no"], default="auto",
-                    help="table_rows 4, history 500 chars, 2 layers and 80 reasoning chars per reply, 160 tokens "
+                    help="block granularity, table_rows 8, history 500 chars, 4 blocks and 80 reasoning chars per "
+                         "reply, 240 tokens "
                          "(auto: yes for the local SmolLM2 server, no for --base-url)")
     # evaluation
     ap.add_argument("--eval-seqlen", type=int, default=2048)

@@ -73,6 +73,31 @@ def test_openai_controller_against_llama_cpp_server(llama_server, tmp_path, caps
                            for r in decided)
 
 
+def test_openai_controller_names_blocks_at_block_granularity(llama_server, tmp_path, capsys):
+    """--granularity block: the model picks decoder blocks from a per-block table; every linear of a picked block
+    gets the block's extra sparsity, so a few names per reply move the whole model."""
+    from prunepilot.agent.granularity import block_of
+    from prunepilot.cli import main
+
+    out = tmp_path / "run"
+    code = main(["agent", str(shared_path("models", "stories260K")), "--target", "0.4", "--max-iterations", "2",
+                 "--controller", "openai", "--base-url", llama_server.url, "--model-name", "smollm2",
+                 "--timeout", "120", "--retries", "0", "--granularity", "block", "--table-rows", "8",
+                 "--history-chars", "500", "--max-layers-per-reply", "2", "--reasoning-chars", "80",
+                 "--max-tokens", "160", *QUICK, "--out", str(out)])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    print(f"\nopenai, block granularity: {_rates(report)}")
+    journal = [json.loads(line) for line in (out / "journal.jsonl").read_text().splitlines()[1:]]
+    decided = [r for r in journal if r["source"] == "openai" and not r["decision"]["stop_pruning"]]
+    assert decided, "no decision of the model was used"
+    per_block = 7  # q, k, v, o, gate, up, down of one llama block
+    for r in decided:
+        names = [d["layer"] for d in r["decision"]["layer_decisions"]]
+        blocks = {block_of(n) for n in names}
+        assert 1 <= len(blocks) <= 2 and len(names) == per_block * len(blocks)
+
+
 def test_hf_controller_constrained_on_smollm2(smollm2, stories, tmp_path):
     pytest.importorskip("lmformatenforcer", reason="lm-format-enforcer is not installed")
     from prunepilot.agent import AgentConfig, run_agent

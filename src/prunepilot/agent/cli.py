@@ -40,6 +40,8 @@ def add_agent_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-layers-per-reply", type=int,
                    help="openai/hf: at most N layers per answer (schema maxItems; helps small models)")
     p.add_argument("--reasoning-chars", type=int, help="openai/hf: schema maxLength of the reasoning")
+    p.add_argument("--granularity", choices=["linear", "block"],
+                   help="openai/hf: the controller names linears (default) or decoder blocks (all its linears alike)")
     p.add_argument("--strict-controller", action="store_true",
                    help="unreachable endpoint or invalid answers are an error (default: fall back to builtin)")
     p.add_argument("--resume", action="store_true", help="continue the run journaled in --out")
@@ -81,7 +83,8 @@ def config_from_args(args):
     ctl = {"kind": args.controller, "base_url": args.base_url, "model_name": args.model_name,
            "api_key_env": args.api_key_env, "timeout_s": args.timeout, "retries": args.retries,
            "max_tokens": args.max_tokens, "table_rows": args.table_rows, "history_chars": args.history_chars,
-           "max_layers_per_reply": args.max_layers_per_reply, "reasoning_chars": args.reasoning_chars}
+           "max_layers_per_reply": args.max_layers_per_reply, "reasoning_chars": args.reasoning_chars,
+           "granularity": args.granularity}
     cal = {"sources": args.calib, "n_samples": args.n_samples, "seqlen": args.seqlen}
     for section, values in ((data, top), (data["controller"], ctl), (data["calibration"], cal)):
         section.update({k: v for k, v in values.items() if v is not None})

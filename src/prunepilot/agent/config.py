@@ -64,6 +64,9 @@ class ControllerConfig(Strict):
     history_chars: int = Field(3000, ge=200)    # budget of the decision history in the prompt (newest in full)
     max_layers_per_reply: int | None = Field(None, ge=1)  # schema maxItems + prompt hint (small models)
     reasoning_chars: int | None = Field(None, ge=20)      # schema maxLength of reasoning (constrained decoders)
+    # what one row / one name is for an LLM controller: a linear, or a decoder block whose linears all get the
+    # block's extra sparsity (granularity.py; for controllers that can name only a few rows per reply)
+    granularity: Literal["linear", "block"] = "linear"
     _base_url_auth: tuple[str, str] | None = PrivateAttr(None)  # userinfo of base_url: used, never saved
 
     @field_validator("base_url")

@@ -26,6 +26,7 @@ from ..errors import PrunepilotError
 from ..stats import zscore_list
 from .config import AgentConfig, PolicyConfig
 from .decision import MAX_EXTRA, MIN_EXTRA, Decision, Observation
+from .granularity import BlockView
 from .hf_controller import HFController
 from .openai_controller import BadRequest, ControllerUnavailable, DeadlineExceeded, OpenAIController
 from .validate import DecisionError, parse_decision
@@ -152,9 +153,11 @@ class GuardedController:
     """Validate, re-ask on invalid output, fall back to the built-in policy; never raises unless strict.
     Every Decision it returns carries `stats`: controller_s, replies, prompt_chars, prompt/completion tokens."""
 
-    def __init__(self, primary, fallback: BuiltinPolicy, invalid_retries: int = 2, strict: bool = False):
+    def __init__(self, primary, fallback: BuiltinPolicy, invalid_retries: int = 2, strict: bool = False,
+                 granularity: str = "linear"):
         self.primary, self.fallback = primary, fallback
         self.invalid_retries, self.strict = invalid_retries, strict
+        self.by_block = granularity == "block"  # the primary sees and names blocks (granularity.BlockView)
         self.disabled: str | None = None  # reason the primary is no longer asked
         self.name = getattr(primary, "name", type(primary).__name__)
 
@@ -183,16 +186,24 @@ class GuardedController:
                 stats[key] = stats.get(key, 0) + value
 
     def _ask(self, obs: Observation, stats: dict) -> Decision:
+        if not self.by_block:
+            return self._ask_view(obs, obs, stats)
+        view = BlockView(obs.layer_names)
+        d = self._ask_view(obs, view.observe(obs), stats)
+        return d if d.source.endswith("fallback") else view.expand(d)
+
+    def _ask_view(self, obs: Observation, shown: Observation, stats: dict) -> Decision:
+        """Ask the primary about `shown` (obs itself, or its block view); the fallback decides on obs."""
         errors: list[str] = []
         for attempt in range(self.invalid_retries + 1):
             try:
                 if hasattr(self.primary, "last_usage"):
                     self.primary.last_usage = {}
                 try:
-                    raw = self.primary.propose(obs, errors)
+                    raw = self.primary.propose(shown, errors)
                 finally:
                     self._count(stats)
-                return parse_decision(raw, obs.layer_names, source=self.name)
+                return parse_decision(raw, shown.layer_names, source=self.name)
             except ControllerUnavailable as e:
                 return self._unavailable(obs, e)
             except DecisionError as e:
@@ -227,4 +238,4 @@ def make_controller(config: AgentConfig, device: str = "cpu", primary=None) -> G
         primary = {"builtin": lambda: fallback,
                    "openai": lambda: OpenAIController(c),
                    "hf": lambda: HFController(c, device)}[c.kind]()
-    return GuardedController(primary, fallback, c.invalid_retries, c.strict)
+    return GuardedController(primary, fallback, c.invalid_retries, c.strict, c.granularity)
