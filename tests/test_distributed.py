@@ -61,3 +61,43 @@ def test_a_failing_distributed_run_stops_and_writes_nothing(tmp_path):
     assert run.returncode != 0
     assert "prunepilot: error: [rank 0] 1 calibration samples cannot be split over 2 processes" in run.stderr
     assert not (tmp_path / "x").exists()
+
+
+AGENT = ["--target", "0.4", "--max-iterations", "3", "--calib", "tinystories", "--n-samples", "8", "--seqlen", "128",
+         "--eval-tokens", "1024", "--eval-seqlen", "128", "--grad-samples", "2", "--device", "cpu"]
+
+
+def test_agent_two_processes_equal_one(tmp_path, one_thread):
+    """`torchrun ... agent`: profile norms, gradients and held-out perplexity are all-reduced, rank 0 decides and
+    broadcasts, so both ranks apply the same steps; only rank 0 writes the journal, report and model."""
+    model = str(shared_path("models", "stories260K"))
+    assert main(["agent", model, *AGENT, "--out", str(tmp_path / "one")]) == 0
+    run = torchrun(["agent", model, *AGENT, "--out", str(tmp_path / "two")])
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.count('"stop_reason"') == 1  # one summary line: rank 0's
+    one, two = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "two"))
+    assert two["distributed"] == {"world_size": 2, "samples_per_rank": [4, 4]}
+    assert one["distributed"] == {"world_size": 1, "samples_per_rank": [8]}
+    lines = lambda d: (tmp_path / d / "journal.jsonl").read_text().splitlines()  # noqa: E731
+    assert len(lines("two")) == len(lines("one")) == 1 + one["iterations"]  # one writer: no doubled lines
+    steps = lambda r: [(t["accepted"], round(t["sparsity"], 3)) for t in r["trajectory"]]  # noqa: E731
+    assert steps(one) == steps(two)
+    assert two["final_ppl"] == pytest.approx(one["final_ppl"], rel=1e-3)
+    a, b = masks(tmp_path / "one"), masks(tmp_path / "two")
+    assert sum(int((a[k] != b[k]).sum()) for k in a) <= 1e-3 * sum(v.numel() for v in a.values())
+
+
+def test_agent_resume_under_torchrun_continues_rank_0s_journal(tmp_path, one_thread):
+    """A 2-process run cut after 1 iteration and resumed with 2 processes ends where an uninterrupted 2-process
+    run ends: rank 0 reads the journal and broadcasts it, every rank replays the same steps."""
+    model = str(shared_path("models", "stories260K"))
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    assert torchrun(["agent", model, *AGENT, "--out", full]).returncode == 0
+    short = [a if a != "3" else "1" for a in AGENT]  # --max-iterations 1
+    assert torchrun(["agent", model, *short, "--out", cut]).returncode == 0
+    run = torchrun(["agent", model, *AGENT, "--out", cut, "--resume"])
+    assert run.returncode == 0, run.stderr[-2000:]
+    a, b = (json.loads((Path(d) / "report.json").read_text()) for d in (full, cut))
+    assert a["iterations"] == 3 and [t["sparsity"] for t in a["trajectory"]] == [t["sparsity"] for t in b["trajectory"]]
+    assert masks(Path(full)).keys() == masks(Path(cut)).keys()
+    assert all(torch.equal(x, y) for x, y in zip(masks(Path(full)).values(), masks(Path(cut)).values()))

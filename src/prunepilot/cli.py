@@ -294,13 +294,13 @@ COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "methods": cmd_methods, "repor
 
 
 def _join_torchrun(args) -> None:
-    """Under torchrun (WORLD_SIZE > 1) `prune` splits its calibration samples over the processes (distributed.py);
-    the other commands run in one process."""
+    """Under torchrun (WORLD_SIZE > 1) `prune` and `agent` split their calibration samples over the processes
+    (distributed.py); the other commands run in one process."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return
-    if args.command != "prune":
+    if args.command not in ("prune", "agent"):
         raise PrunepilotError(f"`prunepilot {args.command}` does not run under torchrun; run it as one process "
-                              "(only `prune` splits calibration over processes)")
+                              "(`prune` and `agent` split calibration over processes)")
     import torch
 
     from . import distributed

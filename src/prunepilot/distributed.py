@@ -2,11 +2,13 @@
 every statistic is all-reduced, so every rank prunes the same weights the same way; only rank 0 writes.
 
     torchrun --nproc-per-node 2 -m prunepilot prune MODEL --method sparsegpt --sparsity 0.5 --out runs/x
+    torchrun --nproc-per-node 2 -m prunepilot agent MODEL --target 0.45 --out runs/agent
     torchrun --nnodes 2 --node-rank R --master-addr HOST --master-port 29500 --nproc-per-node 8 -m prunepilot ...
 
 Without torchrun (WORLD_SIZE unset or 1) every function here is the single-process identity.
 Backend: nccl when the run uses CUDA, else gloo. A rank that fails ends with one error line; torchrun then stops
-the other ranks, and nothing has been written (outputs are written by rank 0, atomically, at the end).
+the other ranks, and nothing has been written (outputs are written by rank 0, atomically, at the end; the agent's
+journal is the exception by design: its finished iterations stay, and `--resume` continues from them).
 """
 from __future__ import annotations
 
@@ -83,6 +85,12 @@ def broadcast(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def barrier() -> None:
+    """Wait until every rank is here (e.g. every rank has checked the output folder before rank 0 writes)."""
+    if world_size() > 1:
+        dist.barrier()
 
 
 def summary(n_samples: int) -> dict:

@@ -96,6 +96,7 @@ def config_from_args(args):
 
 
 def run_agent_command(args) -> int:
+    from .. import distributed
     from ..eval.perplexity import perplexity
     from ..io import atomic_write_json
     from ..modeling import load_model_and_tokenizer
@@ -123,7 +124,8 @@ def run_agent_command(args) -> int:
         after = {d: perplexity(model, tokenizer, d, args.ppl_seqlen, max_windows=args.ppl_max_windows)
                  for d in args.ppl}
         report.update(perplexity_before=before, perplexity_after=after)
-        atomic_write_json(out / "report.json", report)
+        if distributed.is_main():
+            atomic_write_json(out / "report.json", report)
         for d in args.ppl:
             log.info("%s perplexity (seqlen %d, %d tokens): %.3f -> %.3f", d, after[d]["seqlen"], after[d]["tokens"],
                      before[d]["ppl"], after[d]["ppl"])
@@ -132,5 +134,6 @@ def run_agent_command(args) -> int:
                "held_out_ppl": [round(result.baseline_ppl, 3), round(result.final_ppl, 3)]}
     if args.ppl:
         summary["perplexity_after"] = {d: round(v["ppl"], 3) for d, v in report["perplexity_after"].items()}
-    print(json.dumps(summary))
+    if distributed.is_main():
+        print(json.dumps(summary))
     return 0

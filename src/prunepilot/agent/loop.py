@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..data import calibration_split, check_token_ids
 from ..engine import ModelAdapter, keeps_placement, resolve_device, weight_2d
 from ..errors import PrunepilotError
@@ -116,7 +117,7 @@ class AgentRun:
     def __init__(self, model, tokenizer, cfg: AgentConfig, out_dir: Path, controller=None,
                  calibration: torch.Tensor | None = None, held_out: torch.Tensor | None = None):
         self.model, self.tokenizer, self.cfg, self.out_dir = model, tokenizer, cfg, out_dir
-        self.device = resolve_device(cfg.device)
+        self.device = resolve_device(distributed.local_device(cfg.device))  # torchrun + CUDA: this rank's GPU
         self.adapter = ModelAdapter(model, cfg.include, cfg.ignore)
         self.coverage = self.adapter.coverage()  # a block weight no method handles stops here, unless excluded
         self.linears = self.adapter.all_linears()
@@ -125,7 +126,8 @@ class AgentRun:
         self.names = list(self.linears)
         self.journal = Journal(out_dir / "journal.jsonl")
         self.calib, self.held, self.calib_summary = self._data(calibration, held_out)
-        self.guard = make_controller(cfg, str(self.device), controller)
+        # torchrun: rank 0 asks the controller and broadcasts its decision; every rank writes nothing but rank 0
+        self.guard = make_controller(cfg, str(self.device), controller) if distributed.is_main() else None
         self.records: list[IterationRecord] = []
         self.header: JournalHeader | None = None
         self.s: dict[str, float] = {}
@@ -175,7 +177,8 @@ class AgentRun:
 
     def start(self) -> None:
         """A fresh run: profile and measure the starting model, write the journal header."""
-        atomic_write_text(self.out_dir / "agent.yaml", self.cfg.to_yaml())
+        if distributed.is_main():
+            atomic_write_text(self.out_dir / "agent.yaml", self.cfg.to_yaml())
         self.s = self.profile({}, desc="profile")
         baseline = self.held_ppl()
         self.grad = self.gradients()
@@ -183,19 +186,23 @@ class AgentRun:
                                     self.cfg.replay_key(), self.names, self.cfg.target_sparsity, baseline,
                                     int(self.held.numel()), self.calib_summary, self.grad,
                                     time.strftime("%Y-%m-%dT%H:%M:%S"))
-        self.journal.write_header(self.header)
+        if distributed.is_main():
+            self.journal.write_header(self.header)
         self.ppl_acc = baseline
         log.info("agent: %d prunable linears, held-out ppl %.3f (%d tokens), target sparsity %.3f",
                  len(self.names), baseline, self.held.numel(), self.cfg.target_sparsity)
 
     def resume(self) -> None:
         """Continue a journaled run: check it belongs to this model and data, replay its accepted steps."""
-        self.journal.drop_partial_tail()
-        self.header, self.records = self.journal.read()
+        if distributed.is_main():
+            self.journal.drop_partial_tail()
+        # torchrun: rank 0's reading, on every rank (other nodes need not see the folder)
+        self.header, self.records = distributed.broadcast(self.journal.read() if distributed.is_main() else None)
         _check_header(self.header, self.cfg, model_fingerprint(self.model), _data_hash(self.calib, self.held),
                       self.names, self.journal.path)
-        _warn_changed_settings(self.out_dir / "agent.yaml", self.cfg)
-        atomic_write_text(self.out_dir / "agent.yaml", self.cfg.to_yaml())
+        if distributed.is_main():  # a refused resume leaves the saved settings alone
+            _warn_changed_settings(self.out_dir / "agent.yaml", self.cfg)
+            atomic_write_text(self.out_dir / "agent.yaml", self.cfg.to_yaml())
         self.grad, s = self.header.grad, None
         for rec in tqdm(self.records, desc="replaying journal", leave=False):
             if rec.accepted:  # even a step that applied nothing refreshed the profile
@@ -235,7 +242,7 @@ class AgentRun:
         t0 = time.time()
         numel, zeros = zero_counts(self.adapter)
         obs = self.observe(numel, zeros)
-        decision = self.guard.decide(obs)
+        decision = distributed.broadcast(self.guard.decide(obs) if distributed.is_main() else None)
         st = decision.stats
         base = dict(iteration=obs.iteration, source=decision.source, decision=decision.to_dict(),
                     warnings=decision.warnings, sparsity_before=obs.current_sparsity, ppl_before=self.ppl_acc,
@@ -289,7 +296,7 @@ class AgentRun:
 
     def run(self, resume: bool) -> AgentResult:
         t_start = time.time()
-        if resume and self.journal.exists():
+        if resume and distributed.broadcast(self.journal.exists()):  # rank 0's folder decides
             self.resume()
         else:
             self.start()
@@ -297,7 +304,8 @@ class AgentRun:
                    desc="agent")
         while (stop_reason := self.stop_reason()) is None:
             rec = self.iterate()
-            self.journal.append(rec)
+            if distributed.is_main():
+                self.journal.append(rec)
             self.records.append(rec)
             log.info("iter %d [%s, %.1fs] %d layers: sparsity %.4f -> %.4f, ppl %.3f -> %.3f (%+.1f%%) %s",
                      rec.iteration, rec.source, rec.controller_s, len(rec.applied), rec.sparsity_before,
@@ -310,9 +318,11 @@ class AgentRun:
         numel, zeros = zero_counts(self.adapter)
         report = build_report(self.cfg, self.header, self.records, numel, zeros, stop_reason, time.time() - t_start)
         report["coverage"] = self.coverage.to_dict()
-        write_report(report, self.out_dir)
-        if self.cfg.save_model:
-            save_model(self.model, self.tokenizer, self.out_dir / "model")
+        report["distributed"] = distributed.summary(self.calib.shape[0])
+        if distributed.is_main():  # every rank holds the same pruned model
+            write_report(report, self.out_dir)
+            if self.cfg.save_model:
+                save_model(self.model, self.tokenizer, self.out_dir / "model")
         log.info("agent stopped (%s) after %d iterations: sparsity %.4f, held-out ppl %.3f -> %.3f",
                  stop_reason, len(self.records), report["global_sparsity"], self.header.baseline_ppl,
                  report["final_ppl"])
@@ -342,8 +352,12 @@ def run_agent(model, tokenizer, config: AgentConfig | dict, out_dir: str | Path,
         raise PrunepilotError(f"{journal.path} already exists: pass --resume to continue that run, "
                               "or choose another output folder")
     if resume and journal.exists() and not journal.has_header():  # killed while writing the first line
-        log.warning("%s holds no complete header: starting the run afresh", journal.path)
-        journal.path.unlink()
+        distributed.barrier()  # torchrun: every rank has seen the journal before rank 0 removes it
+        if distributed.is_main():
+            log.warning("%s holds no complete header: starting the run afresh", journal.path)
+            journal.path.unlink()
+        resume = False
+    distributed.barrier()  # every rank has checked the folder before rank 0 writes into it
     model.eval()
     run = AgentRun(model, tokenizer, cfg, out_dir, controller, calibration, held_out)
     return run.run(resume)
