@@ -967,3 +967,12 @@ def test_validator_accepts_a_raw_newline_inside_the_reasoning():
     text = '{"reasoning": "prune\nthe first\tone", "stop_pruning": false, "layer_decisions": [{"layer": "%s", ' \
            '"extra_sparsity": 0.1}]}' % NAMES[0]
     assert parse_decision(text, NAMES).reasoning == "prune\nthe first\tone"
+
+
+def test_prompt_states_the_pace_that_reaches_the_target():
+    """remaining 0.25 over 8 iterations left at current 0.25: 0.25 / 8 / 0.75 = 0.0417 extra on every layer."""
+    from prunepilot.agent.prompts import render_user_prompt
+
+    obs = Observation(2, 10, 0.5, 0.25, obs_for(NAMES).rows, 10.0, 10.0, 0.15)
+    prompt = render_user_prompt(obs)
+    assert "about 0.042 extra_sparsity on every layer" in prompt and "(e.g. 0.083 on half of them)" in prompt

@@ -122,3 +122,26 @@ def test_sparsegpt_group_sweep_equals_one_linear_at_a_time(pattern):
     for a, b, wa, wb in zip(masks_alone, masks_together, alone, together):
         assert (a != b).float().mean().item() <= 0.001 and b.float().mean().item() == pytest.approx(0.5)
         torch.testing.assert_close(wa, wb, rtol=1e-4, atol=1e-5)
+
+
+def test_lowest_k_picks_exactly_k_smallest_ties_in_index_order():
+    from prunepilot.methods.sparsegpt import lowest_k
+
+    v = torch.tensor([3.0, 1.0, 2.0, 1.0, 5.0, 1.0])
+    assert lowest_k(v, 1).tolist() == [False, True, False, False, False, False]
+    assert lowest_k(v, 2).tolist() == [False, True, False, True, False, False]
+    assert lowest_k(v, 4).tolist() == [False, True, True, True, False, True]
+    assert lowest_k(v, 6).all()
+
+
+def test_inverse_cholesky_is_the_upper_factor_of_the_damped_inverse():
+    from prunepilot.methods.sparsegpt import _inverse_cholesky
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 16, generator=g, dtype=torch.float64)
+    H = x.t() @ x
+    U = _inverse_cholesky(H, 0.01)
+    damped = H + 0.01 * H.diag().mean() * torch.eye(16, dtype=torch.float64)
+    assert torch.equal(U, U.triu()) and (U.diag() > 0).all()
+    torch.testing.assert_close(U.t() @ U, torch.linalg.inv(damped))
+    torch.testing.assert_close(U, torch.linalg.cholesky(torch.linalg.inv(damped), upper=True))

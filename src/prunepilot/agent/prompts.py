@@ -34,6 +34,8 @@ is scaled down by the same factor. A layer's share of the global gain is weights
 
 Iteration {iteration} (at most {max_iterations}; {iterations_left} left).
 Global sparsity: current {current:.4f}, target {target:.4f}, still to prune {remaining:.4f}.
+Pace to reach the target in the iterations left: about {pace:.3f} extra_sparsity on every layer this iteration,
+or proportionally more on fewer layers (e.g. {pace_half:.3f} on half of them).
 Held-out perplexity: baseline {baseline_ppl:.3f}, current {current_ppl:.3f} ({ppl_vs_baseline:+.1%} vs baseline).
 
 History of your decisions (newest first; "fallback" = the built-in policy decided because your answer was
@@ -141,10 +143,13 @@ def render_user_prompt(obs: Observation, errors: list[str] | None = None, table_
         err = ("\nYour previous answer was rejected: " + errors[-1] +
                "\nUse only layer names from the table, numbers in range, and exactly the three keys.\n")
     cap = obs.max_total_ppl_rise
+    remaining = max(0.0, obs.target_sparsity - obs.current_sparsity)
+    # extra on the remaining weights of every layer that gains remaining / iterations_left of global sparsity
+    pace = remaining / max(1, obs.max_iterations - obs.iteration) / max(1e-9, 1 - obs.current_sparsity)
     return USER_TEMPLATE.format(
         iteration=obs.iteration, max_iterations=obs.max_iterations,
         iterations_left=obs.max_iterations - obs.iteration, current=obs.current_sparsity,
-        target=obs.target_sparsity, remaining=max(0.0, obs.target_sparsity - obs.current_sparsity),
+        target=obs.target_sparsity, remaining=remaining, pace=pace, pace_half=min(2 * pace, 1.0),
         baseline_ppl=obs.baseline_ppl, current_ppl=obs.current_ppl,
         ppl_vs_baseline=obs.current_ppl / obs.baseline_ppl - 1 if obs.baseline_ppl else 0.0,
         threshold=obs.rollback_threshold, total_cap=f", or ends more than {cap:.0%} above the baseline" if cap else "",

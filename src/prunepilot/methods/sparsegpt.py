@@ -11,40 +11,53 @@ from .base import PruningMethod
 
 
 class HessianState:
-    """H = (2/n) Σ x xᵀ over all calibration tokens, accumulated in float32. (in, in)"""
+    """H = (2/n) Σ x xᵀ over all calibration tokens: the raw sum Σ x xᵀ in float32 and n; H scales it once."""
 
     def __init__(self, in_features: int, device):
-        self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.xxt = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
-        t = x.shape[0]
-        self.H.mul_(self.n / (self.n + t))
-        x = x * (2.0 / (self.n + t)) ** 0.5
-        self.H.addmm_(x.t(), x)
-        self.n += t
+        self.xxt.addmm_(x.t(), x)
+        self.n += x.shape[0]
+
+    @property
+    def H(self) -> torch.Tensor:
+        return self.xxt * (2.0 / max(self.n, 1))
 
     def all_reduce(self) -> None:
-        """Merge the ranks' Hessians (distributed calibration): (2/N) Σ x xᵀ over every rank's tokens."""
-        total = distributed.all_reduce_(self.H * self.n)
+        """Merge the ranks' sums (distributed calibration): Σ x xᵀ and n over every rank's tokens."""
+        distributed.all_reduce_(self.xxt)
         self.n = int(distributed.total(self.n))
-        self.H = total / max(self.n, 1)
 
 
 def _inverse_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
-    """Upper Cholesky factor of H⁻¹ after dampening the diagonal (more damping if H is not PD)."""
+    """Upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU) after dampening the diagonal (more damping if H is not PD).
+
+    With J the order-reversing permutation and J H J = L Lᵀ (one Cholesky), H⁻¹ = J L⁻ᵀ L⁻¹ J = UᵀU for
+    U = J L⁻¹ J, which is upper triangular with a positive diagonal: the factor itself, from one Cholesky and one
+    triangular inverse (the reference computes cholesky, cholesky_inverse, then a second cholesky)."""
     eye = torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
     damp = percdamp * torch.mean(torch.diag(H))
     for _ in range(6):
-        L, info = torch.linalg.cholesky_ex(H + damp * eye)
+        L, info = torch.linalg.cholesky_ex((H + damp * eye).flip(0, 1))
         if info == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if info == 0:
+            U = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
+            if torch.isfinite(U).all():
                 return U
         damp = damp * 10
     raise PrunepilotError("SparseGPT: Hessian is not positive definite even after damping")
+
+
+def lowest_k(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of exactly k of the smallest entries of a 1-D tensor: every entry below the k-th smallest value,
+    then entries equal to it in index order (kthvalue is several times faster than topk for k ~ n/2)."""
+    kth = torch.kthvalue(values, k).values
+    mask = values < kth
+    ties = (values == kth).nonzero().flatten()
+    mask[ties[: k - int(mask.sum())]] = True
+    return mask
 
 
 class SparseGPTOptions(Strict):
@@ -83,7 +96,7 @@ class SparseGPT(PruningMethod):
         if pattern is not None and cols % pattern[1]:
             raise PrunepilotError(f"N:M pattern needs the input width ({cols}) divisible by {pattern[1]}")
         W = torch.cat([w.detach().float() for w in weights])  # (rows, in): every matrix's rows, stacked
-        H = state.H.clone()
+        H = state.H  # a fresh tensor: (2/n) Σ x xᵀ
         dead = torch.diag(H) == 0
         H[dead, dead] = 1
         W[:, dead] = 0
@@ -133,7 +146,5 @@ class SparseGPT(PruningMethod):
             part = sal[:, a:b]
             k = int(part.numel() * sparsity)
             if k:
-                flat = torch.zeros(part.numel(), dtype=torch.bool, device=sal.device)
-                flat[torch.topk(part.t().flatten(), k, largest=False).indices] = True
-                mask[:, a:b] = flat.view(b - a, -1).t()
+                mask[:, a:b] = lowest_k(part.t().flatten(), k).view(b - a, -1).t()
         return mask
