@@ -5,7 +5,9 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -57,6 +59,9 @@ def _add_prune_parser(sub) -> None:
     p.add_argument("--out", required=True, help="output folder (model/, recipe.yaml, report.json, sparsity.png)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--no-save-model", action="store_true", help="write only the recipe and report")
+    p.add_argument("--offload", choices=["none", "disk"], default="none",
+                   help="disk: decoder blocks stay in the safetensors files and are read one at a time (models "
+                        "larger than host memory; magnitude, wanda, sparsegpt)")
 
 
 def _add_eval_parser(sub) -> None:
@@ -141,17 +146,50 @@ def _recipe_from_args(args):
     return Recipe.from_dict(data)
 
 
-def _ppl_all(model, tokenizer, datasets, seqlen, max_windows, batch_size=1) -> dict:
+def _ppl_all(model, tokenizer, datasets, seqlen, max_windows, batch_size=1, device=None) -> dict:
     from .eval.perplexity import perplexity
 
-    return {d: perplexity(model, tokenizer, d, seqlen, batch_size, max_windows) for d in datasets}
+    return {d: perplexity(model, tokenizer, d, seqlen, batch_size, max_windows, device) for d in datasets}
+
+
+def _load_for_prune(args, recipe, device, scratch: Path | None):
+    """(model, tokenizer): in memory on `device`, or (scratch given: --offload disk) with its blocks left in the
+    files, changed blocks written to `scratch` until the model is saved."""
+    from .modeling import load_model_and_tokenizer, load_tokenizer
+
+    if scratch is None:
+        return load_model_and_tokenizer(args.model, recipe.dtype, str(device), args.gguf_file)
+    from .engine import ModelAdapter
+    from .engine.offload import load_offloaded
+    from .modelfiles import parse_dtype
+    from .registry import PER_BLOCK, get_spec
+
+    if get_spec(recipe.method).pipeline is not PER_BLOCK:
+        raise PrunepilotError(f"--offload disk works with the per-block methods (magnitude, wanda, sparsegpt); "
+                              f"{recipe.method} resizes the model and needs it in memory")
+    if not Path(args.model).is_dir() or args.gguf_file:
+        raise PrunepilotError("--offload disk needs a local folder of safetensors weights (no hub name, no GGUF)")
+    model = load_offloaded(args.model, parse_dtype(recipe.dtype), lambda m: ModelAdapter(m).block_path, scratch)
+    return model, load_tokenizer(args.model)
 
 
 def cmd_prune(args) -> int:
+    if args.offload != "disk":
+        return _prune_command(args, None)
+    parent = Path(args.out).resolve().parent  # changed blocks wait next to the output (as large as the model)
+    parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".prunepilot-offload-", dir=parent))
+    try:
+        return _prune_command(args, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _prune_command(args, scratch: Path | None) -> int:
     from . import distributed
     from .api import prune
     from .engine import resolve_device
-    from .modeling import context_length, load_model_and_tokenizer
+    from .modeling import context_length
     from .registry import get_spec
     from .report import environment, save_result
 
@@ -162,16 +200,18 @@ def cmd_prune(args) -> int:
         raise PrunepilotError(f"output folder {out} is not empty; pass --overwrite to replace it")
     device = resolve_device(distributed.local_device(recipe.device))  # torchrun + CUDA: this rank's GPU
     t0 = time.time()
-    model, tokenizer = load_model_and_tokenizer(args.model, recipe.dtype, str(device), args.gguf_file)
+    model, tokenizer = _load_for_prune(args, recipe, device, scratch)
     load_s = time.time() - t0
     ev = recipe.evaluation
     if ev.datasets and ev.seqlen and ev.seqlen > context_length(model):  # fail before pruning, not after
         raise PrunepilotError(f"evaluation seqlen {ev.seqlen} exceeds the model's context of "
                               f"{context_length(model)} tokens; pass a shorter --eval-seqlen")
-    before = _ppl_all(model, tokenizer, ev.datasets, ev.seqlen, ev.max_windows, ev.batch_size) if ev.before else {}
+    ppl_device = device if scratch is not None else None  # offloaded: blocks go to the compute device one at a time
+    before = _ppl_all(model, tokenizer, ev.datasets, ev.seqlen, ev.max_windows, ev.batch_size,
+                      ppl_device) if ev.before else {}
     n_params_before = sum(p.numel() for p in model.parameters())
     report = prune(model, recipe, tokenizer)
-    after = _ppl_all(model, tokenizer, ev.datasets, ev.seqlen, ev.max_windows, ev.batch_size)
+    after = _ppl_all(model, tokenizer, ev.datasets, ev.seqlen, ev.max_windows, ev.batch_size, ppl_device)
     result = {"model": args.model, "environment": environment(device), **report.to_dict(),
               "parameters_before": n_params_before,
               "parameters_after": sum(p.numel() for p in model.parameters()),

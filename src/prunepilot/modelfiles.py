@@ -65,6 +65,11 @@ def save_tokenizer(tokenizer, folder: str | Path) -> None:
 def save_model_files(model, tokenizer, folder: str | Path) -> None:
     """model.save_pretrained + tokenizer into `folder` (GGUF-loaded models are saved as float weights).
     Not atomic by itself: callers write into a temporary folder (io.atomic_dir)."""
-    with gguf_detached(model):
-        model.save_pretrained(folder)
+    from .engine.offload import is_offloaded, save_offloaded
+
+    if is_offloaded(model):  # blocks on disk: written one at a time
+        save_offloaded(model, Path(folder))
+    else:
+        with gguf_detached(model):
+            model.save_pretrained(folder)
     save_tokenizer(tokenizer, folder)

@@ -14,6 +14,7 @@ import time
 from . import allocation
 from .engine import ModelAdapter, blocks, weight_2d
 from .engine.moe import ExpertMatrix
+from .engine.offload import block_placed
 from .errors import PrunepilotError
 from .job import PruneJob, PruneReport
 from .masks import parse_pattern
@@ -24,12 +25,14 @@ log = logging.getLogger(__name__)
 
 
 def layer_stats(adapter: ModelAdapter) -> dict[str, dict]:
-    """Zero count and shape of every prunable linear."""
+    """Zero count and shape of every prunable linear (an offloaded block is read from disk to count)."""
     out = {}
-    for name, lin in adapter.all_linears().items():
-        w = weight_2d(lin)
-        zeros = int((w == 0).sum())
-        out[name] = {"shape": list(w.shape), "numel": w.numel(), "zeros": zeros, "sparsity": zeros / w.numel()}
+    for i in range(len(adapter)):
+        with block_placed(adapter, i, None):
+            for name, lin in adapter.linears(i).items():
+                w = weight_2d(lin)
+                zeros = int((w == 0).sum())
+                out[name] = {"shape": list(w.shape), "numel": w.numel(), "zeros": zeros, "sparsity": zeros / w.numel()}
     return out
 
 
@@ -76,8 +79,9 @@ def prune_blocks(job: PruneJob, adapter: ModelAdapter, ids, targets: list[float]
     method, pattern = job.method, parse_pattern(job.recipe.pattern)
     if not method.needs_calibration:
         for i in range(len(adapter)):
-            for lin in adapter.linears(i).values():
-                method.prune(weight_2d(lin), method.init_state(weight_2d(lin)), targets[i], pattern)
+            with block_placed(adapter, i, None):  # where it lies; an offloaded block is read from disk
+                for lin in adapter.linears(i).values():
+                    method.prune(weight_2d(lin), method.init_state(weight_2d(lin)), targets[i], pattern)
         return {}
     fallback, starved = Magnitude(MagnitudeOptions(granularity="row")), {}
     for blk in blocks(adapter, ids, job.device, states=lambda name, lin: method.init_state(weight_2d(lin)),

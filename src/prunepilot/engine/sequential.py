@@ -30,6 +30,7 @@ from .. import distributed
 from .adapter import ModelAdapter
 from .capture import BlockInputs, capture_block_inputs, tagged_batches
 from .moe import ExpertMatrix, routed_hook
+from .offload import block_placed
 
 log = logging.getLogger(__name__)
 
@@ -151,16 +152,12 @@ class BlockPass:
         return self.inputs.tag
 
     def __iter__(self) -> Iterator[Block]:
-        for i, module in enumerate(tqdm(self.adapter.blocks, desc=self.desc, leave=False)):
-            home = next(module.parameters()).device
-            module.to(self.device)
-            blk = Block(i, module, self.select(i, module), inputs=self.inputs)
-            dense_out = self._observe(blk)
-            yield blk
-            self.inputs.hidden = dense_out if self.outputs == "dense" else run_block(module, i, self.inputs)
-            module.to(home)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+        for i in tqdm(range(len(self.adapter.blocks)), desc=self.desc, leave=False):
+            with block_placed(self.adapter, i, self.device) as module:  # moved, or read from disk (offload)
+                blk = Block(i, module, self.select(i, module), inputs=self.inputs)
+                dense_out = self._observe(blk)
+                yield blk
+                self.inputs.hidden = dense_out if self.outputs == "dense" else run_block(module, i, self.inputs)
 
     def _observe(self, blk: Block) -> list[torch.Tensor] | None:
         """Run the block once with its linears' inputs fed to fresh states; return the outputs when they move on

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from .. import distributed
 from ..data import TextSource, load_documents, tokenize_stream
 from ..engine import ModelAdapter, blocks, blocks_bypassed, keeps_placement
+from ..engine.offload import is_offloaded
 from ..errors import PrunepilotError
 from ..modeling import context_length, default_eval_seqlen
 
@@ -99,5 +100,9 @@ def perplexity(model, tokenizer, source: str | TextSource, seqlen: int | None = 
     src = TextSource.parse(source) if isinstance(source, str) else source
     seqlen = default_eval_seqlen(model) if seqlen is None else seqlen  # 0 is an error below, not "unset"
     tokens = tokenize_stream(tokenizer, load_documents(src), add_special_tokens=True)
-    result = perplexity_of_tokens(model, tokens, seqlen, batch_size, max_windows, device, desc=f"ppl {src.domain}")
+    if is_offloaded(model):  # blocks on disk: one at a time through the sequential engine
+        result = perplexity_sequential(model, tokens, seqlen, device or "cpu", batch_size, max_windows,
+                                       desc=f"ppl {src.domain}")
+    else:
+        result = perplexity_of_tokens(model, tokens, seqlen, batch_size, max_windows, device, desc=f"ppl {src.domain}")
     return {"dataset": src.domain, "source": str(src), **result}

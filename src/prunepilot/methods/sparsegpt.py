@@ -124,12 +124,12 @@ class SparseGPT(PruningMethod):
         for i in range(i2 - i1):
             if pattern is not None and i % pattern[1] == 0:  # this m-group's mask, chosen on updated weights
                 if i == 0:
-                    mask_t = torch.zeros_like(Wt, dtype=torch.bool)
+                    mask_t, pruned = torch.zeros_like(Wt, dtype=torch.bool), torch.zeros_like(Wt)
                 n, m = pattern
                 sal = Wt[i:i + m].pow(2) / d1[i:i + m].pow(2).unsqueeze(1)         # (m, rows)
                 idx = torch.topk(sal, m - n, dim=0, largest=False).indices
                 mask_t[i:i + m].scatter_(0, idx, True)
-                pruned = mask_t.to(Wt.dtype)
+                pruned[i:i + m].scatter_(0, idx, 1.0)                             # the group's rows only
             e = Wt[i] * pruned[i] / d1[i]                     # (w - q) / d: w / d where pruned, 0 where kept
             Wt[i:].addr_(U1[i, i:], e, alpha=-1.0)            # W1[:, i:] -= e ⊗ U1[i, i:]
             err[i] = e

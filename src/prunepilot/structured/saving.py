@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..engine import ModelAdapter
+from ..engine.offload import is_offloaded
 from ..errors import PrunepilotError
 from ..io import atomic_dir
 from ..modelfiles import gguf_detached, load_error, parse_dtype, save_model_files, save_tokenizer
@@ -115,7 +116,7 @@ def save_pruned(model, tokenizer, path: str | Path, overwrite: bool = False) -> 
     A model that still matches its config (unstructured pruning) is an ordinary save_pretrained; a resized one is
     saved with a config stating its uniform widths when that can express it, else with prunepilot_widths.json."""
     with atomic_dir(path, overwrite=overwrite) as tmp:
-        if matches_config(model):
+        if is_offloaded(model) or matches_config(model):
             save_model_files(model, tokenizer, tmp)
         else:
             _save_resized(model, tmp)
