@@ -145,3 +145,13 @@ def test_inverse_cholesky_is_the_upper_factor_of_the_damped_inverse():
     assert torch.equal(U, U.triu()) and (U.diag() > 0).all()
     torch.testing.assert_close(U.t() @ U, torch.linalg.inv(damped))
     torch.testing.assert_close(U, torch.linalg.cholesky(torch.linalg.inv(damped), upper=True))
+
+
+def test_lowest_k_is_the_same_through_a_sort():
+    """The CUDA path (order statistic from a full sort) selects exactly what the CPU path (kthvalue) selects."""
+    from prunepilot.stats import order_stats
+
+    g = torch.Generator().manual_seed(0)
+    v = torch.randint(0, 50, (1000,), generator=g).float()  # many ties
+    for k in (1, 333, 500, 1000):
+        assert order_stats(v, [k], by_sort=True)[0] == order_stats(v, [k], by_sort=False)[0] == v.sort().values[k - 1]

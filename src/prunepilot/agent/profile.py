@@ -26,7 +26,7 @@ from .. import distributed
 from ..engine import (ModelAdapter, block_output, blocks, blocks_bypassed, grad_2d, kept_placement, leaf_parameter,
                       move_outside_blocks, weight_2d)
 from ..methods.wanda import Wanda
-from ..stats import zscore_list
+from ..stats import order_stats, zscore_list
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +37,8 @@ def percentile(x: torch.Tensor, q: float, by_sort: bool | None = None) -> float:
     """q-quantile with linear interpolation between order statistics (numpy's default); works on tensors too
     large for torch.quantile. Empty input -> 0.
 
-    by_sort (default: on CUDA): read the order statistics from a full sort. CUDA's kthvalue selects inside
-    one thread block and is ~20x slower than a radix sort on tens of millions of elements
-    (pytorch/pytorch#75599): for an 8B model, two selections per linear made each profile pass take minutes.
-    On the CPU kthvalue (quickselect, O(n)) is the faster one. Both give the same value."""
+    by_sort: see stats.order_stats (default: a full sort on CUDA, where two kthvalue selections per linear made
+    each profile pass of an 8B model take minutes). Both give the same value."""
     x = x.flatten().float()
     n = x.numel()
     if n == 0:
@@ -48,13 +46,8 @@ def percentile(x: torch.Tensor, q: float, by_sort: bool | None = None) -> float:
     pos = q * (n - 1)
     lo = int(math.floor(pos))
     need_hi = pos != lo and lo + 1 < n
-    if x.is_cuda if by_sort is None else by_sort:
-        ordered = torch.sort(x).values
-        v_lo = ordered[lo].item()
-        v_hi = ordered[lo + 1].item() if need_hi else v_lo
-    else:
-        v_lo = x.kthvalue(lo + 1).values.item()
-        v_hi = x.kthvalue(lo + 2).values.item() if need_hi else v_lo
+    values = [v.item() for v in order_stats(x, [lo + 1, lo + 2] if need_hi else [lo + 1], by_sort)]
+    v_lo, v_hi = values[0], values[-1]
     return v_lo + (pos - lo) * (v_hi - v_lo)
 
 
