@@ -1,5 +1,5 @@
 """Issue 16's GPU measurements in one call (<= 8 minutes on an H100/H200): SparseGPT 50% on an 8B-shaped Qwen3,
-one agent iteration at 8B split into its phases, and Wanda on a 32B-shaped Qwen3 whose weights stay in CPU
+one agent iteration at 8B split into its phases, FLAP 50% prefill speed against its FLOP ratio, and Wanda on a 32B-shaped Qwen3 whose weights stay in CPU
 memory (one block on the GPU at a time): peak GPU memory and host RSS. Random weights (quality is measured on
 real models on the CPU by the other bench scripts); every part prints one JSON line as soon as it ends, so a run
 cut short still reports what finished.
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import sys
 import time
 from collections import defaultdict
@@ -30,6 +31,8 @@ from gpu_engine import SHAPES, build, n_params  # noqa: E402
 
 from prunepilot.agent.loop import AgentRun  # noqa: E402
 from prunepilot.api import prune  # noqa: E402
+from prunepilot.eval.flops import ideal_speedup  # noqa: E402
+from prunepilot.eval.speed import measure_speed  # noqa: E402
 
 
 def emit(record: dict, out: Path | None) -> None:
@@ -98,6 +101,24 @@ def agent(args) -> dict:
             "iterations": res.iterations, "peak_gpu_gib": gpu_peak_gib(args.device)}
 
 
+def structured(args) -> dict:
+    """FLAP 50% (widths x128) against the dense model: prefill speed-up (median of alternating pairs, last-position
+    logits) next to the FLOP ratio it would reach if every kernel ran equally fast (eval/flops.py)."""
+    dense = build(args.shape, getattr(torch, args.dtype), args.device)
+    pruned = build(args.shape, getattr(torch, args.dtype), args.device)
+    multiple = min(128, SHAPES[args.shape]["intermediate_size"] // 16)  # 128 at 8B; smaller for the smoke shape
+    prune(pruned, {"method": "flap", "sparsity": 0.5, "device": args.device,
+                   "structured": {"channel_multiple": multiple}}, calibration=ids(args.shape, args.n_samples, args.seqlen))
+    run = lambda m: measure_speed(m, args.prefill_seq, args.prefill_batch, 0, repeats=1, warmup=0)  # noqa: E731
+    run(dense), run(pruned)  # warm-up
+    pairs = [(run(dense)["prefill_tok_s"], run(pruned)["prefill_tok_s"]) for _ in range(3)]
+    return {"part": "structured_prefill", "shape": args.shape, "params_after": n_params(pruned), "channel_multiple": multiple,
+            "prefill": f"{args.prefill_batch} x {args.prefill_seq}", "prefill_logits": run(dense)["prefill_logits"],
+            "prefill_speedup": round(statistics.median(p / d for d, p in pairs), 3),
+            "ideal_flops_speedup": round(ideal_speedup(dense, pruned, args.prefill_seq), 3),
+            "ideal_flops_speedup_all_logits": round(ideal_speedup(dense, pruned, args.prefill_seq, False), 3)}
+
+
 def big_wanda(args) -> dict:
     """The model stays in CPU memory; the engine moves one block at a time to the GPU."""
     model = build(args.big_shape, getattr(torch, args.dtype), "cpu")
@@ -122,13 +143,15 @@ def main() -> None:
     ap.add_argument("--n-samples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--grad-samples", type=int, default=4)
-    ap.add_argument("--parts", default="sparsegpt,agent,big", help="comma-separated subset")
+    ap.add_argument("--prefill-batch", type=int, default=8)
+    ap.add_argument("--prefill-seq", type=int, default=1024)
+    ap.add_argument("--parts", default="sparsegpt,agent,structured,big", help="comma-separated subset")
     ap.add_argument("--out", type=Path, help="append the JSON lines here too")
     args = ap.parse_args()
     gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     emit({"part": "environment", "gpu": gpu, "torch": torch.__version__}, args.out)
     for part in args.parts.split(","):
-        record = {"sparsegpt": sparsegpt, "agent": agent, "big": big_wanda}[part](args)
+        record = {"sparsegpt": sparsegpt, "agent": agent, "structured": structured, "big": big_wanda}[part](args)
         emit(record, args.out)
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()

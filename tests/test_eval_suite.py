@@ -593,3 +593,21 @@ def test_real_arc_easy_stories260k():
     reqs = [Request(*encode_pair(tok, c, t)) for it in items for c, t in zip(it.contexts, it.continuations)]
     reused, plain = score_requests(model, reqs), score_requests(model, reqs, reuse_prefix=False)
     assert [r.logprob for r in reused] == pytest.approx([p.logprob for p in plain], abs=1e-3)
+
+
+def test_prefill_flops_hand_counted_on_a_tiny_llama():
+    """hidden 8, intermediate 12, 2 layers, 2 heads x head_dim 4, 1 KV head, vocab 16, seq 3:
+    per block q 8x8, k 8x4, v 8x4, o 8x8, gate/up/down 3 x 8x12 = 64+32+32+64+288 = 480 weights -> 960 FLOPs;
+    attention 4 x 8 x (3+1)/2 = 64 per layer; head 2 x 8 x 16 = 256 per token, / 3 with the last logits only."""
+    import transformers as tf
+
+    from prunepilot.eval.flops import ideal_speedup, prefill_flops
+
+    cfg = tf.LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=12, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=4, tie_word_embeddings=False)
+    model = tf.LlamaForCausalLM(cfg)
+    f = prefill_flops(model, 3)
+    assert f == {"blocks": 2 * 960, "attention": 2 * 64, "head": 256 / 3, "total": 1920 + 128 + 256 / 3}
+    assert prefill_flops(model, 3, last_logits_only=False)["head"] == 256
+    small = tf.LlamaForCausalLM(tf.LlamaConfig(**{**cfg.to_dict(), "intermediate_size": 6}))
+    assert ideal_speedup(model, small, 3) == pytest.approx(f["total"] / (f["total"] - 2 * 2 * 3 * 8 * 6))

@@ -1,11 +1,15 @@
 """Prefill and decode throughput of a causal LM (the point of structured pruning: a faster model).
 
     prefill: one forward over (batch, seq_len) random tokens with the KV cache on   -> batch*seq_len / s
+             logits of the last position only (logits_to_keep=1, as a serving stack computes them) when the
+             model's forward accepts it: all positions' logits would add batch*seq_len*vocab head work that
+             structured pruning does not touch (eval/flops.py)
     decode:  new_tokens greedy single-token steps reusing that cache               -> batch*new_tokens / s
 Warm-up runs first; the reported numbers are medians over `repeats` runs.
 """
 from __future__ import annotations
 
+import inspect
 import statistics
 import time
 
@@ -17,13 +21,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _last_logits_only(model) -> dict:
+    """{"logits_to_keep": 1} when the model's forward takes it (transformers' causal LMs), else {}."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
 @torch.inference_mode()
 def _run_once(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
     """(prefill seconds, decode seconds) of one generation of new_tokens after the prompt ids (batch, seq)."""
     device = ids.device
     _sync(device)
     t0 = time.perf_counter()
-    out = model(ids, use_cache=True)
+    out = model(ids, use_cache=True, **_last_logits_only(model))
     _sync(device)
     t1 = time.perf_counter()
     cache = out.past_key_values
@@ -53,4 +62,5 @@ def measure_speed(model, seq_len: int = 128, batch: int = 1, new_tokens: int = 3
     decode = statistics.median(r[1] for r in runs)
     return {"prefill_tok_s": batch * seq_len / prefill,
             "decode_tok_s": batch * new_tokens / decode if new_tokens else 0.0,
-            "seq_len": seq_len, "batch": batch, "new_tokens": new_tokens, "repeats": repeats}
+            "seq_len": seq_len, "batch": batch, "new_tokens": new_tokens, "repeats": repeats,
+            "prefill_logits": "last" if _last_logits_only(model) else "all"}
