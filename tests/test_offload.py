@@ -79,3 +79,22 @@ def test_offload_refuses_what_it_cannot_do(argv, message, tmp_path, capsys):
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not (tmp_path / "x").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_checkpoint_whose_blocks_do_not_match_its_config_is_one_line(tmp_path, capsys):
+    """A shard edited to another width: the block that does not fit is named, nothing is written."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    src = shared_path("models", "stories260K")
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad)
+    state = load_file(bad / "model.safetensors")
+    state["model.layers.1.mlp.up_proj.weight"] = state["model.layers.1.mlp.up_proj.weight"][:100]
+    save_file(state, str(bad / "model.safetensors"))
+    out = tmp_path / "runs" / "x"
+    assert main(["prune", str(bad), "--method", "wanda", *ARGS, "--offload", "disk", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "block model.layers.1 does not match the model's config" in err and err.count("\n") == 1
+    assert not (tmp_path / "runs").exists()

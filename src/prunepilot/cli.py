@@ -177,12 +177,15 @@ def cmd_prune(args) -> int:
     if args.offload != "disk":
         return _prune_command(args, None)
     parent = Path(args.out).resolve().parent  # changed blocks wait next to the output (as large as the model)
+    created = not parent.exists()
     parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".prunepilot-offload-", dir=parent))
     try:
         return _prune_command(args, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        if created and not any(parent.iterdir()):  # a refused run leaves no folder behind
+            parent.rmdir()
 
 
 def _prune_command(args, scratch: Path | None) -> int:

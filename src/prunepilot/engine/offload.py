@@ -86,7 +86,11 @@ class DiskBlocks:
         if missing:
             raise PrunepilotError(f"the checkpoint has no tensor {missing[0]} (and {len(missing) - 1} more)")
         tensors = _read(self.where, [prefix + n for n in names], device, self.dtype)
-        module.load_state_dict({n: tensors[prefix + n] for n in names}, assign=True, strict=True)
+        try:
+            module.load_state_dict({n: tensors[prefix + n] for n in names}, assign=True, strict=True)
+        except RuntimeError as e:  # shapes that are not the config's (a resized checkpoint, a damaged file)
+            first = str(e).strip().splitlines()[-1].strip()
+            raise PrunepilotError(f"block {prefix.rstrip('.')} does not match the model's config: {first}") from None
         module.to(device)  # buffers outside the state dict (non-persistent) follow
         self.versions[id(module)] = {n: t._version for n, t in module.state_dict().items()}
 
@@ -148,6 +152,9 @@ def load_offloaded(folder: str | Path, dtype: torch.dtype, block_path_of, scratc
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = Path(folder)
+    if (folder / "prunepilot_widths.json").exists():
+        raise PrunepilotError(f"{folder} holds a structurally pruned model (per-layer widths): --offload disk needs a "
+                              "checkpoint its config describes")
     config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary tables) computed for real
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
