@@ -12,6 +12,7 @@ host memory: the in-memory part plus about one block, whatever the depth.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 from contextlib import contextmanager
@@ -105,6 +106,25 @@ class DiskBlocks:
             self.where.update({prefix + n: file for n in state})
             self.written += 1
         _free(module)
+        _return_freed_memory()
+
+
+def _return_freed_memory() -> None:
+    """Give freed heap memory back to the OS (glibc): a released block's tensors (MBs each) land in malloc's heap
+    once its adaptive mmap threshold has grown, and without a trim the process keeps them, block after block."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _libc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+_LIBC = _libc()
 
 
 def _free(module: nn.Module) -> None:
