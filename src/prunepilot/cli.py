@@ -163,12 +163,16 @@ def _load_for_prune(args, recipe, device, scratch: Path | None):
     from .engine.offload import load_offloaded
     from .modelfiles import parse_dtype
     from .registry import PER_BLOCK, get_spec
+    from .structured.saving import WIDTHS_FILE
 
     if get_spec(recipe.method).pipeline is not PER_BLOCK:
         raise PrunepilotError(f"--offload disk works with the per-block methods (magnitude, wanda, sparsegpt); "
                               f"{recipe.method} resizes the model and needs it in memory")
     if not Path(args.model).is_dir() or args.gguf_file:
         raise PrunepilotError("--offload disk needs a local folder of safetensors weights (no hub name, no GGUF)")
+    if (Path(args.model) / WIDTHS_FILE).exists():
+        raise PrunepilotError(f"{args.model} holds a structurally pruned model (per-layer widths): --offload disk "
+                              "needs a checkpoint its config describes")
     model = load_offloaded(args.model, parse_dtype(recipe.dtype), lambda m: ModelAdapter(m).block_path, scratch)
     return model, load_tokenizer(args.model)
 

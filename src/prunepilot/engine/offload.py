@@ -30,8 +30,13 @@ log = logging.getLogger(__name__)
 INDEX = "model.safetensors.index.json"
 
 
+def offload_store(model: nn.Module) -> "DiskBlocks | None":
+    """The DiskBlocks of a model loaded by load_offloaded, else None."""
+    return getattr(model, "prunepilot_offload", None)
+
+
 def is_offloaded(model: nn.Module) -> bool:
-    return getattr(model, "prunepilot_offload", None) is not None
+    return offload_store(model) is not None
 
 
 def on_meta(module: nn.Module) -> bool:
@@ -77,12 +82,9 @@ class DiskBlocks:
         self.versions: dict[int, dict[str, int]] = {}
         self.written = 0
 
-    def _names(self, module: nn.Module) -> list[str]:
-        return list(module.state_dict().keys())
-
     def load(self, module: nn.Module, device) -> None:
         prefix = self.prefix[id(module)]
-        names = self._names(module)
+        names = list(module.state_dict())
         missing = [prefix + n for n in names if prefix + n not in self.where]
         if missing:
             raise PrunepilotError(f"the checkpoint has no tensor {missing[0]} (and {len(missing) - 1} more)")
@@ -144,7 +146,7 @@ def block_placed(adapter, i: int, device):
     """Block i on `device` for the duration: moved there and back, or read from disk and released (offloaded).
     device None: where it is (an offloaded block: read onto the CPU)."""
     module = adapter.blocks[i]
-    store = getattr(adapter.model, "prunepilot_offload", None)
+    store = offload_store(adapter.model)
     if store is not None and on_meta(module):
         store.load(module, device or "cpu")
         try:
@@ -172,9 +174,6 @@ def load_offloaded(folder: str | Path, dtype: torch.dtype, block_path_of, scratc
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = Path(folder)
-    if (folder / "prunepilot_widths.json").exists():
-        raise PrunepilotError(f"{folder} holds a structurally pruned model (per-layer widths): --offload disk needs a "
-                              "checkpoint its config describes")
     config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary tables) computed for real
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
@@ -194,9 +193,9 @@ def load_offloaded(folder: str | Path, dtype: torch.dtype, block_path_of, scratc
 def save_offloaded(model: nn.Module, folder: Path) -> None:
     """An ordinary sharded safetensors checkpoint of an offloaded model: shard 1 = what is in memory, then one
     shard per block read from wherever it is now (one block in memory at a time); config and index."""
-    store: DiskBlocks = model.prunepilot_offload
+    store = offload_store(model)
     folder.mkdir(parents=True, exist_ok=True)
-    blocks = sorted(set(store.prefix.values()), key=lambda p: int(p.rstrip(".").rsplit(".", 1)[1]))
+    blocks = list(store.prefix.values())  # block order, one prefix each
     n = 1 + len(blocks)
     name = lambda k: f"model-{k:05d}-of-{n:05d}.safetensors"  # noqa: E731
     ptrs, resident = set(), {}

@@ -27,12 +27,12 @@ def _last_logits_only(model) -> dict:
 
 
 @torch.inference_mode()
-def _run_once(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+def _run_once(model, ids: torch.Tensor, new_tokens: int, prefill_kwargs: dict) -> tuple[float, float]:
     """(prefill seconds, decode seconds) of one generation of new_tokens after the prompt ids (batch, seq)."""
     device = ids.device
     _sync(device)
     t0 = time.perf_counter()
-    out = model(ids, use_cache=True, **_last_logits_only(model))
+    out = model(ids, use_cache=True, **prefill_kwargs)
     _sync(device)
     t1 = time.perf_counter()
     cache = out.past_key_values
@@ -52,15 +52,16 @@ def measure_speed(model, seq_len: int = 128, batch: int = 1, new_tokens: int = 3
     vocab = model.get_input_embeddings().weight.shape[0]
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, seq_len), generator=gen).to(device)  # (batch, seq_len)
+    prefill_kwargs = _last_logits_only(model)  # looked up once, outside the timed forwards
     was_training = model.training
     model.eval()
     for _ in range(warmup):
-        _run_once(model, ids, min(new_tokens, 4))
-    runs = [_run_once(model, ids, new_tokens) for _ in range(repeats)]
+        _run_once(model, ids, min(new_tokens, 4), prefill_kwargs)
+    runs = [_run_once(model, ids, new_tokens, prefill_kwargs) for _ in range(repeats)]
     model.train(was_training)
     prefill = statistics.median(r[0] for r in runs)
     decode = statistics.median(r[1] for r in runs)
     return {"prefill_tok_s": batch * seq_len / prefill,
             "decode_tok_s": batch * new_tokens / decode if new_tokens else 0.0,
             "seq_len": seq_len, "batch": batch, "new_tokens": new_tokens, "repeats": repeats,
-            "prefill_logits": "last" if _last_logits_only(model) else "all"}
+            "prefill_logits": "last" if prefill_kwargs else "all"}
