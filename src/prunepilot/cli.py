@@ -14,6 +14,7 @@ from pathlib import Path
 from .agent.cli import add_agent_parser
 from .errors import PrunepilotError
 from .export.cli import add_export_parser, run_export
+from .model_store import add_fetch_parser, run_fetch
 
 log = logging.getLogger("prunepilot")
 
@@ -111,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     add_agent_parser(sub)
     add_export_parser(sub)
+    add_fetch_parser(sub)
     return parser
 
 
@@ -337,7 +339,8 @@ def cmd_report(args) -> int:
     return 0
 
 
-COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "methods": cmd_methods, "report": cmd_report, "export": run_export}
+COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "methods": cmd_methods, "report": cmd_report, "export": run_export,
+            "fetch-model": run_fetch}
 
 
 def _join_torchrun(args) -> None:
