@@ -297,7 +297,7 @@ def test_rollback_restores_weights_exactly_and_tells_the_controller(stories, tmp
     monkeypatch.setattr(loop, "prune_and_profile", destructive)
     ctl = Scripted([all_layers(0.15)])  # then stops
     cfg = AgentConfig(target_sparsity=0.5, eval_seqlen=256, eval_tokens=1024,  # default threshold 15%
-                      grad_samples=1, save_model=False, device="cpu",
+                      grad_samples=1, save_model=False, device="cpu", pace=False, allow_short=True,
                       calibration={"sources": ["tinystories"], "n_samples": 4, "seqlen": 128})
     res = run_agent(model, tok, cfg, tmp_path, controller=ctl)
     assert res.rollbacks == 1 and res.accepted == 0 and res.stop_reason == "controller_stop"
@@ -329,7 +329,7 @@ def test_resume_after_kill_equals_uninterrupted_run(stories, tmp_path, monkeypat
     monkeypatch.setattr(loop, "prune_and_profile", pass_)
     make, tok = stories
     cfg = AgentConfig(target_sparsity=0.3, grad_refresh_every=2, max_iterations=12, eval_seqlen=256,
-                      eval_tokens=1024, grad_samples=1, save_model=False, device="cpu",
+                      eval_tokens=1024, grad_samples=1, save_model=False, device="cpu", pace=False,
                       calibration={"sources": ["tinystories"], "n_samples": 4, "seqlen": 128})
     delegate = BuiltinPolicy(cfg.policy, cfg.max_layer_sparsity, cfg.target_tolerance).propose
     script = lambda **k: Scripted([delegate, all_layers(0.0123)], then=delegate, **k)  # noqa: E731
@@ -497,7 +497,8 @@ def _canned_decision(body):
 
 
 def _openai_cfg(url, **kw):
-    return tiny_cfg(max_iterations=2, controller={"kind": "openai", "base_url": url, "model_name": "canned",
+    # pace=False: these tests count the controller's requests over two iterations (pacing would finish in one)
+    return tiny_cfg(max_iterations=2, pace=False, controller={"kind": "openai", "base_url": url, "model_name": "canned",
                                                   "api_key_env": "PP_TEST_KEY", "retries": 1,
                                                   "retry_backoff_s": 0.0, "timeout_s": 10, **kw})
 
@@ -858,7 +859,8 @@ def test_an_echoed_key_never_reaches_stderr_logs_journal_or_outputs(tmp_path, mo
                          f"http://127.0.0.1:{httpd.server_address[1]}/v1",
                          "--model-name", "m", "--api-key-env", "PP_TEST_KEY", "--retries", "1", "--timeout", "30",
                          "--calib", "tinystories", "--n-samples", "2", "--seqlen", "64", "--eval-tokens", "256",
-                         "--eval-seqlen", "128", "--grad-samples", "0", "--device", "cpu", "--out", str(out)])
+                         "--eval-seqlen", "128", "--grad-samples", "0", "--device", "cpu", "--out", str(out),
+                         "--no-pace", "--allow-short"])  # the key is what this test is about
     finally:
         httpd.shutdown()
         httpd.server_close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 
 from ..errors import PrunepilotError
@@ -46,6 +47,14 @@ def add_agent_parser(subparsers) -> argparse.ArgumentParser:
                    help="unreachable endpoint or invalid answers are an error (default: fall back to builtin)")
     p.add_argument("--resume", action="store_true", help="continue the run journaled in --out")
     p.add_argument("--max-iterations", type=int)
+    p.add_argument("--allow-short", action="store_true",
+                   help="accept a run that ends below the target (default: it is reported as an error, exit 3, "
+                        "and a controller's early stop is overruled by the built-in policy)")
+    p.add_argument("--no-pace", action="store_true",
+                   help="apply the controller's steps as asked (default: scaled up to the pace that reaches the "
+                        "target within --max-iterations)")
+    p.add_argument("--pace-reserve", type=float,
+                   help="share of the iterations left that the pace keeps for retries after rollbacks (0.2)")
     p.add_argument("--rollback-threshold", type=float, help="relative held-out ppl rise that undoes a step (0.15)")
     p.add_argument("--max-total-ppl-rise", type=float,
                    help="also undo a step that leaves held-out ppl more than this fraction above the dense baseline")
@@ -79,7 +88,8 @@ def config_from_args(args):
            "rollback_threshold": args.rollback_threshold, "max_total_ppl_rise": args.max_total_ppl_rise,
            "eval_tokens": args.eval_tokens,
            "eval_seqlen": args.eval_seqlen, "grad_refresh_every": args.grad_refresh,
-           "grad_samples": args.grad_samples, "grad_mode": args.grad_mode, "seed": args.seed, "device": args.device}
+           "grad_samples": args.grad_samples, "grad_mode": args.grad_mode, "seed": args.seed, "device": args.device,
+           "pace_reserve": args.pace_reserve}
     ctl = {"kind": args.controller, "base_url": args.base_url, "model_name": args.model_name,
            "api_key_env": args.api_key_env, "timeout_s": args.timeout, "retries": args.retries,
            "max_tokens": args.max_tokens, "table_rows": args.table_rows, "history_chars": args.history_chars,
@@ -92,6 +102,10 @@ def config_from_args(args):
         data["controller"]["strict"] = True
     if args.no_save_model:
         data["save_model"] = False
+    if args.allow_short:
+        data["allow_short"] = True
+    if args.no_pace:
+        data["pace"] = False
     return AgentConfig.from_dict(data)
 
 
@@ -129,11 +143,26 @@ def run_agent_command(args) -> int:
         for d in args.ppl:
             log.info("%s perplexity (seqlen %d, %d tokens): %.3f -> %.3f", d, after[d]["seqlen"], after[d]["tokens"],
                      before[d]["ppl"], after[d]["ppl"])
-    summary = {"out": str(out), "stop_reason": result.stop_reason, "global_sparsity": round(result.global_sparsity, 4),
+    summary = {"out": str(out), "stop_reason": result.stop_reason, "target_reached": result.target_reached,
+               "global_sparsity": round(result.global_sparsity, 4),
                "iterations": result.iterations, "rollbacks": result.rollbacks,
                "held_out_ppl": [round(result.baseline_ppl, 3), round(result.final_ppl, 3)]}
     if args.ppl:
         summary["perplexity_after"] = {d: round(v["ppl"], 3) for d, v in report["perplexity_after"].items()}
     if distributed.is_main():
         print(json.dumps(summary))
-    return 0
+    return _short_of_target(result, cfg)
+
+
+def _short_of_target(result, cfg) -> int:
+    """0, or 3 with one line when the run ended below its target and the user did not allow it."""
+    if result.target_reached or cfg.allow_short:
+        return 0
+    from .. import distributed
+
+    if distributed.is_main():
+        print(f"prunepilot: error: the run ended at global sparsity {result.global_sparsity:.4f}, short of the target "
+              f"{cfg.target_sparsity:.4f} ({result.stop_reason}, {result.iterations} iterations, {result.rollbacks} "
+              f"rollbacks); journal, report and model are in {result.out_dir}: --resume with a larger "
+              "--max-iterations goes on, --allow-short accepts it", file=sys.stderr)
+    return 3

@@ -136,6 +136,12 @@ class AgentConfig(Strict):
     max_total_ppl_rise: float | None = Field(None, gt=0)  # also roll back above (1 + this) x the baseline ppl
     target_tolerance: float = Field(0.001, ge=0, lt=0.1)  # "reached" when global sparsity ≥ target - tol
     max_layer_sparsity: float = Field(0.9, gt=0, lt=1)    # never prune one linear beyond this
+    # pacing (pacing.py): the loop scales a controller's step up to the gain that reaches the target in the
+    # iterations left, keeping `pace_reserve` of them for retries after rollbacks; False: steps as asked
+    pace: bool = True
+    pace_reserve: float = Field(0.2, ge=0, lt=1)
+    max_step_extra: float = Field(0.5, gt=0, le=1)  # no linear loses more of its remaining weights in one step
+    allow_short: bool = False  # a run that ends below target - tolerance is an error (exit 3) unless this is set
     controller: ControllerConfig = Field(default_factory=ControllerConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     calibration: CalibrationSettings = Field(default_factory=CalibrationSettings)

@@ -154,8 +154,9 @@ class GuardedController:
     Every Decision it returns carries `stats`: controller_s, replies, prompt_chars, prompt/completion tokens."""
 
     def __init__(self, primary, fallback: BuiltinPolicy, invalid_retries: int = 2, strict: bool = False,
-                 granularity: str = "linear"):
+                 granularity: str = "linear", allow_early_stop: bool = False):
         self.primary, self.fallback = primary, fallback
+        self.allow_early_stop = allow_early_stop  # a stop before the target ends the run (else: the policy goes on)
         self.invalid_retries, self.strict = invalid_retries, strict
         self.by_block = granularity == "block"  # the primary sees and names blocks (granularity.BlockView)
         self.disabled: str | None = None  # reason the primary is no longer asked
@@ -174,6 +175,12 @@ class GuardedController:
             d = self._fallback(obs, self.disabled)
         else:
             d = self._ask(obs, stats)
+        short = obs.target_sparsity - obs.current_sparsity > self.fallback.tol
+        if d.stop_pruning and short and not self.allow_early_stop:
+            d = self._fallback(obs, f"controller '{self.name}' asked to stop at sparsity {obs.current_sparsity:.4f}, "
+                                    f"short of the target {obs.target_sparsity:.4f}: the built-in policy decided "
+                                    "this step (allow_short lets a controller end a run early)")
+            log.warning("%s", d.warnings[-1])
         d.stats = {**stats, "controller_s": round(time.perf_counter() - t0, 3)}
         return d
 
@@ -238,4 +245,4 @@ def make_controller(config: AgentConfig, device: str = "cpu", primary=None) -> G
         primary = {"builtin": lambda: fallback,
                    "openai": lambda: OpenAIController(c),
                    "hf": lambda: HFController(c, device)}[c.kind]()
-    return GuardedController(primary, fallback, c.invalid_retries, c.strict, c.granularity)
+    return GuardedController(primary, fallback, c.invalid_retries, c.strict, c.granularity, config.allow_short)

@@ -40,6 +40,7 @@ class Observation:
     history: list[Feedback] = field(default_factory=list)
     max_layer_sparsity: float = 1.0  # no layer is pruned beyond this
     max_total_ppl_rise: float | None = None  # a step is also rolled back above (1 + this) x baseline_ppl
+    pace_gain: float = 0.0    # global gain the loop scales this step to (pacing.py); 0: steps applied as asked
 
     @property
     def layer_names(self) -> list[str]:

@@ -45,8 +45,8 @@ class IterationRecord:
     sparsity_before: float
     ppl_before: float                # held-out ppl of the last accepted state
     accepted: bool
-    applied: dict[str, float]        # extras actually applied (clipped, scaled); what a replay re-applies
-    scale: float
+    applied: dict[str, float]        # extras actually applied (clipped, paced, scaled); what a replay re-applies
+    scale: float                     # factor on the decision's extras (pacing.plan_step: > 1 paced up)
     gain: float                      # global sparsity gain (attempted, when rolled back)
     ppl_after: float
     ppl_change: float                # ppl_after / ppl_before - 1
@@ -63,6 +63,9 @@ class IterationRecord:
     prompt_tokens: int | None = None       # as reported by the server (all replies), None when not reported
     completion_tokens: int | None = None
     rollback_reason: str = ""        # step | total (max_total_ppl_rise), when rolled back
+    pace_gain: float = 0.0           # global gain the pace asked of this step (0: pacing off)
+    spread: float = 0.0              # extra given to each layer the decision did not name, to keep the pace
+    spread_layers: int = 0
 
     @property
     def rolled_back(self) -> bool:
@@ -76,8 +79,9 @@ class IterationRecord:
 
 def _to_line(record, kind: str) -> dict:
     d = {"type": kind, **asdict(record)}
-    for key, unset in (("stopped", False), ("grad", None), ("prompt_tokens", None), ("completion_tokens", None),
-                       ("rollback_reason", "")):  # optional fields appear only when they say something
+    optional = (("stopped", False), ("grad", None), ("prompt_tokens", None), ("completion_tokens", None),
+                ("rollback_reason", ""), ("pace_gain", 0.0), ("spread", 0.0), ("spread_layers", 0))
+    for key, unset in optional:  # optional fields appear only when they say something
         if key in d and d[key] == unset:
             del d[key]
     return d

@@ -43,6 +43,7 @@ from .config import AgentConfig
 from .controllers import make_controller
 from .decision import Observation
 from .journal import IterationRecord, Journal, JournalHeader
+from .pacing import Budget, Step, pace_gain, plan_step
 from .profile import Profile, gradient_importance, prune_and_profile, zero_counts
 from .report import build_report, save_model, write_report
 
@@ -62,6 +63,7 @@ class AgentResult:
     layer_sparsity: dict[str, float] = field(default_factory=dict)
     report: dict = field(default_factory=dict)
     wall_s: float = 0.0
+    target_reached: bool = True   # global sparsity >= target - target_tolerance
 
 
 def _data_hash(calib: torch.Tensor, held: torch.Tensor) -> str:
@@ -70,27 +72,6 @@ def _data_hash(calib: torch.Tensor, held: torch.Tensor) -> str:
         h.update(str(tuple(t.shape)).encode())
         h.update(t.to(torch.int64).contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def plan_extras(extras: dict[str, float], numel: dict[str, int], zeros: dict[str, int], target: float,
-                max_layer: float) -> tuple[dict[str, float], float]:
-    """Clip each layer to max_layer sparsity, then scale all extras down so the step does not overshoot
-    the global target. Returns (applied extras, scale factor)."""
-    applied = {}
-    for name, e in extras.items():
-        alive = numel[name] - zeros[name]
-        if alive <= 0:
-            continue
-        e = min(e, (max_layer * numel[name] - zeros[name]) / alive)
-        if e > 0:
-            applied[name] = e
-    projected = sum(e * (numel[n] - zeros[n]) for n, e in applied.items())
-    need = target * sum(numel.values()) - sum(zeros.values())
-    scale = 1.0
-    if projected > need > 0:
-        scale = need / projected
-        applied = {n: e * scale for n, e in applied.items()}
-    return applied, scale
 
 
 def _accepted(change: float, threshold: float) -> bool:
@@ -231,11 +212,13 @@ class AgentRun:
 
     def observe(self, numel: dict[str, int], zeros: dict[str, int]) -> Observation:
         cfg, history = self.cfg, [r.feedback() for r in self.records]
-        return Observation(len(self.records), cfg.max_iterations, cfg.target_sparsity,
-                           sum(zeros.values()) / sum(numel.values()),
+        current = sum(zeros.values()) / sum(numel.values())
+        need = (pace_gain(cfg.target_sparsity - current, cfg.max_iterations - len(self.records), cfg.pace_reserve)
+                if cfg.pace else 0.0)
+        return Observation(len(self.records), cfg.max_iterations, cfg.target_sparsity, current,
                            Profile(self.names, numel, zeros, self.s, self.grad).rows(), self.ppl_acc,
                            self.header.baseline_ppl, cfg.rollback_threshold, history[-1] if history else None,
-                           history, cfg.max_layer_sparsity, cfg.max_total_ppl_rise)
+                           history, cfg.max_layer_sparsity, cfg.max_total_ppl_rise, need)
 
     def iterate(self) -> IterationRecord:
         """Ask the controller, try its step, keep it or roll it back; the record of what happened."""
@@ -254,16 +237,26 @@ class AgentRun:
                                   ppl_change=0.0, label="stop", sparsity_after=obs.current_sparsity,
                                   zeros_after=sum(zeros.values()), stopped=True)
         else:
-            applied, scale = plan_extras(decision.extras(), numel, zeros, self.cfg.target_sparsity,
-                                         self.cfg.max_layer_sparsity)
-            rec = self.try_step(base, applied, scale, numel, zeros)
+            rec = self.try_step(base, self.plan(decision.extras(), obs, numel, zeros), numel, zeros)
         rec.mask_hash = self.masks()  # after a rollback: the restored masks
         rec.seconds = round(time.time() - t0, 2)
         return rec
 
-    def try_step(self, base: dict, applied: dict[str, float], scale: float, numel: dict[str, int],
-                 zeros: dict[str, int]) -> IterationRecord:
-        """Prune `applied`, measure; accept (refresh s, maybe gradients) or restore the checkpointed weights."""
+    def plan(self, extras: dict[str, float], obs: Observation, numel: dict[str, int],
+             zeros: dict[str, int]) -> Step:
+        """The decision's extras clipped, paced to the gain still needed per iteration, never past the target."""
+        cfg, need = self.cfg, obs.pace_gain
+        step = plan_step(extras, Budget(numel, zeros, cfg.target_sparsity, cfg.max_layer_sparsity,
+                                        cfg.max_step_extra), need)
+        if step.scale > 1 or step.spread_layers:
+            log.info("paced the decision to +%.4f global sparsity: x%.2f on its %d layers%s", need, step.scale,
+                     len(step.applied) - len(step.spread_layers),
+                     f", +{step.spread:.3f} on {len(step.spread_layers)} others" if step.spread_layers else "")
+        return step
+
+    def try_step(self, base: dict, step: Step, numel: dict[str, int], zeros: dict[str, int]) -> IterationRecord:
+        """Prune `step.applied`, measure; accept (refresh s, maybe gradients) or restore the checkpointed weights."""
+        applied = step.applied
         total, before = sum(numel.values()), sum(zeros.values())
         current = before / total
         checkpoint = {n: weight_2d(self.linears[n]).detach().to("cpu", copy=True) for n in applied}
@@ -281,11 +274,13 @@ class AgentRun:
             with torch.no_grad():
                 for n, w in checkpoint.items():
                     weight_2d(self.linears[n]).copy_(w)
-        rec = IterationRecord(**base, accepted=ok, applied=applied, scale=scale, gain=gain, ppl_after=ppl,
+        rec = IterationRecord(**base, accepted=ok, applied=applied, scale=step.scale, gain=gain, ppl_after=ppl,
                               ppl_change=change, label=_label(change, self.cfg.rollback_threshold, gain, total_ok),
                               sparsity_after=(zeros_try if ok else before) / total,
                               zeros_after=zeros_try if ok else before,
-                              rollback_reason="" if ok else ("step" if not step_ok else "total"))
+                              rollback_reason="" if ok else ("step" if not step_ok else "total"),
+                              pace_gain=round(step.need, 6), spread=round(step.spread, 6),
+                              spread_layers=len(step.spread_layers))
         cfg = self.cfg
         if ok and cfg.grad_refresh_every and self.since_grad >= cfg.grad_refresh_every and cfg.grad_samples:
             self.grad = rec.grad = self.gradients()
@@ -328,7 +323,8 @@ class AgentRun:
                  report["final_ppl"])
         return AgentResult(self.out_dir, stop_reason, len(self.records), report["accepted"], report["rollbacks"],
                            report["global_sparsity"], self.header.baseline_ppl, report["final_ppl"],
-                           {n: zeros[n] / numel[n] for n in self.names}, report, time.time() - t_start)
+                           {n: zeros[n] / numel[n] for n in self.names}, report, time.time() - t_start,
+                           report["target_reached"])
 
 
 @keeps_placement

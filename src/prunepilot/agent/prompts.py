@@ -11,7 +11,7 @@ from __future__ import annotations
 from .decision import MAX_EXTRA, MIN_EXTRA, Feedback, Observation
 
 SYSTEM_PROMPT = f"""You control the pruning of a large language model, one iteration at a time.
-Each iteration you choose prunable linear layers and, for each, extra_sparsity: the fraction of that
+Each iteration you choose prunable layers and, for each, extra_sparsity: the fraction of that
 layer's REMAINING non-zero weights to remove now (between {MIN_EXTRA} and {MAX_EXTRA}). The lowest
 Wanda scores |W|*||X|| of each output row are removed. After your step the held-out perplexity is
 measured; if it rose more than the rollback threshold over the last accepted step, the step is undone.
@@ -19,34 +19,40 @@ measured; if it rose more than the rollback threshold over the last accepted ste
 Layer profile columns (z-scored across layers, lower = less sensitive, usually safer to prune):
   z_s: 10th percentile of the Wanda scores of the layer's remaining weights;
   z_g: mean |dL/dW| (gradient of the loss) over the layer's remaining weights.
-Guidelines: prune layers with low z_s and low z_g harder; spread the work over many layers; take
-smaller steps after a rollback or a large perplexity rise; learn from the history of your decisions;
-approach the target without overshooting; set stop_pruning to true when the target is reached or
-further pruning would hurt too much.
+A good decision: the layers with the lowest z_s + z_g (and a sparsity still below the others') get
+the largest extra_sparsity, layers with high z_s or z_g get little or none; spread the work over
+several layers; after a rollback, move the work to other layers or spread it more evenly; learn
+from the history of your decisions; set stop_pruning to true only when the target is reached.
 
 Answer with ONE JSON object and nothing else:
-{{"reasoning": "<one short paragraph>", "stop_pruning": false,
+{{"reasoning": "<one short sentence>", "stop_pruning": false,
  "layer_decisions": [{{"layer": "<exact layer name from the table>", "extra_sparsity": 0.05}}, ...]}}"""
 
 USER_TEMPLATE = """Rollback: a step is undone when perplexity rises more than {threshold:.0%} over the last accepted step{total_cap}.
-No layer is pruned beyond {max_layer:.0%} sparsity; if your step would pass the target, every extra_sparsity
-is scaled down by the same factor. A layer's share of the global gain is weights x (1 - sparsity) x extra.
+No layer is pruned beyond {max_layer:.0%} sparsity. A layer's share of the global gain is weights x (1 - sparsity) x extra.
+{scaling}
 
 Iteration {iteration} (at most {max_iterations}; {iterations_left} left).
 Global sparsity: current {current:.4f}, target {target:.4f}, still to prune {remaining:.4f}.
-Pace to reach the target in the iterations left: about {pace:.3f} extra_sparsity on every layer this iteration,
-or proportionally more on fewer layers (e.g. {pace_half:.3f} on half of them).
+{pace_line}
 Held-out perplexity: baseline {baseline_ppl:.3f}, current {current_ppl:.3f} ({ppl_vs_baseline:+.1%} vs baseline).
 
 History of your decisions (newest first; "fallback" = the built-in policy decided because your answer was
 invalid or the endpoint unavailable):
 {history}
 
-Layer profile ({n_rows} of {n_layers} layers, {total_weights} weights in all, sorted by z_s ascending):
-layer | weights | sparsity | z_s | z_g
+Layer profile ({n_rows} of {n_layers} layers, {total_weights} weights in all, least sensitive first: sorted by z_s+z_g):
+layer | weights | sparsity | z_s | z_g | z_s+z_g
 {table}
 {errors}
 Reply with the JSON decision{limit}."""
+
+PACED = ("The loop multiplies all your extra_sparsity values by one common factor so that this step gains\n"
+         "{pace_gain:.4f} global sparsity (the pace that reaches the target in time): what you decide is WHICH layers\n"
+         "to prune and HOW MUCH MORE one gets than another, not the size of the step.")
+UNPACED = "If your step would pass the target, every extra_sparsity is scaled down by the same factor."
+PACE_LINE = ("Pace to reach the target in the iterations left: about {pace:.3f} extra_sparsity on every layer this "
+             "iteration,\nor proportionally more on fewer layers (e.g. {pace_half:.3f} on half of them).")
 
 # The settings of the run come first: they are the same every iteration, so a server that caches the prompt
 # prefix (llama.cpp) evaluates them once.
@@ -135,9 +141,10 @@ def render_history(history: list[Feedback], budget: int = 3000, names=()) -> str
 
 def render_user_prompt(obs: Observation, errors: list[str] | None = None, table_rows: int | None = None,
                        history_chars: int = 3000, max_layers: int | None = None) -> str:
-    rows = obs.rows[:table_rows] if table_rows else obs.rows
-    table = "\n".join(f"{r['layer']} | {r['numel']} | {r['sparsity']:.3f} | {r['z_s']:+.2f} | {r['z_g']:+.2f}"
-                      for r in rows)
+    ranked = sorted(obs.rows, key=lambda r: (r["z_s"] + r["z_g"], r["layer"]))  # least sensitive first
+    rows = ranked[:table_rows] if table_rows else ranked
+    table = "\n".join(f"{r['layer']} | {r['numel']} | {r['sparsity']:.3f} | {r['z_s']:+.2f} | {r['z_g']:+.2f} | "
+                      f"{r['z_s'] + r['z_g']:+.2f}" for r in rows)
     err = ""
     if errors:
         err = ("\nYour previous answer was rejected: " + errors[-1] +
@@ -146,10 +153,13 @@ def render_user_prompt(obs: Observation, errors: list[str] | None = None, table_
     remaining = max(0.0, obs.target_sparsity - obs.current_sparsity)
     # extra on the remaining weights of every layer that gains remaining / iterations_left of global sparsity
     pace = remaining / max(1, obs.max_iterations - obs.iteration) / max(1e-9, 1 - obs.current_sparsity)
+    paced = obs.pace_gain > 0
     return USER_TEMPLATE.format(
+        scaling=PACED.format(pace_gain=obs.pace_gain) if paced else UNPACED,
+        pace_line="" if paced else PACE_LINE.format(pace=pace, pace_half=min(2 * pace, 1.0)),
         iteration=obs.iteration, max_iterations=obs.max_iterations,
         iterations_left=obs.max_iterations - obs.iteration, current=obs.current_sparsity,
-        target=obs.target_sparsity, remaining=remaining, pace=pace, pace_half=min(2 * pace, 1.0),
+        target=obs.target_sparsity, remaining=remaining,
         baseline_ppl=obs.baseline_ppl, current_ppl=obs.current_ppl,
         ppl_vs_baseline=obs.current_ppl / obs.baseline_ppl - 1 if obs.baseline_ppl else 0.0,
         threshold=obs.rollback_threshold, total_cap=f", or ends more than {cap:.0%} above the baseline" if cap else "",

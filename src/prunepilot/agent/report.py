@@ -55,6 +55,7 @@ def build_report(cfg: AgentConfig, header: JournalHeader, records: list[Iteratio
         "controller": cfg.controller.kind,
         "target_sparsity": cfg.target_sparsity,
         "global_sparsity": sum(zeros.values()) / total,
+        "target_reached": sum(zeros.values()) / total >= cfg.target_sparsity - cfg.target_tolerance,
         "stop_reason": stop_reason,
         "iterations": len(records),
         "accepted": len(accepted),
