@@ -6,16 +6,24 @@ Rows, per target sparsity (default 0.45 and 0.50):
     dense                      the unpruned model (evaluated once, repeated in every table)
     Wanda-sp, FLAP             structured: whole MLP channels / KV head groups removed, the same fraction of the
                                decoder blocks' linear parameters as the target
+    FLAP iterative multi-domain  flap_iterative on its own wiki+web+code+math mixture (fused per-domain statistics,
+                               --structured-samples windows of 128 tokens), re-scored on the partly pruned model
     magnitude 2:4, 4:8         semi-structured, 50% by construction (pruned and evaluated once, repeated)
     Wanda (uniform), OWL       unstructured Wanda, uniform per layer / outlier-weighted layer allocation
     agent (built-in)           the agent loop with the deterministic policy
     agent (LLM)                the agent loop with controller "openai": --base-url / --model-name, or, when no
                                --base-url is given, llama-cpp-python's server started here on 127.0.0.1 with
-                               SmolLM2-135M-Instruct's GGUF (--server-gguf), stopped when the script ends
+                               --server-gguf (default: Qwen2.5-Coder-1.5B-Instruct when `prunepilot fetch-model`
+                               has cached it, else SmolLM2-135M-Instruct), stopped when the script ends
+    agent (self)               the same with the pruned model's own GGUF as its controller (a GGUF --model only)
+
+Resumable: every finished row is appended to OUT.rows.jsonl (one RowResult per line) with the protocol it ran under;
+a rerun with the same protocol skips the rows already there and rewrites OUT from all of them, so a long table is
+built by several runs (`--rows dense,wanda`, then `--rows agent_llm` ...), each within a session.
 
 Every method starts from the same dense weights and uses the same calibration windows (C4 docs 0-149, "web";
-the agent additionally holds out the tail of that stream for its rollback check). Columns: WikiText-2 test
-perplexity (rows joined with "\\n\\n", non-overlapping windows), MMLU 5-shot (--mmlu-limit questions over all 57
+the agent additionally holds out the tail of that stream for its rollback check). Columns: WikiText-2 test and
+CodeParrot test perplexity (rows joined with "\\n\\n", non-overlapping windows), MMLU 5-shot (--mmlu-limit questions over all 57
 subjects), factual QA (TriviaQA from ../shared, --qa-shots answered examples; --qa freebaseqa=PATH reads the
 FreebaseQA file), the zero-shot average over --zeroshot, and for the agent rows its iterations, rollbacks, and
 what the controller cost (replies asked / valid, prompt and completion tokens as the server reports them, seconds
@@ -32,11 +40,13 @@ keeps the rows it finished. --rows selects rows (e.g. rerun only the LLM agent w
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -50,14 +60,25 @@ from prunepilot.api import prune  # noqa: E402
 from prunepilot.data import calibration_split, data_root  # noqa: E402
 from prunepilot.eval.perplexity import perplexity  # noqa: E402
 from prunepilot.eval.suite import ZERO_SHOT_MC, run_suite  # noqa: E402
-from prunepilot.io import atomic_write_text  # noqa: E402
+from prunepilot.io import JsonLines, atomic_write_text  # noqa: E402
+from prunepilot.model_store import cached_model, lookup  # noqa: E402
 from prunepilot.modeling import load_model, load_model_and_tokenizer  # noqa: E402
+from prunepilot.modelfiles import save_model_files  # noqa: E402
 
-ROWS = ["dense", "wanda_sp", "flap", "nm", "wanda", "owl", "agent", "agent_llm"]
+ROWS = ["dense", "wanda_sp", "flap", "flap_iter", "nm", "wanda", "owl", "agent", "agent_llm", "agent_self"]
 DEFAULT_GGUF = "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
-# prompt settings a 135M chat model can answer within its context (what tests/test_agent_llm.py uses)
-SMALL_PROMPT = dict(granularity="block", table_rows=8, history_chars=500, max_layers_per_reply=4, reasoning_chars=80,
-                    max_tokens=240)
+CONTROLLER_MODEL = "qwen2.5-coder-1.5b-instruct"
+# prompt settings a small local chat model answers quickly (what tests/test_agent_llm.py uses): one row per decoder
+# block, a one-sentence reasoning, a few blocks per reply, a short answer budget
+SMALL_PROMPT = dict(granularity="block", history_chars=600, max_layers_per_reply=6, reasoning_chars=100,
+                    max_tokens=200)
+
+
+def default_controller_gguf() -> str:
+    folder = cached_model(CONTROLLER_MODEL)
+    if folder is not None:
+        return str(folder / lookup(CONTROLLER_MODEL).filename)
+    return str(shared_dir() / DEFAULT_GGUF)
 
 
 def parse_args(argv=None):
@@ -72,27 +93,29 @@ def parse_args(argv=None):
     # calibration (shared by every method) and the agent's held-out slice
     ap.add_argument("--n-samples", type=int, default=32, help="calibration windows")
     ap.add_argument("--seqlen", type=int, default=512, help="calibration tokens per window")
+    ap.add_argument("--structured-samples", type=int, default=128,
+                    help="flap_iter: 128-token windows of its own wiki+web+code+math mixture")
     ap.add_argument("--agent-eval-tokens", type=int, default=4096, help="held-out tokens for the rollback check")
     ap.add_argument("--agent-grad-samples", type=int, default=4)
     ap.add_argument("--max-iterations", type=int, default=30)
     ap.add_argument("--rollback-threshold", type=float, default=0.15)
-    # the LLM controller
+    # the LLM controllers
     ap.add_argument("--base-url", help="OpenAI-compatible endpoint; default: start llama-cpp-python's server here")
-    ap.add_argument("--model-name", default="smollm2", help="served model name of the LLM controller")
+    ap.add_argument("--model-name", default="local", help="served model name of the LLM controller")
     ap.add_argument("--api-key-env", default="OPENAI_API_KEY", help="NAME of the env var holding the API key")
-    ap.add_argument("--server-gguf", default=str(shared_dir() / DEFAULT_GGUF),
-                    help="GGUF the local server runs when no --base-url is given")
-    ap.add_argument("--server-threads", type=int, default=1)
+    ap.add_argument("--server-gguf", default=default_controller_gguf(),
+                    help="GGUF the local server runs for agent_llm when no --base-url is given")
+    ap.add_argument("--server-threads", type=int, default=2)
     ap.add_argument("--controller-timeout", type=float, default=120.0, help="seconds per decision")
     ap.add_argument("--controller-json", default="{}",
-                    help='extra ControllerConfig fields for the LLM row, e.g. \'{"max_layers_per_reply": 8}\'')
+                    help='extra ControllerConfig fields for the LLM rows, e.g. \'{"max_layers_per_reply": 8}\'')
     ap.add_argument("--small-prompt", choices=["auto", "yes", "no"], default="auto",
-                    help="block granularity, table_rows 8, history 500 chars, 4 blocks and 80 reasoning chars per "
-                         "reply, 240 tokens "
-                         "(auto: yes for the local SmolLM2 server, no for --base-url)")
+                    help="block granularity, history 600 chars, 6 blocks and 100 reasoning chars per reply, 200 "
+                         "tokens (auto: yes for a local server, no for --base-url)")
     # evaluation
     ap.add_argument("--eval-seqlen", type=int, default=2048)
-    ap.add_argument("--max-windows", type=int, default=0, help="WikiText-2 windows per row (0 = all)")
+    ap.add_argument("--max-windows", type=int, default=0, help="WikiText-2 and code windows per row (0 = all)")
+    ap.add_argument("--code-ppl", default="code-test", help="second perplexity set ('' = none)")
     ap.add_argument("--zeroshot", default=",".join(ZERO_SHOT_MC), help="zero-shot tasks averaged ('' = none)")
     ap.add_argument("--qa", default="triviaqa", help="factual QA task: triviaqa, or freebaseqa=PATH ('' = none)")
     ap.add_argument("--qa-shots", type=int, default=5, help="answered examples before each QA question")
@@ -100,16 +123,65 @@ def parse_args(argv=None):
     ap.add_argument("--mmlu-limit", type=int, default=0, help="MMLU questions over all subjects (0 = all; -1 = skip)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
-    ap.add_argument("--out", help="markdown file, rewritten after every row")
+    ap.add_argument("--float-cache", default=str(Path.home() / ".cache" / "prunepilot" / "float"),
+                    help="a GGUF --model is dequantized once and kept here as float safetensors (fast reloads)")
+    ap.add_argument("--out", required=True, help="markdown file, rewritten after every row (+ OUT.rows.jsonl)")
     return ap.parse_args(argv)
+
+
+@dataclass
+class RowResult:
+    """One finished row, as OUT.rows.jsonl keeps it."""
+    key: str                      # row key and target, e.g. "wanda@0.45"
+    protocol: str                 # fingerprint of the settings the row depends on
+    tables: list[str]             # target labels whose table shows it
+    method: str
+    target: object
+    sparsity: float
+    metrics: dict                 # ppl, code ppl, mmlu, QA, zero-shot tasks and average, eval_s
+    prune_s: float
+    agent: dict = field(default_factory=dict)
+    n: dict = field(default_factory=dict)  # items per task
+    ppl_protocol: dict = field(default_factory=dict)
+    note: str = ""
+
+
+def protocol_key(args) -> str:
+    """The settings every row's numbers depend on (not --rows, --out, --threads, --sparsities)."""
+    keep = {k: v for k, v in vars(args).items() if k not in ("rows", "out", "threads", "sparsities", "float_cache")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _gguf_in(path: str) -> Path | None:
+    p = Path(path)
+    found = [p] if p.suffix == ".gguf" else sorted(p.glob("*.gguf")) if p.is_dir() else []
+    return found[0] if found else None
+
+
+def dense_folder(args) -> str:
+    """A GGUF model is dequantized once into --float-cache (safetensors), so every reload takes seconds."""
+    gguf = _gguf_in(args.model)
+    if gguf is None:
+        return args.model
+    st = gguf.stat()
+    folder = Path(args.float_cache) / f"{gguf.stem}-{st.st_size}-{args.dtype}"
+    if not (folder / "config.json").is_file():
+        from prunepilot.io import atomic_dir
+
+        model, tok = load_model_and_tokenizer(args.model, dtype=args.dtype, device="cpu")
+        with atomic_dir(folder, overwrite=True) as tmp:
+            save_model_files(model, tok, tmp)
+        del model
+    return str(folder)
 
 
 class Bench:
     def __init__(self, args):
         self.args = args
         self.t0 = time.time()
-        self.model, self.tok = load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device)
-        print(f"loaded {args.model} in {time.time() - self.t0:.1f}s; {machine()}", flush=True)
+        self.source = dense_folder(args)
+        self.model, self.tok = load_model_and_tokenizer(self.source, dtype=args.dtype, device=args.device)
+        print(f"loaded {args.model} ({self.source}) in {time.time() - self.t0:.1f}s; {machine()}", flush=True)
         self.snap = Snapshot(self.model)
         self.reshaped = False
         self.cal = calibration_split(self.tok, ["web"], args.n_samples, args.seqlen, 0,
@@ -118,99 +190,137 @@ class Bench:
         self.mc = [t for t in args.zeroshot.split(",") if t]
         self.qa = args.qa.strip()
         self.qa_name = self.qa.partition("=")[0]
-        self.tables: dict[str, list] = {}  # target label -> rows
-        self.proto: dict = {}
+        self.protocol = protocol_key(args)
+        self.store = JsonLines(f"{args.out}.rows.jsonl", "bench rows")
+        self.rows: dict[str, RowResult] = {}
+        if self.store.exists():
+            for _, d in self.store.read():
+                if d.get("protocol") == self.protocol:
+                    self.rows[d["key"]] = RowResult(**d)
         self.llm_note = ""
+
+    def done(self, key: str) -> bool:
+        if key in self.rows:
+            print(f"row {key}: already in {self.store.path} (same protocol), skipped", flush=True)
+            return True
+        return False
 
     # -- model state -------------------------------------------------------------------------------------------
     def fresh(self):
         """The dense model again: weights from the snapshot, or reloaded when a structured method reshaped it."""
         if self.reshaped:
             del self.model
-            self.model = load_model(self.args.model, dtype=self.args.dtype, device=self.args.device)
+            self.model = load_model(self.source, dtype=self.args.dtype, device=self.args.device)
             self.reshaped = False
         else:
             self.snap.restore(self.model)
         return self.model
 
     # -- evaluation ----------------------------------------------------------------------------------------------
-    def evaluate(self) -> dict:
+    def perplexities(self, out: dict, n: dict, proto: dict) -> None:
+        a = self.args
+        for name, dataset in (("ppl", "wikitext2"), ("code ppl", a.code_ppl)):
+            if dataset:
+                r = perplexity(self.model, self.tok, dataset, a.eval_seqlen, max_windows=a.max_windows or None)
+                out[name] = r["ppl"]
+                proto[dataset] = {"seqlen": r["seqlen"], "windows": r["windows"], "tokens": r["tokens"]}
+
+    def evaluate(self) -> tuple[dict, dict, dict]:
         a, m = self.args, self.model
         t = time.time()
-        ppl = perplexity(m, self.tok, "wikitext2", a.eval_seqlen, max_windows=a.max_windows or None)
-        self.proto.update(seqlen=ppl["seqlen"], windows=ppl["windows"], tokens=ppl["tokens"])
-        out = {"ppl": ppl["ppl"]}
-        limit = a.limit or None
+        out, n, proto = {}, {}, {}
+        self.perplexities(out, n, proto)
         tasks = self.mc + ([self.qa] if self.qa else [])
         if tasks:
-            res = run_suite(m, self.tok, tasks, data_root(), limit=limit, batch_size=a.batch_size,
+            res = run_suite(m, self.tok, tasks, data_root(), limit=a.limit or None, batch_size=a.batch_size,
                             qa_shots=a.qa_shots)
             for name, r in res.items():
-                out[name] = 100 * r[r["main"]]
-                self.proto.setdefault("n", {})[name] = r.get("n")
+                out[name], n[name] = 100 * r[r["main"]], r.get("n")
         if a.mmlu_limit >= 0:
             res = run_suite(m, self.tok, ["mmlu"], data_root(), limit=a.mmlu_limit or None, batch_size=a.batch_size)
-            out["mmlu"] = 100 * res["mmlu"][res["mmlu"]["main"]]
-            self.proto.setdefault("n", {})["mmlu"] = res["mmlu"].get("n")
+            out["mmlu"], n["mmlu"] = 100 * res["mmlu"][res["mmlu"]["main"]], res["mmlu"].get("n")
         if self.mc:
             out["zero-shot avg"] = sum(out[t] for t in self.mc) / len(self.mc)
         out["eval_s"] = round(time.time() - t, 1)
-        return out
+        return out, n, proto
 
     # -- rows ----------------------------------------------------------------------------------------------------
     def columns(self):
-        return ["method", "target", "sparsity", "wikitext2 ppl", "MMLU 5-shot", f"{self.qa_name or 'QA'}",
-                "zero-shot avg", "iterations", "rollbacks", "replies (valid)", "prompt tokens", "completion tokens",
-                "controller s", "prune s", "eval s", *self.mc]
+        return ["method", "target", "sparsity", "wikitext2 ppl", "code ppl", "MMLU 5-shot", f"{self.qa_name or 'QA'}",
+                "zero-shot avg", "iterations", "rollbacks", "replies (valid)", "s / decision", "prompt tokens",
+                "completion tokens", "controller s", "prune s", "eval s", *self.mc]
 
-    def record(self, targets: list[str], name: str, target, sparsity: float, prune_s: float, agent: dict | None = None):
-        s = self.evaluate()
-        ag = agent or {}
-        row = [name, target, round(sparsity, 4), s["ppl"], s.get("mmlu", "-"), s.get(self.qa_name, "-"),
-               s.get("zero-shot avg", "-"), ag.get("iterations", "-"), ag.get("rollbacks", "-"),
-               ag.get("replies", "-"), ag.get("prompt_tokens", "-"), ag.get("completion_tokens", "-"),
-               ag.get("controller_s", "-"), round(prune_s, 1), s["eval_s"], *[s.get(t, "-") for t in self.mc]]
-        for key in targets:
-            self.tables.setdefault(key, []).append(row)
+    def cells(self, r: RowResult) -> list:
+        s, ag = r.metrics, r.agent
+        return [r.method, r.target, round(r.sparsity, 4), s.get("ppl", "-"), s.get("code ppl", "-"),
+                s.get("mmlu", "-"), s.get(self.qa_name, "-"), s.get("zero-shot avg", "-"),
+                ag.get("iterations", "-"), ag.get("rollbacks", "-"), ag.get("replies", "-"),
+                ag.get("s_per_decision", "-"), ag.get("prompt_tokens", "-"), ag.get("completion_tokens", "-"),
+                ag.get("controller_s", "-"), round(r.prune_s, 1), s["eval_s"], *[s.get(t, "-") for t in self.mc]]
+
+    def record(self, key: str, tables: list[str], name: str, target, sparsity: float, prune_s: float,
+               agent: dict | None = None):
+        metrics, n, proto = self.evaluate()
+        note = ""
+        if isinstance(target, float) and abs(sparsity - target) > 0.005:
+            note = f"sparsity {sparsity:.4f} is off its target {target} by more than 0.005"
+            print(f"WARNING {key}: {note}", flush=True)
+        row = RowResult(key, self.protocol, tables, name, target, sparsity, metrics, prune_s, agent or {}, n, proto,
+                        note)
+        self.store.append(asdict(row))
+        self.rows[key] = row
         print("ROW " + " | ".join(f"{h}={v:.3f}" if isinstance(v, float) else f"{h}={v}"
-                                  for h, v in zip(self.columns(), row)), flush=True)
+                                  for h, v in zip(self.columns(), self.cells(row))), flush=True)
         self.write()
 
     def write(self, final: bool = False):
         a = self.args
         parts = [f"# agent_paper: {a.model}\n"]
-        for key, rows in self.tables.items():
-            parts.append(f"## target sparsity {key}\n\n{md_table(self.columns(), rows)}\n")
-        n = self.proto.get("n", {})
-        parts.append("Protocol: " + self.protocol(n) + ("" if final else " (run in progress)") + "\n")
+        shared = [r for r in self.rows.values() if r.key == "dense" or r.key.startswith("nm:")]  # in every table
+        tables: dict[str, list[RowResult]] = {}
+        for r in self.rows.values():
+            if r not in shared:
+                tables.setdefault(r.tables[0], []).append(r)
+        for label in tables or {t for r in shared for t in r.tables}:
+            tables.setdefault(label, [])[:0] = shared
+        for label in sorted(tables):
+            rows = sorted(tables[label], key=lambda r: ROWS.index(r.key.partition("@")[0].partition(":")[0]))
+            parts.append(f"## target sparsity {label}\n\n{md_table(self.columns(), [self.cells(r) for r in rows])}\n")
+            parts += [f"- {r.key}: {r.note}" for r in rows if r.note]
+        parts.append("Protocol: " + self.describe() + ("" if final else " (run in progress)") + "\n")
         text = "\n".join(parts)
-        if a.out:
-            atomic_write_text(a.out, text)
+        atomic_write_text(a.out, text)
         return text
 
-    def protocol(self, n: dict) -> str:
+    def describe(self) -> str:
         a = self.args
+        n = {k: v for r in self.rows.values() for k, v in r.n.items()}
+        ppl = {k: v for r in self.rows.values() for k, v in r.ppl_protocol.items()}
         mc = ", ".join(f"{t} ({n.get(t, '-')})" for t in self.mc) or "none"
+        ppls = "; ".join(f"{d}: seqlen {p['seqlen']}, {p['windows']} windows = {p['tokens']} tokens"
+                         for d, p in ppl.items())
         return (f"model {a.model} ({a.dtype}, {a.device}); calibration C4 docs 0-149 ('web'), {a.n_samples} x "
-                f"{a.seqlen} tokens, seed 0, the same windows for every method (the agent holds out the last "
-                f"{self.cal.held_out.numel()} tokens of that stream for its rollback check, threshold "
+                f"{a.seqlen} tokens, seed 0, the same windows for every method but FLAP iterative multi-domain "
+                f"({a.structured_samples} x 128 tokens of wiki+web+code+math, fused statistics); the agent holds out "
+                f"the last {self.cal.held_out.numel()} tokens of the web stream for its rollback check, threshold "
                 f"{a.rollback_threshold:.0%}, {a.agent_grad_samples} gradient samples, at most {a.max_iterations} "
-                f"iterations); structured rows remove the target fraction of the decoder blocks' linear parameters; "
-                f"magnitude N:M is 50% by construction (pruned once, shown in every table); WikiText-2 test, seqlen "
-                f"{self.proto.get('seqlen')}, {self.proto.get('windows')} windows = {self.proto.get('tokens')} scored "
-                f"tokens; " + (f"MMLU 5-shot (dev shots), {n.get('mmlu', '-')} questions; " if a.mmlu_limit >= 0
-                               else "no MMLU; ")
+                f"iterations, paced to the target; structured rows remove the target fraction of the decoder blocks' "
+                f"linear parameters; magnitude N:M is 50% by construction (pruned once, shown in every table); "
+                f"perplexity ({ppls}); "
+                + (f"MMLU 5-shot (dev shots), {n.get('mmlu', '-')} questions spread over the subjects; "
+                   if a.mmlu_limit >= 0 else "no MMLU; ")
                 + (f"{self.qa_name} {a.qa_shots}-shot exact match, {n.get(self.qa_name, '-')} items; " if self.qa
                    else "no factual QA; ")
-                + f"zero-shot average over {mc} (acc_norm for arc_challenge / "
-                f"hellaswag / openbookqa, else acc); scores in %; controller tokens as reported by the server "
-                f"(summed over all replies, re-asks included), 'controller s' = time waiting for decisions; "
-                f"{self.llm_note}; {machine()}; total {time.time() - self.t0:.0f}s")
+                + f"zero-shot average over {mc} (acc_norm for arc_challenge / hellaswag / openbookqa, else acc); "
+                f"scores in %; controller tokens as reported by the server (summed over all replies, re-asks "
+                f"included), 'controller s' = time waiting for decisions; {self.llm_note}; {machine()}; protocol "
+                f"{self.protocol}; this run {time.time() - self.t0:.0f}s")
 
-    def run_prune(self, recipe: dict, structured: bool = False):
+    def run_prune(self, recipe: dict, structured: bool = False, own_calibration: bool = False):
         self.fresh()
         t = time.time()
-        rep = prune(self.model, {"device": self.args.device, **recipe}, self.tok, calibration=self.cal.ids)
+        cal = None if own_calibration else self.cal.ids
+        rep = prune(self.model, {"device": self.args.device, **recipe}, self.tok, calibration=cal)
         self.reshaped = structured
         sp = rep.extra["achieved_sparsity"] if structured else rep.global_sparsity
         return sp, time.time() - t
@@ -225,32 +335,105 @@ class Bench:
         t = time.time()
         with tempfile.TemporaryDirectory() as out:
             res = run_agent(self.model, self.tok, cfg, out, calibration=self.cal.ids, held_out=self.cal.held_out)
-        rep = res.report
-        st = rep["controller_stats"]
-        steps = rep["trajectory"][1:]
-        comp = [s["completion_tokens"] for s in steps if s.get("completion_tokens") is not None]
-        stats = {"iterations": res.iterations, "rollbacks": res.rollbacks,
-                 "replies": f"{st['replies']} ({st['valid_replies']})" if st["replies"] else "-",
-                 "prompt_tokens": st["prompt_tokens"] if st["prompt_tokens"] is not None else "-",
-                 "completion_tokens": sum(comp) if comp else "-", "controller_s": st["controller_s"]}
         print(f"agent ({controller['kind']}) target {target}: stop {res.stop_reason}, {res.iterations} iterations, "
-              f"{res.rollbacks} rollbacks, fallbacks {st['fallbacks']}, held-out ppl {res.baseline_ppl:.3f} -> "
-              f"{res.final_ppl:.3f}; controller {st}", flush=True)
-        for s in steps:
-            print(f"  iter {s['iteration']} [{s['source']}] sparsity -> {s['sparsity_after']:.4f} ppl {s['ppl']:.3f} "
-                  f"({s['label']}) controller {s['controller_s']}s replies {s['replies']} tokens "
-                  f"{s['prompt_tokens']}/{s['completion_tokens']}", flush=True)
-        return res.global_sparsity, time.time() - t, stats
+              f"{res.rollbacks} rollbacks, held-out ppl {res.baseline_ppl:.3f} -> {res.final_ppl:.3f}", flush=True)
+        return res.global_sparsity, time.time() - t, agent_stats(res)
 
 
-def start_server(args):
-    """llama-cpp-python's OpenAI-compatible server on 127.0.0.1 (tests/llama_server.py), or None on failure."""
+def agent_stats(res) -> dict:
+    """What the agent table shows of a run: iterations, rollbacks, and what the controller cost per decision."""
+    rep = res.report
+    st = rep["controller_stats"]
+    steps = rep["trajectory"][1:]
+    comp = [s["completion_tokens"] for s in steps if s.get("completion_tokens") is not None]
+    asked = [s for s in steps if s["replies"]]
+    for s in steps:
+        print(f"  iter {s['iteration']} [{s['source']}] sparsity -> {s['sparsity_after']:.4f} ppl {s['ppl']:.3f} "
+              f"({s['label']}) controller {s['controller_s']}s replies {s['replies']} tokens "
+              f"{s['prompt_tokens']}/{s['completion_tokens']}", flush=True)
+    return {"iterations": res.iterations, "rollbacks": res.rollbacks, "fallbacks": st["fallbacks"],
+            "replies": f"{st['replies']} ({st['valid_replies']})" if st["replies"] else "-",
+            "s_per_decision": round(sum(s["controller_s"] for s in asked) / len(asked), 1) if asked else "-",
+            "prompt_tokens": st["prompt_tokens"] if st["prompt_tokens"] is not None else "-",
+            "completion_tokens": sum(comp) if comp else "-", "controller_s": st["controller_s"],
+            "stop_reason": res.stop_reason, "held_out_ppl": [res.baseline_ppl, res.final_ppl]}
+
+
+def start_server(gguf: str, threads: int):
+    """llama-cpp-python's OpenAI-compatible server on 127.0.0.1 (tests/llama_server.py)."""
     sys.path.insert(0, str(REPO / "tests"))
     from llama_server import LlamaServer
 
-    server = LlamaServer(args.server_gguf, threads=args.server_threads, startup_timeout=180.0)
+    server = LlamaServer(gguf, threads=threads, startup_timeout=300.0)
     server.start()  # bounded wait; stops the process itself when it does not come up
     return server
+
+
+class Controllers:
+    """The LLM controllers of the agent_llm / agent_self rows: a --base-url, or local servers started on demand."""
+
+    def __init__(self, args, bench: Bench):
+        self.args, self.bench = args, bench
+        small = args.small_prompt == "yes" or (args.small_prompt == "auto" and not args.base_url)
+        self.settings = {"kind": "openai", "model_name": args.model_name, "api_key_env": args.api_key_env,
+                         "timeout_s": args.controller_timeout, "retries": 0 if not args.base_url else 2,
+                         **(SMALL_PROMPT if small else {}), **json.loads(args.controller_json)}
+        self.servers = {}
+        self.notes = []
+
+    def get(self, row: str) -> tuple[dict, str]:
+        a = self.args
+        if row == "agent_llm" and a.base_url:
+            return {**self.settings, "base_url": a.base_url}, a.model_name
+        gguf = a.server_gguf if row == "agent_llm" else _gguf_in(a.model)
+        if gguf is None:
+            raise SystemExit(f"--rows {row}: --model {a.model} has no GGUF to serve as its own controller")
+        gguf = str(gguf)
+        if gguf not in self.servers:
+            t = time.time()
+            self.servers[gguf] = start_server(gguf, a.server_threads)
+            shown = {k: v for k, v in self.settings.items() if k not in ("kind", "api_key_env")}
+            self.notes.append(f"{row}: llama-cpp-python's server on 127.0.0.1 with {Path(gguf).name} "
+                              f"({a.server_threads} threads, started in {time.time() - t:.0f}s), settings "
+                              f"{json.dumps(shown)}")
+            self.bench.llm_note = "; ".join(self.notes)
+        return {**self.settings, "base_url": self.servers[gguf].url}, Path(gguf).stem
+
+    def stop(self):
+        for server in self.servers.values():
+            server.stop()
+
+
+PRUNES = {"wanda_sp": ("Wanda-sp (structured)", {"method": "wanda_sp"}, True, False),
+          "flap": ("FLAP (structured)", {"method": "flap"}, True, False),
+          "flap_iter": ("FLAP iterative multi-domain", {"method": "flap_iterative"}, True, True),
+          "wanda": ("Wanda (uniform)", {"method": "wanda", "allocation": {"kind": "uniform"}}, False, False),
+          "owl": ("Wanda + OWL", {"method": "wanda", "allocation": {"kind": "owl"}}, False, False)}
+
+
+def run_row(b: Bench, ctl: Controllers, key: str, target: float, label: str, labels: list[str], first: bool):
+    a = b.args
+    if key in PRUNES:
+        name, recipe, structured, own = PRUNES[key]
+        if not b.done(f"{key}@{label}"):
+            recipe = {**recipe, "sparsity": target}
+            if own:
+                recipe["calibration"] = {"n_samples": a.structured_samples}
+            sp, s = b.run_prune(recipe, structured, own_calibration=own)
+            b.record(f"{key}@{label}", [label], name, target, sp, s)
+    elif key == "nm" and first:  # 50% by construction: once, shown in every table
+        for pattern in a.nm_patterns.split(","):
+            if not b.done(f"nm:{pattern}@0.5"):
+                sp, s = b.run_prune({"method": "magnitude", "sparsity": 0.5, "pattern": pattern})
+                b.record(f"nm:{pattern}@0.5", labels, f"magnitude {pattern}", 0.5, sp, s)
+    elif key == "agent" and not b.done(f"agent@{label}"):
+        sp, s, st = b.run_agent(target, {"kind": "builtin"})
+        b.record(f"agent@{label}", [label], "agent (built-in)", target, sp, s, st)
+    elif key in ("agent_llm", "agent_self") and not b.done(f"{key}@{label}"):
+        controller, who = ctl.get(key)
+        sp, s, st = b.run_agent(target, controller)
+        b.record(f"{key}@{label}", [label], f"agent ({'self' if key == 'agent_self' else 'LLM'}: {who})", target, sp,
+                 s, st)
 
 
 def main(argv=None):
@@ -261,59 +444,23 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     order = list(dict.fromkeys(filter(None, args.rows.split(","))))
-    rows = set(order)
-    unknown = rows - set(ROWS)
+    unknown = set(order) - set(ROWS)
     if unknown:
         raise SystemExit(f"unknown --rows {sorted(unknown)}; choose from {ROWS}")
     targets = [float(s) for s in args.sparsities.split(",")]
     labels = [f"{t:g}" for t in targets]
     b = Bench(args)
-    server = None
-    small = args.small_prompt == "yes" or (args.small_prompt == "auto" and not args.base_url)
-    controller = {"kind": "openai", "model_name": args.model_name, "api_key_env": args.api_key_env,
-                  "timeout_s": args.controller_timeout, "retries": 0 if not args.base_url else 2,
-                  **(SMALL_PROMPT if small else {}), **json.loads(args.controller_json)}
+    ctl = Controllers(args, b)
+    b.llm_note = "no LLM controller row in this run"
     try:
-        if "agent_llm" in rows:
-            if args.base_url:
-                controller["base_url"] = args.base_url
-                b.llm_note = f"LLM controller {args.model_name} at {args.base_url}"
-            else:
-                t = time.time()
-                server = start_server(args)
-                controller["base_url"] = server.url
-                b.llm_note = (f"LLM controller: llama-cpp-python's server on 127.0.0.1 with {Path(args.server_gguf).name}"
-                              f" ({args.server_threads} thread(s); started in {time.time() - t:.0f}s)")
-            shown = {k: v for k, v in controller.items() if k not in ("kind", "base_url", "api_key_env")}
-            b.llm_note += ", controller settings " + json.dumps(shown)
-            print(b.llm_note, flush=True)
-        else:
-            b.llm_note = "no LLM controller row"
-        if "dense" in rows:
-            b.record(labels, "dense", "-", 0.0, 0.0)
-        prunes = {"wanda_sp": ("Wanda-sp (structured)", {"method": "wanda_sp"}, True),
-                  "flap": ("FLAP (structured)", {"method": "flap"}, True),
-                  "wanda": ("Wanda (uniform)", {"method": "wanda", "allocation": {"kind": "uniform"}}, False),
-                  "owl": ("Wanda + OWL", {"method": "wanda", "allocation": {"kind": "owl"}}, False)}
+        if "dense" in order and not b.done("dense"):
+            b.record("dense", labels, "dense", "-", 0.0, 0.0)
         for i, (target, label) in enumerate(zip(targets, labels)):
             for key in order:  # the order --rows gives them, so a cut-off run has the rows that matter most
-                if key in prunes:
-                    name, recipe, structured = prunes[key]
-                    sp, s = b.run_prune({**recipe, "sparsity": target}, structured)
-                    b.record([label], name, target, sp, s)
-                elif key == "nm" and i == 0:  # 50% by construction: once, shown in every table
-                    for pattern in args.nm_patterns.split(","):
-                        sp, s = b.run_prune({"method": "magnitude", "sparsity": 0.5, "pattern": pattern})
-                        b.record(labels, f"magnitude {pattern}", 0.5, sp, s)
-                elif key == "agent":
-                    sp, s, st = b.run_agent(target, {"kind": "builtin"})
-                    b.record([label], "agent (built-in)", target, sp, s, st)
-                elif key == "agent_llm":
-                    sp, s, st = b.run_agent(target, controller)
-                    b.record([label], f"agent (LLM: {args.model_name})", target, sp, s, st)
+                if key != "dense":
+                    run_row(b, ctl, key, target, label, labels, i == 0)
     finally:
-        if server is not None:
-            server.stop()
+        ctl.stop()
     print(b.write(final=True), flush=True)
 
 
