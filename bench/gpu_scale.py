@@ -8,7 +8,7 @@ cut short still reports what finished.
     python bench/gpu_scale.py --shape tiny --big-shape tiny --device cpu        # smoke run (tests/test_bench.py)
 
 Agent phases (one iteration after the start): controller decision, prune + re-profile pass, held-out
-perplexity, gradients (when refreshed), checkpoint and mask hash; the loop's own timers, summed per phase.
+perplexity, gradients (when refreshed), checkpoint and mask hash: the loop's own timers, read from the journal.
 """
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ import resource
 import statistics
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -29,7 +28,6 @@ sys.path.insert(0, str(REPO / "bench"))
 from gpu_agent import timed_agent_run  # noqa: E402
 from gpu_engine import SHAPES, build, n_params  # noqa: E402
 
-from prunepilot.agent.loop import AgentRun  # noqa: E402
 from prunepilot.api import prune  # noqa: E402
 from prunepilot.eval.flops import ideal_speedup  # noqa: E402
 from prunepilot.eval.speed import measure_speed  # noqa: E402
@@ -69,25 +67,8 @@ def sparsegpt(args) -> dict:
             "peak_gpu_gib": gpu_peak_gib(args.device)}
 
 
-def timed_agent_phases() -> dict[str, float]:
-    """Wrap AgentRun's steps so their wall time is summed per phase."""
-    spent: dict[str, float] = defaultdict(float)
-    for phase in ("profile", "held_ppl", "gradients", "masks"):
-        original = getattr(AgentRun, phase)
-
-        def wrapper(self, *a, _original=original, _phase=phase, **k):
-            t0 = time.time()
-            try:
-                return _original(self, *a, **k)
-            finally:
-                spent[_phase] += time.time() - t0
-        setattr(AgentRun, phase, wrapper)
-    return spent  # the controller's time is an iteration's seconds minus these phases
-
-
 def agent(args) -> dict:
     model = build(args.shape, getattr(torch, args.dtype), args.device)
-    spent = timed_agent_phases()
     cfg = {"target_sparsity": 0.5, "max_iterations": 1, "device": args.device, "grad_samples": args.grad_samples,
            "grad_refresh_every": 1, "save_model": False, "eval_tokens": 4 * args.seqlen, "eval_seqlen": args.seqlen,
            "calibration": {"n_samples": args.n_samples, "seqlen": args.seqlen}}
@@ -96,8 +77,8 @@ def agent(args) -> dict:
     res, wall, iteration = timed_agent_run(model, cfg, calib, held)
     return {"part": "agent_8b", "shape": args.shape, "wall_s": round(wall, 1),
             "iteration_s": [r.seconds for r in iteration],
-            "phase_s_total": {k: round(v, 3) for k, v in spent.items()},
-            "note": "phase totals include the start (one profile, one held-out ppl, one gradient pass)",
+            "phase_s": [r.phases for r in iteration],  # the loop's own timers, from the journal
+            "start_s": round(wall - sum(r.seconds for r in iteration), 1),
             "iterations": res.iterations, "peak_gpu_gib": gpu_peak_gib(args.device)}
 
 

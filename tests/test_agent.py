@@ -356,7 +356,7 @@ def test_resume_after_kill_equals_uninterrupted_run(stories, tmp_path, monkeypat
     a, b = masks_of(ref_model), masks_of(model)
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert all(torch.equal(x, y) for x, y in zip(ref_model.state_dict().values(), model.state_dict().values()))
-    strip = lambda recs: [dataclasses.replace(r, seconds=0.0, controller_s=0.0) for r in recs]  # noqa: E731
+    strip = lambda recs: [dataclasses.replace(r, seconds=0.0, controller_s=0.0, phases={}) for r in recs]  # noqa: E731
     assert strip(Journal(tmp_path / "ref" / "journal.jsonl").read()[1]) == strip(
         Journal(tmp_path / "run" / "journal.jsonl").read()[1])
     assert (res.iterations, res.rollbacks, res.global_sparsity) == (ref.iterations, ref.rollbacks, ref.global_sparsity)

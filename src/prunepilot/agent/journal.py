@@ -9,7 +9,7 @@ A damaged line (bad JSON in the middle, a missing or wrongly typed field) is an 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pydantic import TypeAdapter, ValidationError
@@ -66,6 +66,7 @@ class IterationRecord:
     pace_gain: float = 0.0           # global gain the pace asked of this step (0: pacing off)
     spread: float = 0.0              # extra given to each layer the decision did not name, to keep the pace
     spread_layers: int = 0
+    phases: dict[str, float] = field(default_factory=dict)  # wall seconds per part (loop.PHASES)
 
     @property
     def rolled_back(self) -> bool:
@@ -80,7 +81,7 @@ class IterationRecord:
 def _to_line(record, kind: str) -> dict:
     d = {"type": kind, **asdict(record)}
     optional = (("stopped", False), ("grad", None), ("prompt_tokens", None), ("completion_tokens", None),
-                ("rollback_reason", ""), ("pace_gain", 0.0), ("spread", 0.0), ("spread_layers", 0))
+                ("rollback_reason", ""), ("pace_gain", 0.0), ("spread", 0.0), ("spread_layers", 0), ("phases", {}))
     for key, unset in optional:  # optional fields appear only when they say something
         if key in d and d[key] == unset:
             del d[key]

@@ -21,7 +21,7 @@ uninterrupted run.
 """
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import logging
 import math
 import time
@@ -44,10 +44,13 @@ from .controllers import make_controller
 from .decision import Observation
 from .journal import IterationRecord, Journal, JournalHeader
 from .pacing import Budget, Step, pace_gain, plan_step
+from .replay import check_header, data_hash, replay, warn_changed_settings
 from .profile import Profile, gradient_importance, prune_and_profile, zero_counts
 from .report import build_report, save_model, write_report
 
 log = logging.getLogger(__name__)
+
+PHASES = ("decide", "prune_profile", "held_ppl", "gradients", "mask_hash")  # an iteration's timed parts
 
 
 @dataclass
@@ -64,14 +67,6 @@ class AgentResult:
     report: dict = field(default_factory=dict)
     wall_s: float = 0.0
     target_reached: bool = True   # global sparsity >= target - target_tolerance
-
-
-def _data_hash(calib: torch.Tensor, held: torch.Tensor) -> str:
-    h = hashlib.sha256()
-    for t in (calib, held):
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.to(torch.int64).contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def _accepted(change: float, threshold: float) -> bool:
@@ -115,6 +110,8 @@ class AgentRun:
         self.grad: dict[str, float] = {}
         self.ppl_acc = math.nan
         self.since_grad = 0
+        self.counts: tuple[dict[str, int], dict[str, int]] = ({}, {})  # (numel, zeros) of the current model
+        self.phases: dict[str, float] = {}  # wall seconds per phase of the iteration under way
 
     # ------------------------------------------------------------------------------------ data and measures
 
@@ -136,23 +133,36 @@ class AgentRun:
                                 held_out_seqlen=cfg.eval_seqlen)
         return cal.ids, cal.held_out, cal.summary
 
+    @contextlib.contextmanager
+    def timed(self, phase: str):
+        """Add the wall time of the block to this iteration's `phase` (recorded in the journal)."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[phase] = self.phases.get(phase, 0.0) + time.perf_counter() - t0
+
     def profile(self, extras: dict[str, float], desc: str = "agent pass") -> dict[str, float]:
         """Prune `extras` of the named linears (one pass) and return the refreshed Wanda percentile s."""
-        return prune_and_profile(self.adapter, self.calib, self.device, extras, self.cfg.profile_percentile,
-                                 desc=desc, batch_size=self.cfg.calibration.batch_size)
+        with self.timed("prune_profile"):
+            return prune_and_profile(self.adapter, self.calib, self.device, extras, self.cfg.profile_percentile,
+                                     desc=desc, batch_size=self.cfg.calibration.batch_size)
 
     def held_ppl(self) -> float:  # one block on the device at a time, like the pruning passes
-        return perplexity_sequential(self.model, self.held, self.cfg.eval_seqlen, self.device,
-                                     desc="held-out ppl")["ppl"]
+        with self.timed("held_ppl"):
+            return perplexity_sequential(self.model, self.held, self.cfg.eval_seqlen, self.device,
+                                         desc="held-out ppl")["ppl"]
 
     def gradients(self) -> dict[str, float]:
         if self.cfg.grad_samples == 0:
             return {}
-        return gradient_importance(self.model, self.adapter, self.calib[: self.cfg.grad_samples], self.device,
-                                   self.cfg.grad_mode)
+        with self.timed("gradients"):
+            return gradient_importance(self.model, self.adapter, self.calib[: self.cfg.grad_samples],
+                                       self.device, self.cfg.grad_mode)
 
     def masks(self) -> str:
-        return mask_fingerprint({n: weight_2d(lin) for n, lin in self.linears.items()})
+        with self.timed("mask_hash"):
+            return mask_fingerprint({n: weight_2d(lin) for n, lin in self.linears.items()})
 
     # ------------------------------------------------------------------------------------ start / resume
 
@@ -163,13 +173,14 @@ class AgentRun:
         self.s = self.profile({}, desc="profile")
         baseline = self.held_ppl()
         self.grad = self.gradients()
-        self.header = JournalHeader(model_fingerprint(self.model), _data_hash(self.calib, self.held),
+        self.header = JournalHeader(model_fingerprint(self.model), data_hash(self.calib, self.held),
                                     self.cfg.replay_key(), self.names, self.cfg.target_sparsity, baseline,
                                     int(self.held.numel()), self.calib_summary, self.grad,
                                     time.strftime("%Y-%m-%dT%H:%M:%S"))
         if distributed.is_main():
             self.journal.write_header(self.header)
         self.ppl_acc = baseline
+        self.counts = zero_counts(self.adapter)
         log.info("agent: %d prunable linears, held-out ppl %.3f (%d tokens), target sparsity %.3f",
                  len(self.names), baseline, self.held.numel(), self.cfg.target_sparsity)
 
@@ -179,23 +190,17 @@ class AgentRun:
             self.journal.drop_partial_tail()
         # torchrun: rank 0's reading, on every rank (other nodes need not see the folder)
         self.header, self.records = distributed.broadcast(self.journal.read() if distributed.is_main() else None)
-        _check_header(self.header, self.cfg, model_fingerprint(self.model), _data_hash(self.calib, self.held),
-                      self.names, self.journal.path)
+        check_header(self.header, self.cfg, model_fingerprint(self.model), data_hash(self.calib, self.held),
+                     self.names, self.journal.path)
         if distributed.is_main():  # a refused resume leaves the saved settings alone
-            _warn_changed_settings(self.out_dir / "agent.yaml", self.cfg)
+            warn_changed_settings(self.out_dir / "agent.yaml", self.cfg)
             atomic_write_text(self.out_dir / "agent.yaml", self.cfg.to_yaml())
-        self.grad, s = self.header.grad, None
-        for rec in tqdm(self.records, desc="replaying journal", leave=False):
-            if rec.accepted:  # even a step that applied nothing refreshed the profile
-                s = self.profile(rec.applied, desc="replay")
-                if self.masks() != rec.mask_hash:
-                    raise PrunepilotError(f"replaying {self.journal.path} iteration {rec.iteration} gave different "
-                                          "masks: the starting model, the data or the environment changed")
-            self.grad = rec.grad if rec.grad is not None else self.grad
-            self.since_grad = 0 if rec.grad is not None else self.since_grad + int(rec.accepted)
+        self.grad = self.header.grad
+        s = replay(self, self.records)
         self.s = s if s is not None else self.profile({}, desc="profile")
         accepted = [r for r in self.records if r.accepted]
         self.ppl_acc = accepted[-1].ppl_after if accepted else self.header.baseline_ppl
+        self.counts = zero_counts(self.adapter)
         log.info("resumed %s: %d iterations replayed", self.journal.path, len(self.records))
 
     # ------------------------------------------------------------------------------------ one iteration
@@ -203,7 +208,7 @@ class AgentRun:
     def stop_reason(self) -> str | None:
         if any(r.stopped for r in self.records):
             return "controller_stop"
-        numel, zeros = zero_counts(self.adapter)
+        numel, zeros = self.counts
         if sum(zeros.values()) / sum(numel.values()) >= self.cfg.target_sparsity - self.cfg.target_tolerance:
             return "target_reached"
         if len(self.records) >= self.cfg.max_iterations:
@@ -223,9 +228,11 @@ class AgentRun:
     def iterate(self) -> IterationRecord:
         """Ask the controller, try its step, keep it or roll it back; the record of what happened."""
         t0 = time.time()
-        numel, zeros = zero_counts(self.adapter)
+        self.phases = dict.fromkeys(PHASES, 0.0)
+        numel, zeros = self.counts
         obs = self.observe(numel, zeros)
-        decision = distributed.broadcast(self.guard.decide(obs) if distributed.is_main() else None)
+        with self.timed("decide"):
+            decision = distributed.broadcast(self.guard.decide(obs) if distributed.is_main() else None)
         st = decision.stats
         base = dict(iteration=obs.iteration, source=decision.source, decision=decision.to_dict(),
                     warnings=decision.warnings, sparsity_before=obs.current_sparsity, ppl_before=self.ppl_acc,
@@ -240,6 +247,7 @@ class AgentRun:
             rec = self.try_step(base, self.plan(decision.extras(), obs, numel, zeros), numel, zeros)
         rec.mask_hash = self.masks()  # after a rollback: the restored masks
         rec.seconds = round(time.time() - t0, 2)
+        rec.phases = {k: round(v, 3) for k, v in self.phases.items()}
         return rec
 
     def plan(self, extras: dict[str, float], obs: Observation, numel: dict[str, int],
@@ -262,13 +270,14 @@ class AgentRun:
         checkpoint = {n: weight_2d(self.linears[n]).detach().to("cpu", copy=True) for n in applied}
         new_s = self.profile(applied)
         ppl = self.held_ppl()
-        zeros_try = sum(zero_counts(self.adapter)[1].values())
+        counts_try = zero_counts(self.adapter)  # the one count of this iteration
+        zeros_try = sum(counts_try[1].values())
         gain, change = zeros_try / total - current, ppl / self.ppl_acc - 1
         step_ok = _accepted(change, self.cfg.rollback_threshold)
         total_ok = _within_total(ppl, self.header.baseline_ppl, self.cfg.max_total_ppl_rise)
         ok = step_ok and total_ok
         if ok:
-            self.s, self.ppl_acc = new_s, ppl
+            self.s, self.ppl_acc, self.counts = new_s, ppl, counts_try
             self.since_grad += 1
         else:
             with torch.no_grad():
@@ -310,7 +319,7 @@ class AgentRun:
         return self.finish(stop_reason, t_start)
 
     def finish(self, stop_reason: str, t_start: float) -> AgentResult:
-        numel, zeros = zero_counts(self.adapter)
+        numel, zeros = self.counts
         report = build_report(self.cfg, self.header, self.records, numel, zeros, stop_reason, time.time() - t_start)
         report["coverage"] = self.coverage.to_dict()
         report["distributed"] = distributed.summary(self.calib.shape[0])
@@ -357,39 +366,3 @@ def run_agent(model, tokenizer, config: AgentConfig | dict, out_dir: str | Path,
     model.eval()
     run = AgentRun(model, tokenizer, cfg, out_dir, controller, calibration, held_out)
     return run.run(resume)
-
-
-def _warn_changed_settings(saved_path: Path, cfg: AgentConfig) -> None:
-    """Settings outside the replay key may change on resume (e.g. a higher target), but then the run is no
-    longer the one an uninterrupted run would have made: say so."""
-    if not saved_path.is_file():
-        return
-    old = AgentConfig.from_yaml(saved_path).model_dump(mode="json")
-    new = cfg.model_dump(mode="json")
-
-    def flat(d, prefix=""):
-        for k, v in d.items():
-            if isinstance(v, dict):
-                yield from flat(v, f"{prefix}{k}.")
-            else:
-                yield f"{prefix}{k}", v
-
-    old_f = dict(flat(old))
-    changed = [f"{k}: {old_f.get(k)!r} -> {v!r}" for k, v in flat(new) if old_f.get(k) != v]
-    if changed:
-        log.warning("resuming with changed settings (%s); the result differs from an uninterrupted run with the "
-                    "saved ones", "; ".join(changed))
-
-
-def _check_header(header: JournalHeader, cfg: AgentConfig, fingerprint: str, data_hash: str, names: list[str],
-                  path) -> None:
-    if header.fingerprint != fingerprint:
-        raise PrunepilotError(f"{path} was written for a different starting model (weights fingerprint "
-                              f"{header.fingerprint} != {fingerprint}); resume from the original model")
-    if header.layers != names:
-        raise PrunepilotError(f"{path} lists other prunable layers than this model / include / ignore")
-    if header.replay_key != cfg.replay_key():
-        diff = [k for k, v in cfg.replay_key().items() if header.replay_key.get(k) != v]
-        raise PrunepilotError(f"cannot resume {path}: settings changed since it was written: {', '.join(diff)}")
-    if header.data_hash != data_hash:
-        raise PrunepilotError(f"cannot resume {path}: the calibration / held-out data changed")

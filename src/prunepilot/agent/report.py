@@ -26,7 +26,8 @@ def _trajectory(header: JournalHeader, records: list[IterationRecord], start: fl
                            "source": r.source, "layers_touched": len(r.applied),
                            "scale": r.scale, "seconds": r.seconds, "controller_s": r.controller_s,
                            "replies": r.replies, "prompt_chars": r.prompt_chars, "prompt_tokens": r.prompt_tokens,
-                           "completion_tokens": r.completion_tokens, "rollback_reason": r.rollback_reason})
+                           "completion_tokens": r.completion_tokens, "rollback_reason": r.rollback_reason,
+                           "phases": r.phases})
     return trajectory
 
 

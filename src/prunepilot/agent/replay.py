@@ -1,0 +1,76 @@
+"""Resuming a journaled agent run: the journal must belong to this starting model, data and settings; its
+accepted steps are replayed in order (the same deterministic passes), each checked against its mask hash."""
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import PrunepilotError
+from .config import AgentConfig
+from .journal import IterationRecord, JournalHeader
+
+log = logging.getLogger(__name__)
+
+
+def data_hash(calib: torch.Tensor, held: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    for t in (calib, held):
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.to(torch.int64).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+
+def replay(run, records: list[IterationRecord]) -> dict[str, float] | None:
+    """Re-apply the accepted steps of `records` to run's model; the profile s after the last one (None if none).
+    Also restores the gradient state (run.grad, run.since_grad) the uninterrupted run had."""
+    s = None
+    for rec in tqdm(records, desc="replaying journal", leave=False):
+        if rec.accepted:  # even a step that applied nothing refreshed the profile
+            s = run.profile(rec.applied, desc="replay")
+            if run.masks() != rec.mask_hash:
+                raise PrunepilotError(f"replaying {run.journal.path} iteration {rec.iteration} gave different "
+                                      "masks: the starting model, the data or the environment changed")
+        run.grad = rec.grad if rec.grad is not None else run.grad
+        run.since_grad = 0 if rec.grad is not None else run.since_grad + int(rec.accepted)
+    return s
+
+
+def warn_changed_settings(saved_path: Path, cfg: AgentConfig) -> None:
+    """Settings outside the replay key may change on resume (e.g. a higher target), but then the run is no
+    longer the one an uninterrupted run would have made: say so."""
+    if not saved_path.is_file():
+        return
+    old = AgentConfig.from_yaml(saved_path).model_dump(mode="json")
+    new = cfg.model_dump(mode="json")
+
+    def flat(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                yield from flat(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}", v
+
+    old_f = dict(flat(old))
+    changed = [f"{k}: {old_f.get(k)!r} -> {v!r}" for k, v in flat(new) if old_f.get(k) != v]
+    if changed:
+        log.warning("resuming with changed settings (%s); the result differs from an uninterrupted run with the "
+                    "saved ones", "; ".join(changed))
+
+
+def check_header(header: JournalHeader, cfg: AgentConfig, fingerprint: str, data_hash: str, names: list[str],
+                  path) -> None:
+    if header.fingerprint != fingerprint:
+        raise PrunepilotError(f"{path} was written for a different starting model (weights fingerprint "
+                              f"{header.fingerprint} != {fingerprint}); resume from the original model")
+    if header.layers != names:
+        raise PrunepilotError(f"{path} lists other prunable layers than this model / include / ignore")
+    if header.replay_key != cfg.replay_key():
+        diff = [k for k, v in cfg.replay_key().items() if header.replay_key.get(k) != v]
+        raise PrunepilotError(f"cannot resume {path}: settings changed since it was written: {', '.join(diff)}")
+    if header.data_hash != data_hash:
+        raise PrunepilotError(f"cannot resume {path}: the calibration / held-out data changed")
