@@ -64,7 +64,8 @@ def test_a_failing_distributed_run_stops_and_writes_nothing(tmp_path):
 
 
 AGENT = ["--target", "0.4", "--max-iterations", "3", "--calib", "tinystories", "--n-samples", "8", "--seqlen", "128",
-         "--eval-tokens", "1024", "--eval-seqlen", "128", "--grad-samples", "2", "--device", "cpu"]
+         "--eval-tokens", "1024", "--eval-seqlen", "128", "--grad-samples", "2", "--device", "cpu",
+         "--allow-short"]  # 2 processes equal to 1 is the point, not reaching the target in 3 iterations
 
 
 def test_agent_two_processes_equal_one(tmp_path, one_thread):

@@ -28,7 +28,8 @@ from .config import AgentConfig, PolicyConfig
 from .decision import MAX_EXTRA, MIN_EXTRA, Decision, Observation
 from .granularity import BlockView
 from .hf_controller import HFController
-from .openai_controller import BadRequest, ControllerUnavailable, DeadlineExceeded, OpenAIController
+from .openai_controller import OpenAIController
+from .transport import BadRequest, ControllerUnavailable, DeadlineExceeded
 from .validate import DecisionError, parse_decision
 
 log = logging.getLogger(__name__)

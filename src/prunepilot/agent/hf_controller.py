@@ -14,7 +14,7 @@ import logging
 
 from .config import ControllerConfig
 from .decision import Observation
-from .openai_controller import ControllerUnavailable
+from .transport import ControllerUnavailable
 from .prompts import build_messages
 from .validate import decision_schema
 
