@@ -93,10 +93,12 @@ def test_agent_resume_under_torchrun_continues_rank_0s_journal(tmp_path, one_thr
     run ends: rank 0 reads the journal and broadcasts it, every rank replays the same steps."""
     model = str(shared_path("models", "stories260K"))
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
-    assert torchrun(["agent", model, *AGENT, "--out", full]).returncode == 0
-    short = [a if a != "3" else "1" for a in AGENT]  # --max-iterations 1
+    # --no-pace: the pace depends on --max-iterations, which this test changes between the cut run and its resume
+    agent = [*AGENT, "--no-pace"]
+    assert torchrun(["agent", model, *agent, "--out", full]).returncode == 0
+    short = [a if a != "3" else "1" for a in agent]  # --max-iterations 1
     assert torchrun(["agent", model, *short, "--out", cut]).returncode == 0
-    run = torchrun(["agent", model, *AGENT, "--out", cut, "--resume"])
+    run = torchrun(["agent", model, *agent, "--out", cut, "--resume"])
     assert run.returncode == 0, run.stderr[-2000:]
     a, b = (json.loads((Path(d) / "report.json").read_text()) for d in (full, cut))
     assert a["iterations"] == 3 and [t["sparsity"] for t in a["trajectory"]] == [t["sparsity"] for t in b["trajectory"]]
