@@ -114,3 +114,43 @@ def test_cli_exits_3_with_one_line_when_the_run_ends_short(stories, tmp_path):
     assert len(err) == 1 and "short of the target 0.6000" in err[0] and "Traceback" not in r.stderr
     r = subprocess.run(base + ["--out", str(tmp_path / "allowed"), "--allow-short"], capture_output=True, text=True)
     assert r.returncode == 0 and json.loads(r.stdout.strip().splitlines()[-1])["target_reached"] is False
+
+
+# ------------------------------------------------------------------------------------ fixed plans as controllers
+
+def test_plan_controller_asks_in_proportion_to_what_each_linear_still_has_to_lose():
+    from prunepilot.agent.decision import Observation
+    from prunepilot.agent.plan_controller import PlanController, block_plan
+
+    rows = [{"layer": "a", "numel": 10, "alive": 8, "sparsity": 0.2, "s": 1.0, "g": 1.0, "z_s": 0.0, "z_g": 0.0},
+            {"layer": "b", "numel": 10, "alive": 10, "sparsity": 0.0, "s": 1.0, "g": 1.0, "z_s": 0.0, "z_g": 0.0},
+            {"layer": "c", "numel": 10, "alive": 7, "sparsity": 0.3, "s": 1.0, "g": 1.0, "z_s": 0.0, "z_g": 0.0}]
+    obs = Observation(0, 5, 0.3, 0.17, rows, 10.0, 10.0, 0.15)
+    # a: (0.5 - 0.2) / 0.8 = 0.375 (the largest -> 0.15); b: 0.3 -> 0.12; c is at its plan: not asked
+    out = PlanController({"a": 0.5, "b": 0.3, "c": 0.3}, "test").propose(obs)
+    assert {d["layer"]: d["extra_sparsity"] for d in out["layer_decisions"]} == pytest.approx({"a": 0.15, "b": 0.12})
+    assert block_plan(["m.layers.0.q", "m.layers.0.k", "m.layers.1.q"], [0.4, 0.6]) == {
+        "m.layers.0.q": 0.4, "m.layers.0.k": 0.4, "m.layers.1.q": 0.6}
+
+
+@pytest.mark.parametrize("plan", ["uniform", "owl"])
+def test_a_fixed_plan_runs_through_the_same_loop_and_ends_at_its_allocation(plan, tmp_path):
+    from prunepilot.agent.granularity import block_of
+    from prunepilot.allocation import owl
+    from prunepilot.engine import ModelAdapter
+    from prunepilot.unstructured import owl_outlier_ratios
+
+    calib, held = tiny_data()
+    model = tiny_model("llama")
+    cfg = tiny_cfg(target_sparsity=0.4, max_iterations=4, rollback_threshold=10.0,
+                   controller={"kind": "plan", "plan": plan})
+    expected = owl(owl_outlier_ratios(ModelAdapter(model), calib, "cpu", 5.0), 0.4, 0.08) if plan == "owl" else None
+    res = run_agent(model, None, cfg, tmp_path / plan, calibration=calib, held_out=held)
+    assert res.target_reached and res.global_sparsity == pytest.approx(0.4, abs=0.005)
+    by_block = {}
+    for name, s in res.layer_sparsity.items():
+        by_block.setdefault(block_of(name), []).append(s)
+    got = [sum(v) / len(v) for _, v in sorted(by_block.items())]
+    want = expected if expected is not None else [0.4] * len(got)
+    assert got == pytest.approx(want, abs=0.02)
+    assert {r.source for r in Journal(tmp_path / plan / "journal.jsonl").read()[1]} == {f"plan-{plan}"}

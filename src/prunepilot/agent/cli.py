@@ -28,23 +28,7 @@ def add_agent_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--config", help="agent.yaml (AgentConfig); the options below override its values (with "
                                     "--resume the default is the run's own --out/agent.yaml)")
     p.add_argument("--target", type=float, help="target global sparsity of the prunable linears (default 0.5)")
-    p.add_argument("--controller", choices=["builtin", "openai", "hf"], help="who decides (default builtin)")
-    p.add_argument("--base-url", help="openai: endpoint base URL, e.g. http://127.0.0.1:8000/v1")
-    p.add_argument("--model-name", help="openai: served model name; hf: chat model folder or hub name")
-    p.add_argument("--api-key-env", help="openai: NAME of the env var holding the API key (default OPENAI_API_KEY)")
-    p.add_argument("--timeout", type=float,
-                   help="openai: wall-clock limit of one decision in seconds, every retry included (default 60)")
-    p.add_argument("--retries", type=int, help="openai: extra attempts on transport errors (default 2)")
-    p.add_argument("--max-tokens", type=int, help="openai/hf: most tokens of one answer (default 4096)")
-    p.add_argument("--table-rows", type=int, help="openai/hf: show only the N least sensitive layers (small contexts)")
-    p.add_argument("--history-chars", type=int, help="openai/hf: character budget of the decision history (3000)")
-    p.add_argument("--max-layers-per-reply", type=int,
-                   help="openai/hf: at most N layers per answer (schema maxItems; helps small models)")
-    p.add_argument("--reasoning-chars", type=int, help="openai/hf: schema maxLength of the reasoning")
-    p.add_argument("--granularity", choices=["linear", "block"],
-                   help="openai/hf: the controller names linears (default) or decoder blocks (all its linears alike)")
-    p.add_argument("--strict-controller", action="store_true",
-                   help="unreachable endpoint or invalid answers are an error (default: fall back to builtin)")
+    _add_controller_args(p)
     p.add_argument("--resume", action="store_true", help="continue the run journaled in --out")
     p.add_argument("--max-iterations", type=int)
     p.add_argument("--allow-short", action="store_true",
@@ -78,6 +62,29 @@ def add_agent_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _add_controller_args(p: argparse.ArgumentParser) -> None:
+    """Who decides, and how an LLM controller is asked."""
+    p.add_argument("--controller", choices=["builtin", "openai", "hf", "plan"],
+                   help="who decides (default builtin); plan: a fixed allocation (--plan) through the same loop")
+    p.add_argument("--plan", choices=["uniform", "owl"], help="controller plan: the allocation it follows")
+    p.add_argument("--base-url", help="openai: endpoint base URL, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--model-name", help="openai: served model name; hf: chat model folder or hub name")
+    p.add_argument("--api-key-env", help="openai: NAME of the env var holding the API key (default OPENAI_API_KEY)")
+    p.add_argument("--timeout", type=float,
+                   help="openai: wall-clock limit of one decision in seconds, every retry included (default 60)")
+    p.add_argument("--retries", type=int, help="openai: extra attempts on transport errors (default 2)")
+    p.add_argument("--max-tokens", type=int, help="openai/hf: most tokens of one answer (default 4096)")
+    p.add_argument("--table-rows", type=int, help="openai/hf: show only the N least sensitive layers (small contexts)")
+    p.add_argument("--history-chars", type=int, help="openai/hf: character budget of the decision history (3000)")
+    p.add_argument("--max-layers-per-reply", type=int,
+                   help="openai/hf: at most N layers per answer (schema maxItems; helps small models)")
+    p.add_argument("--reasoning-chars", type=int, help="openai/hf: schema maxLength of the reasoning")
+    p.add_argument("--granularity", choices=["linear", "block"],
+                   help="openai/hf: the controller names linears (default) or decoder blocks (all its linears alike)")
+    p.add_argument("--strict-controller", action="store_true",
+                   help="unreachable endpoint or invalid answers are an error (default: fall back to builtin)")
+
+
 def config_from_args(args):
     from .config import AgentConfig
 
@@ -90,7 +97,7 @@ def config_from_args(args):
            "eval_seqlen": args.eval_seqlen, "grad_refresh_every": args.grad_refresh,
            "grad_samples": args.grad_samples, "grad_mode": args.grad_mode, "seed": args.seed, "device": args.device,
            "pace_reserve": args.pace_reserve}
-    ctl = {"kind": args.controller, "base_url": args.base_url, "model_name": args.model_name,
+    ctl = {"kind": args.controller, "plan": args.plan, "base_url": args.base_url, "model_name": args.model_name,
            "api_key_env": args.api_key_env, "timeout_s": args.timeout, "retries": args.retries,
            "max_tokens": args.max_tokens, "table_rows": args.table_rows, "history_chars": args.history_chars,
            "max_layers_per_reply": args.max_layers_per_reply, "reasoning_chars": args.reasoning_chars,
@@ -118,7 +125,8 @@ def run_agent_command(args) -> int:
     from .loop import run_agent
 
     cfg = config_from_args(args)
-    make_controller(cfg)  # fail fast on a missing --base-url / --model-name (loads nothing)
+    if cfg.controller.kind in ("openai", "hf"):
+        make_controller(cfg)  # fail fast on a missing --base-url / --model-name (loads nothing)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise PrunepilotError(f"output path {out} exists and is not a folder")

@@ -243,6 +243,8 @@ def make_controller(config: AgentConfig, device: str = "cpu", primary=None) -> G
     fallback = BuiltinPolicy(config.policy, config.max_layer_sparsity, config.target_tolerance)
     c = config.controller
     if primary is None:
+        if c.kind == "plan":
+            raise PrunepilotError("controller kind 'plan' is built by the agent loop from the model (run_agent)")
         primary = {"builtin": lambda: fallback,
                    "openai": lambda: OpenAIController(c),
                    "hf": lambda: HFController(c, device)}[c.kind]()

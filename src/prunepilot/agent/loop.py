@@ -37,13 +37,17 @@ from ..engine import ModelAdapter, keeps_placement, resolve_device, weight_2d
 from ..errors import PrunepilotError
 from ..eval.perplexity import perplexity_sequential
 from ..fingerprint import mask_fingerprint, model_fingerprint
+from ..allocation import owl
 from ..io import atomic_write_text
+from ..recipe import AllocationConfig
+from ..unstructured import owl_outlier_ratios
 from ..job import check_within_context
 from .config import AgentConfig
 from .controllers import make_controller
 from .decision import Observation
 from .journal import IterationRecord, Journal, JournalHeader
 from .pacing import Budget, Step, pace_gain, plan_step
+from .plan_controller import PlanController, block_plan, uniform_plan
 from .replay import check_header, data_hash, replay, warn_changed_settings
 from .profile import Profile, gradient_importance, prune_and_profile, zero_counts
 from .report import build_report, save_model, write_report
@@ -103,6 +107,8 @@ class AgentRun:
         self.journal = Journal(out_dir / "journal.jsonl")
         self.calib, self.held, self.calib_summary = self._data(calibration, held_out)
         # torchrun: rank 0 asks the controller and broadcasts its decision; every rank writes nothing but rank 0
+        if controller is None and cfg.controller.kind == "plan":
+            controller = self.plan_controller()
         self.guard = make_controller(cfg, str(self.device), controller) if distributed.is_main() else None
         self.records: list[IterationRecord] = []
         self.header: JournalHeader | None = None
@@ -132,6 +138,16 @@ class AgentRun:
                                 held_out_windows=max(1, cfg.eval_tokens // cfg.eval_seqlen),
                                 held_out_seqlen=cfg.eval_seqlen)
         return cal.ids, cal.held_out, cal.summary
+
+    def plan_controller(self) -> PlanController:
+        """The fixed plan of controller kind "plan": every linear's final sparsity (OWL: one statistics pass)."""
+        cfg = self.cfg
+        if cfg.controller.plan == "uniform":
+            return PlanController(uniform_plan(self.names, cfg.target_sparsity), "uniform")
+        defaults = AllocationConfig()
+        ratios = owl_outlier_ratios(self.adapter, self.calib, self.device, defaults.owl_m,
+                                    cfg.calibration.batch_size)
+        return PlanController(block_plan(self.names, owl(ratios, cfg.target_sparsity, defaults.owl_lambda)), "owl")
 
     @contextlib.contextmanager
     def timed(self, phase: str):
