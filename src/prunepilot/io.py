@@ -9,6 +9,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .bounded_json import BoundedJsonError, loads_bounded
 from .errors import PrunepilotError
 
 log = logging.getLogger(__name__)
@@ -135,12 +136,12 @@ class JsonLines:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                if skip_damaged or k >= len(lines) - 2:  # only the last line may be cut short
+                record = loads_bounded(line)  # size and nesting depth limited: a tampered line is one error
+            except BoundedJsonError as e:
+                if skip_damaged or (k >= len(lines) - 2 and str(e) == "not valid JSON"):  # only the last may be cut
                     log.warning("%s %s: skipping a truncated last line", self.what, self.path)
                     continue
-                raise PrunepilotError(f"{self.path}:{k + 1}: {self.what} line is not valid JSON") from None
+                raise PrunepilotError(f"{self.path}:{k + 1}: {self.what} line is {e}") from None
             if not isinstance(record, dict):
                 if skip_damaged:
                     continue

@@ -113,6 +113,10 @@ def run_agent_command(args) -> int:
     if args.resume and not (out / "journal.jsonl").exists():
         raise PrunepilotError(f"nothing to resume: {out / 'journal.jsonl'} does not exist (drop --resume to start a "
                               "new run there)")
+    if args.resume:  # a damaged or tampered journal is refused before the model is loaded
+        from .journal import Journal
+
+        Journal(out / "journal.jsonl").read()
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, "cpu", args.gguf_file)
     before = {}
     if args.ppl:
