@@ -98,7 +98,7 @@ def config_from_args(args):
 def run_agent_command(args) -> int:
     from .. import distributed
     from ..eval.perplexity import perplexity
-    from ..io import atomic_write_json
+    from ..io import atomic_write_json, check_output_location
     from ..modeling import load_model_and_tokenizer
     from .controllers import make_controller
     from .loop import run_agent
@@ -108,6 +108,7 @@ def run_agent_command(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise PrunepilotError(f"output path {out} exists and is not a folder")
+    check_output_location(out)  # before any work
     if (out / "journal.jsonl").exists() and not args.resume:
         raise PrunepilotError(f"{out / 'journal.jsonl'} exists: pass --resume to continue it or choose another --out")
     if args.resume and not (out / "journal.jsonl").exists():
