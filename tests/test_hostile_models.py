@@ -85,3 +85,10 @@ def test_a_missing_weight_inside_a_covered_layer_is_refused_after_load(tmp_path,
               folder / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(PrunepilotError, match="1 weight.s. missing, e.g. model.layers.2.mlp.up_proj.weight"):
         load_model(folder)
+
+
+def test_a_config_wider_than_its_weights_is_refused_before_loading(tmp_path, good_model):
+    folder = hostile_safetensors(tmp_path / "m", "config-mismatched-width", good_model)
+    with pytest.raises(PrunepilotError, match=r"hidden size 128 does not match the token embedding in the weights "
+                                              r"\(shape \[128, 64\]\)"):
+        check_model_input(folder)

@@ -56,7 +56,8 @@ class _Cursor:
         return raw.decode("utf-8", errors="replace")
 
     def value(self, vtype: int, what: str, depth: int = 0):
-        """One value of type vtype; arrays of numbers are skipped (None), arrays of strings walked."""
+        """One value of type vtype (integers and strings; None for floats, bools and arrays). Arrays of numbers
+        are skipped by their size, arrays of strings walked."""
         if vtype in SCALAR_SIZES:
             if vtype in INT_FORMATS:
                 return self.unpack(INT_FORMATS[vtype], what)
@@ -76,10 +77,10 @@ class _Cursor:
         self.need(count * least, f"{what}: {count} items")
         if item in SCALAR_SIZES:
             self.pos += count * least
-            return count
+            return None
         for k in range(count):
             self.value(item, f"{what}[{k}]", depth + 1)
-        return count
+        return None  # arrays are walked, not kept (a per-layer array is never compared with a tensor)
 
 
 def _header(c: _Cursor) -> tuple[int, int]:

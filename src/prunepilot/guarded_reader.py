@@ -3,13 +3,12 @@
 check_model_input(path, gguf_file) looks at a local model's files without loading them: a GGUF through
 guarded_gguf; safetensors headers (declared length, JSON, dtypes, shapes and data offsets against the file
 size); the shard index (every file present, inside the folder); config.json (size/depth-bounded JSON, a mapping,
-a sane layer count); and whether the weights cover every layer the config declares (a checkpoint missing
-layers 0-1 was loaded with those layers filled at random). Any problem is one PrunepilotError naming the file.
+a sane layer count); whether the weights cover every layer the config declares and are as wide as it says (a
+checkpoint missing layers 0-1 was loaded with those layers filled at random). Any problem is one PrunepilotError naming the file.
 Hub names (not local paths) are left to transformers. load_error turns what a loader raised anyway into one line.
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 import struct
@@ -24,6 +23,7 @@ MAX_LAYERS = 10_000
 ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
               "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
 INDEX = "model.safetensors.index.json"
+EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
 _LAYER = re.compile(r"\.(?:layers|h|blocks|decoder\.layers)\.(\d+)\.")
 
 
@@ -84,12 +84,16 @@ def _shards(folder: Path) -> list[Path]:
     return [folder / name for name in files]
 
 
-def _declared_layers(folder: Path) -> int | None:
-    """num_hidden_layers (or n_layer / num_layers) of config.json, checked to be a sane integer."""
+def _text_config(folder: Path) -> dict:
     config = _json_file(folder / "config.json", "config.json")
     if not isinstance(config, dict):
         raise PrunepilotError(f"{folder / 'config.json'}: damaged config.json: not a JSON object")
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    return config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+
+
+def _declared_layers(folder: Path) -> int | None:
+    """num_hidden_layers (or n_layer / num_layers) of config.json, checked to be a sane integer."""
+    text = _text_config(folder)
     for key in ("num_hidden_layers", "n_layer", "num_layers"):
         if key in text:
             value = text[key]
@@ -99,16 +103,31 @@ def _declared_layers(folder: Path) -> int | None:
     return None
 
 
-def weight_names(folder: Path) -> set[str]:
-    """Names of every tensor in the folder's safetensors files (each file's header checked)."""
-    names: set[str] = set()
+def weight_shapes(folder: Path) -> dict[str, list[int]]:
+    """{name: shape} of every tensor in the folder's safetensors files (each file's header checked)."""
+    shapes: dict[str, list[int]] = {}
     for shard in _shards(folder):
-        names |= _safetensors_header(shard).keys()
-    return names
+        shapes.update({name: entry["shape"] for name, entry in _safetensors_header(shard).items()})
+    return shapes
 
 
-def check_layers_covered(folder: Path, names: set[str]) -> None:
-    """Refuse weights that leave layers of the config out (transformers would fill them at random)."""
+def _check_width(folder: Path, shapes: dict[str, list[int]]) -> None:
+    """hidden_size (n_embd) as wide as the token embedding present: a hostile config cannot make the loader
+    build a model far larger than its weights."""
+    text = _text_config(folder)
+    width = next((text[k] for k in ("word_embed_proj_dim", "hidden_size", "n_embd", "d_model") if k in text), None)
+    embed = next((shape for name, shape in shapes.items() if name.endswith(EMBEDDINGS)), None)
+    if width is not None and (type(width) is not int or (embed and len(embed) == 2 and embed[1] != width)):
+        raise PrunepilotError(f"{folder / 'config.json'}: hidden size {width!r} does not match the token "
+                              f"embedding in the weights (shape {embed})")
+
+
+def check_weights_cover_config(folder: Path, shapes: dict[str, list[int]]) -> None:
+    """Refuse weights that leave layers of the config out (transformers would fill them at random) or whose
+    embedding width is not the config's."""
+    names = shapes.keys()
+    if (folder / "config.json").is_file():
+        _check_width(folder, shapes)
     declared = _declared_layers(folder) if (folder / "config.json").is_file() else None
     present = {int(m.group(1)) for n in names if (m := _LAYER.search("." + n))}
     if declared and present and not set(range(declared)) <= present:
@@ -145,7 +164,7 @@ def check_model_input(path: str | Path, gguf_file: str | None = None) -> None:
     if gguf_file:
         return check_gguf(path / gguf_file)
     if any(path.glob("*.safetensors")) or (path / INDEX).is_file():
-        check_layers_covered(path, weight_names(path))
+        check_weights_cover_config(path, weight_shapes(path))
     elif not any(path.glob("*.bin")) and len(ggufs := sorted(path.glob("*.gguf"))) >= 1:
         check_gguf(ggufs[0])
     elif (path / "config.json").is_file():
