@@ -11,7 +11,7 @@ from prunepilot.agent.validate import MAX_RAW, DecisionError
 
 NAMES = ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
 GOOD = {"reasoning": "r", "stop_pruning": False, "layer_decisions": [{"layer": NAMES[0], "extra_sparsity": 0.05}]}
-LIMIT_S = 1.0  # per reply, far above the milliseconds a linear parse of MAX_RAW characters takes
+LIMIT_S = 2.0  # per reply: a linear parse of MAX_RAW characters takes milliseconds; the old regex, minutes
 
 
 def _timed(text):
