@@ -19,6 +19,7 @@ Needs ../shared (stories260K) for a model with a tokenizer.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import select
@@ -35,15 +36,16 @@ sys.path.insert(0, str(REPO / "tests"))
 SHARED = Path(os.environ.get("PRUNEPILOT_SHARED", REPO.parent / "shared"))
 QUICK_PRUNE = ["--method", "magnitude", "--sparsity", "0.5", "--eval", "none", "--n-samples", "2", "--seqlen", "32",
                "--calib", "web"]
+_SERIAL = itertools.count()  # a fresh agent --out per case (a journal there would need --resume)
 QUICK_AGENT = ["--max-iterations", "1", "--n-samples", "2", "--seqlen", "32", "--eval-tokens", "256",
                "--eval-seqlen", "32", "--grad-samples", "0"]
 
 
 def model_commands(model: str, work: Path, offload: bool = False) -> dict[str, list[str]]:
     cmds = {"eval": ["eval", model, "--ppl", "wikitext2", "--max-windows", "1", "--seqlen", "32"],
-            "prune": ["prune", model, *QUICK_PRUNE, "--out", str(work / "pruned")],
-            "agent": ["agent", model, *QUICK_AGENT, "--out", str(work / "agent")],
-            "export": ["export", "gguf", model, "--out", str(work / "x.gguf")]}
+            "prune": ["prune", model, *QUICK_PRUNE, "--overwrite", "--out", str(work / "pruned")],
+            "agent": ["agent", model, *QUICK_AGENT, "--out", str(work / f"agent-{next(_SERIAL)}")],
+            "export": ["export", "gguf", model, "--overwrite", "--out", str(work / "x.gguf")]}
     if offload:
         cmds["prune --offload disk"] = cmds["prune"] + ["--offload", "disk"]
     return cmds
@@ -98,9 +100,10 @@ def _path_cases(work: Path, stories: str) -> list[tuple[str, list[str], dict]]:
 
 
 def _option_cases(work: Path, stories: str) -> list[tuple[str, list[str], dict]]:
-    prune = ["prune", stories, "--sparsity", "0.3", "--eval", "none", "--n-samples", "2", "--seqlen", "32",
-             "--calib", "web", "--out", str(work / "opt")]
     cases = []
+    prune = ["prune", stories, "--sparsity", "0.3", "--eval", "none", "--n-samples", "2", "--seqlen", "32",
+             "--calib", "web", "--overwrite", "--out", str(work / "opt")]  # --overwrite: a case that ran does
+    #                                                                       not make the next one fail
     for env in ({"WORLD_SIZE": "2"}, {"WORLD_SIZE": "abc"}, {"WORLD_SIZE": "0"}, {"WORLD_SIZE": "-1"}):
         cases += [(f"WORLD_SIZE={env['WORLD_SIZE']}: prune", prune + ["--method", "magnitude"], env),
                   (f"WORLD_SIZE={env['WORLD_SIZE']}: methods", ["methods"], env)]
