@@ -177,7 +177,7 @@ def load_offloaded(folder: str | Path, dtype: torch.dtype, block_path_of, scratc
     folder = Path(folder)
     if not (folder / "config.json").is_file() or not (any(folder.glob("*.safetensors")) or (folder / INDEX).is_file()):
         raise PrunepilotError(f"--offload disk needs a folder with config.json and safetensors weights; {folder} "
-                              "has not both")
+                              "lacks one or both")
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
         with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary tables) computed
