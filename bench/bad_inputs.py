@@ -34,6 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 SHARED = Path(os.environ.get("PRUNEPILOT_SHARED", REPO.parent / "shared"))
+os.environ.setdefault("PRUNEPILOT_DATA", str(SHARED / "data"))  # cases that get as far as calibration find it
 QUICK_PRUNE = ["--method", "magnitude", "--sparsity", "0.5", "--eval", "none", "--n-samples", "2", "--seqlen", "32",
                "--calib", "web"]
 _SERIAL = itertools.count()  # a fresh agent --out per case (a journal there would need --resume)
