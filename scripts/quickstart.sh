@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up and run the main job end to end: prune a model (default: SmolLM2-135M from ../shared),
 # evaluate perplexity before/after, write model + recipe + report.json + plots to runs/quickstart.
+# Installs only the core layer (scripts/setup.sh: torch + prunepilot; no test extras, no llama.cpp build).
 #   bash scripts/quickstart.sh [MODEL_PATH_OR_HUB_NAME] [extra `prunepilot prune` options]
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -34,7 +34,7 @@ SMALL_PROMPT = ["--table-rows", "4", "--history-chars", "500", "--max-layers-per
 @pytest.fixture(scope="module")
 def llama_server():
     """llama-cpp-python's server on SmolLM2-135M-Instruct, stopped when the module's tests are done (or fail)."""
-    pytest.importorskip("llama_cpp.server", reason="llama-cpp-python[server] is not installed (scripts/setup.sh)")
+    pytest.importorskip("llama_cpp.server", reason="llama-cpp-python[server] is not installed (scripts/setup.sh --test)")
     server = LlamaServer(shared_path(*SMOLLM2_GGUF))
     try:
         server.start()

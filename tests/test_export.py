@@ -1,6 +1,6 @@
 """GGUF export (prunepilot export gguf): files the real llama.cpp loads, with logits equal to transformers'.
 
-llama.cpp is run through llama-cpp-python (installed by scripts/setup.sh); tests that need it skip with a
+llama.cpp is run through llama-cpp-python (installed by scripts/setup.sh --test); tests that need it skip with a
 message when it is not importable. Tiny random models (tests/tiny_models.py) carry no tokenizer: they are
 exported with the minimal byte vocabulary, or with a small SentencePiece model trained here.
 """
@@ -35,7 +35,7 @@ def llama_cpp():
     try:
         import llama_cpp
     except ImportError:
-        pytest.skip("llama_cpp (llama-cpp-python) is not installed; scripts/setup.sh installs it")
+        pytest.skip("llama_cpp (llama-cpp-python) is not installed; scripts/setup.sh --test installs it")
     return llama_cpp
 
 

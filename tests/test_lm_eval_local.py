@@ -13,7 +13,7 @@ ROWS = [{"question": "The capital of France is", "choices": [" Paris", " Banana"
 
 
 def test_a_local_task_folder_runs_offline(smollm2, tmp_path, monkeypatch):
-    pytest.importorskip("lm_eval", reason="lm-eval is installed by scripts/setup.sh (test extra)")
+    pytest.importorskip("lm_eval", reason="lm-eval is installed by scripts/setup.sh --test (test extra)")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     (tmp_path / "local_qa.yaml").write_text(f"""task: local_qa

@@ -163,6 +163,7 @@ def _load_for_prune(args, recipe, device, scratch: Path | None):
         return load_model_and_tokenizer(args.model, recipe.dtype, str(device), args.gguf_file)
     from .engine import ModelAdapter
     from .engine.offload import load_offloaded
+    from .guarded_reader import check_model_input
     from .modelfiles import parse_dtype
     from .registry import PER_BLOCK, get_spec
     from .structured.saving import WIDTHS_FILE
@@ -175,17 +176,26 @@ def _load_for_prune(args, recipe, device, scratch: Path | None):
     if (Path(args.model) / WIDTHS_FILE).exists():
         raise PrunepilotError(f"{args.model} holds a structurally pruned model (per-layer widths): --offload disk "
                               "needs a checkpoint its config describes")
+    check_model_input(args.model)  # the same guarded reader as the in-memory load
     model = load_offloaded(args.model, parse_dtype(recipe.dtype), lambda m: ModelAdapter(m).block_path, scratch)
     return model, load_tokenizer(args.model)
 
 
 def cmd_prune(args) -> int:
+    from .io import check_output_location, remove_stale, stale_prefix
+
+    out = check_output_location(args.out)  # before any work: an unwritable --out lost the pruned model
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise PrunepilotError(f"output folder {out} is not empty; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise PrunepilotError(f"output path {out} exists and is not a folder")
     if args.offload != "disk":
         return _prune_command(args, None)
-    parent = Path(args.out).resolve().parent  # changed blocks wait next to the output (as large as the model)
+    parent = out.parent  # changed blocks wait next to the output (as large as the model)
     created = not parent.exists()
     parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=".prunepilot-offload-", dir=parent))
+    remove_stale(parent, out.name, ("offload",))  # scratch of an interrupted run into the same --out
+    scratch = Path(tempfile.mkdtemp(prefix=stale_prefix(out.name, "offload"), dir=parent))
     try:
         return _prune_command(args, scratch)
     finally:
@@ -199,18 +209,19 @@ def _prune_command(args, scratch: Path | None) -> int:
     from .api import prune
     from .engine import resolve_device
     from .modeling import context_length
+    from .recipe_fit import check_model_applies, check_recipe_applies
     from .registry import get_spec
     from .report import environment, save_result
 
     recipe = _recipe_from_args(args)
     get_spec(recipe.method).build(recipe.method_options)  # fail fast on a bad method name or option
+    check_recipe_applies(recipe)  # options the method would ignore
     out = Path(args.out)
-    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
-        raise PrunepilotError(f"output folder {out} is not empty; pass --overwrite to replace it")
     device = resolve_device(distributed.local_device(recipe.device))  # torchrun + CUDA: this rank's GPU
     t0 = time.time()
     model, tokenizer = _load_for_prune(args, recipe, device, scratch)
     load_s = time.time() - t0
+    check_model_applies(recipe, model)
     ev = recipe.evaluation
     if ev.datasets and ev.seqlen and ev.seqlen > context_length(model):  # fail before pruning, not after
         raise PrunepilotError(f"evaluation seqlen {ev.seqlen} exceeds the model's context of "
@@ -258,6 +269,19 @@ def _check_window_args(args) -> None:
             raise PrunepilotError(f"{flag} must be >= {least}, got {value}")
 
 
+def _check_eval_outputs(args) -> None:
+    """--out and --checkpoint: files that can be written (checked before the model is loaded)."""
+    from .io import check_output_location
+
+    if args.checkpoint and not args.tasks:
+        raise PrunepilotError("--checkpoint applies to --tasks; give --tasks TASKS")
+    for flag, path in (("--out", args.out), ("--checkpoint", args.checkpoint)):
+        if path and Path(path).is_dir():
+            raise PrunepilotError(f"{flag} {path} is a folder; give a file path")
+        if path:
+            check_output_location(path, flag)
+
+
 def cmd_eval(args) -> int:
     from .data import data_root
     from .engine import resolve_device
@@ -268,10 +292,7 @@ def cmd_eval(args) -> int:
         raise PrunepilotError("nothing to evaluate: give --ppl DATASET, --tasks TASKS, --harness-tasks TASKS "
                               "and/or --speed")
     _check_window_args(args)
-    if args.checkpoint and not args.tasks:
-        raise PrunepilotError("--checkpoint applies to --tasks; give --tasks TASKS")
-    if args.checkpoint and Path(args.checkpoint).is_dir():
-        raise PrunepilotError(f"--checkpoint {args.checkpoint} is a folder; give a file path")
+    _check_eval_outputs(args)
     tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]  # "all" is expanded by run_suite
     data_dir = Path(args.data_dir) if args.data_dir else data_root()
     if args.tasks:
@@ -333,6 +354,9 @@ def cmd_report(args) -> int:
         if not Path(r).is_file():
             raise PrunepilotError(f"result file {r} does not exist")
     from .compare import build_comparison
+    from .io import check_output_location
+
+    check_output_location(args.out)
 
     path = build_comparison([Path(r) for r in args.results], Path(args.out))
     print(path.read_text() if path.suffix == ".md" else path)
@@ -346,14 +370,16 @@ COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "methods": cmd_methods, "repor
 def _join_torchrun(args) -> None:
     """Under torchrun (WORLD_SIZE > 1) `prune` and `agent` split their calibration samples over the processes
     (distributed.py); the other commands run in one process."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if "WORLD_SIZE" not in os.environ:  # (distributed imports torch: not for a plain run)
+        return
+    from . import distributed
+
+    if distributed.env_world_size() <= 1:  # a bad WORLD_SIZE: one line
         return
     if args.command not in ("prune", "agent"):
         raise PrunepilotError(f"`prunepilot {args.command}` does not run under torchrun; run it as one process "
                               "(`prune` and `agent` split calibration over processes)")
     import torch
-
-    from . import distributed
 
     distributed.init_from_env("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
 
@@ -373,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_agent_command(args)
         return COMMANDS[args.command](args)
     except PrunepilotError as e:
-        rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+        rank = os.environ.get("RANK") if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1") else None
         print(f"prunepilot: error: {f'[rank {rank}] ' if rank else ''}{e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -31,6 +31,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from .bounded_json import BoundedJsonError, loads_bounded
 from .errors import PrunepilotError
 from .io import atomic_write_json, atomic_write_text
 
@@ -59,11 +60,15 @@ def load_results(path: str | Path) -> dict:
     if not path.exists():
         raise PrunepilotError(f"result file not found: {path}")
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise PrunepilotError(f"{path} is not a text file (expected a result JSON from `prunepilot eval --out`)") from None
-    except json.JSONDecodeError as e:
-        raise PrunepilotError(f"{path} is not valid JSON: {e}") from e
+        doc = loads_bounded(path.read_bytes())
+    except BoundedJsonError as e:
+        if str(e) == "not valid JSON":
+            try:
+                path.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                raise PrunepilotError(f"{path} is not a text file (expected a result JSON from `prunepilot eval "
+                                      "--out`)") from None
+        raise PrunepilotError(f"{path} is {e}") from None
     if not isinstance(doc, dict) or "model" not in doc:
         raise PrunepilotError(f"{path}: expected a JSON object with a 'model' key (see prunepilot.compare)")
     if not doc.get("perplexity") and isinstance(doc.get("perplexity_after"), dict):  # a `prunepilot prune` report
@@ -75,10 +80,31 @@ def load_results(path: str | Path) -> dict:
         if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
             raise PrunepilotError(f"{path}: '{section}' must map names to objects, e.g. {example}")
         doc[section] = value
+    _check_numbers(path, doc)
     if not doc["results"] and not doc["perplexity"]:
         raise PrunepilotError(f"{path} holds no task results and no perplexity to compare (expected 'results' "
                               "or 'perplexity', as `prunepilot eval --out` writes)")
     return doc
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)  # inf: a model pruned to pieces
+
+
+def _check_numbers(path: Path, doc: dict) -> None:
+    """Every perplexity, and every task's main metric, a number (a string in either ended in a traceback
+    from the table's number formatting)."""
+    for name, entry in doc["perplexity"].items():
+        if "ppl" in entry and not _is_number(entry["ppl"]):
+            raise PrunepilotError(f"{path}: perplexity.{name}.ppl is {entry['ppl']!r}, not a number")
+    tasks, _ = _tasks_registry()
+    for task, result in doc["results"].items():
+        main = result.get("main")
+        if main is not None and not isinstance(main, str):
+            raise PrunepilotError(f"{path}: results.{task}.main is {main!r}, not a metric name")
+        metric = main or (tasks[task].main if task in tasks else "acc")
+        if result.get(metric) is not None and not _is_number(result[metric]):
+            raise PrunepilotError(f"{path}: results.{task}.{metric} is {result[metric]!r}, not a number")
 
 
 def task_score(task: str, result: dict) -> float | None:

@@ -32,9 +32,26 @@ def is_main() -> bool:
     return rank() == 0
 
 
+TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # what torchrun sets beside WORLD_SIZE
+
+
+def env_world_size() -> int:
+    """WORLD_SIZE from the environment (1 when unset), checked: a positive integer, and above 1 only with the other
+    variables torchrun sets (WORLD_SIZE=2 in a plain shell used to hang or end in a traceback)."""
+    raw = os.environ.get("WORLD_SIZE", "1").strip() or "1"
+    if not raw.isdigit() or int(raw) < 1:
+        raise PrunepilotError(f"WORLD_SIZE={raw!r} is not a positive integer (torchrun sets it; unset it to run as "
+                              "one process)")
+    missing = [v for v in TORCHRUN_VARS if not os.environ.get(v, "").strip()]
+    if int(raw) > 1 and missing:
+        raise PrunepilotError(f"WORLD_SIZE={raw} but {', '.join(missing)} unset: launch with torchrun, or unset "
+                              "WORLD_SIZE to run as one process")
+    return int(raw)
+
+
 def init_from_env(device_type: str = "cpu") -> None:
     """Join the process group torchrun describes in the environment (no-op when not launched by torchrun)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+    if env_world_size() <= 1 or dist.is_initialized():
         return
     backend = "nccl" if device_type == "cuda" else "gloo"
     dist.init_process_group(backend=backend)

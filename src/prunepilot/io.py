@@ -9,6 +9,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .bounded_json import BoundedJsonError, loads_bounded
 from .errors import PrunepilotError
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,55 @@ def atomic_write_json(path: str | Path, data) -> Path:
     return atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
+def check_output_location(path: str | Path, what: str = "--out") -> Path:
+    """Refuse, before any work, an output path that cannot be written: a file in the way of a parent folder, a
+    read-only or pseudo file system (/proc). Probes with a temporary folder in the nearest existing parent;
+    creates nothing that stays."""
+    path = Path(path).expanduser().absolute()
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise PrunepilotError(f"{what} {path} cannot be written: {parent} is a file, not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=parent, prefix=".prunepilot-probe-"))
+    except OSError as e:
+        raise PrunepilotError(f"{what} {path} cannot be written: {parent}: {e.strerror or e}") from None
+    return path
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def stale_prefix(name: str, kind: str) -> str:
+    """Prefix of a temporary sibling of `name` that this process makes: `.NAME.KIND-PID-`."""
+    return f".{name}.{kind}-{os.getpid()}-"
+
+
+def remove_stale(folder: Path, name: str, kinds=("tmp", "old", "offload")) -> None:
+    """Remove the temporary siblings `.NAME.KIND-*` of an interrupted run into `folder/name` (killed: no cleanup
+    ran), except those of a process still alive. Older names without a pid (`.NAME.tmp-XXXX`) count as stale."""
+    if not folder.is_dir():
+        return
+    for kind in kinds:
+        for entry in folder.glob(f".{name}.{kind}-*"):
+            pid = entry.name[len(f".{name}.{kind}-"):].split("-", 1)[0]
+            if pid.isdigit() and (int(pid) == os.getpid() or _pid_alive(int(pid))):
+                continue  # ours, or a run still going
+            log.info("removing %s, left by an interrupted run", entry)
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path, overwrite: bool = False):
     """Yield a temporary folder beside `path`; on success it replaces `path` in one rename.
@@ -62,7 +112,8 @@ def atomic_dir(path: str | Path, overwrite: bool = False):
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise PrunepilotError(f"output folder {path} is not empty; pass --overwrite to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    remove_stale(path.parent, path.name, ("tmp", "old"))  # an interrupted run's leftovers
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=stale_prefix(path.name, "tmp")))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the folder the permissions mkdir would
     try:
         yield tmp
@@ -71,7 +122,7 @@ def atomic_dir(path: str | Path, overwrite: bool = False):
         raise
     old = None
     if path.exists():
-        old = path.parent / f".{path.name}.old-{os.getpid()}"
+        old = path.parent / f"{stale_prefix(path.name, 'old')}0"
         os.replace(path, old)
     os.replace(tmp, path)
     if old is not None:
@@ -135,12 +186,12 @@ class JsonLines:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                if skip_damaged or k >= len(lines) - 2:  # only the last line may be cut short
+                record = loads_bounded(line)  # size and nesting depth limited: a tampered line is one error
+            except BoundedJsonError as e:
+                if skip_damaged or (k >= len(lines) - 2 and str(e) == "not valid JSON"):  # only the last may be cut
                     log.warning("%s %s: skipping a truncated last line", self.what, self.path)
                     continue
-                raise PrunepilotError(f"{self.path}:{k + 1}: {self.what} line is not valid JSON") from None
+                raise PrunepilotError(f"{self.path}:{k + 1}: {self.what} line is {e}") from None
             if not isinstance(record, dict):
                 if skip_damaged:
                     continue

@@ -20,17 +20,6 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_error(path, e: Exception) -> PrunepilotError:
-    """One line for a model or tokenizer that cannot be loaded, whatever the library raised."""
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    if "trust_remote_code" in str(e):
-        return PrunepilotError(f"{path} needs its own Python code (trust_remote_code): prunepilot loads only "
-                               "architectures that transformers ships")
-    if type(e).__name__ == "SafetensorError":
-        return PrunepilotError(f"{path}: a weights file is damaged or truncated ({text})")
-    return PrunepilotError(f"cannot load {path}: {type(e).__name__}: {text}")
-
-
 def _is_gguf(model) -> bool:
     q = getattr(model, "hf_quantizer", None)
     method = getattr(getattr(q, "quantization_config", None), "quant_method", None)

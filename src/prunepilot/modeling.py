@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 
 from .errors import PrunepilotError
-from .modelfiles import load_error, parse_dtype
+from .guarded_reader import check_model_input, load_error
+from .modelfiles import parse_dtype
 from .structured.saving import WIDTHS_FILE, load_pruned
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: s
     folder = Path(path)
     if not folder.exists() and (str(path).startswith((".", "/", "~")) or str(path).count("/") > 1):
         raise PrunepilotError(f"model path {path} does not exist")
+    check_model_input(folder, gguf_file)  # damaged, hostile or incomplete files: one line, before loading
     if folder.is_dir():
         if (folder / WIDTHS_FILE).exists():
             return load_pruned(folder, dtype=dtype, device=device)
@@ -98,10 +100,14 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: s
                 raise PrunepilotError(f"{folder} holds no model weights (*.safetensors, *.bin or *.gguf)")
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:  # never run a checkpoint's own code, and never prompt for it
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=parse_dtype(dtype), trust_remote_code=False,
-                                                     **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(str(path), dtype=parse_dtype(dtype),
+                                                           trust_remote_code=False, output_loading_info=True, **kwargs)
     except Exception as e:  # noqa: BLE001 - transformers / safetensors raise many kinds; the user gets one line
         raise load_error(path, e) from e
+    if info.get("missing_keys"):  # transformers would have filled them at random
+        missing = sorted(info["missing_keys"])
+        raise PrunepilotError(f"{path}: the weights do not cover the model: {len(missing)} weight(s) missing, "
+                              f"e.g. {', '.join(missing[:3])}")
     return model.to(device).eval()
 
 

@@ -13,7 +13,8 @@ M = TypeVar("M", bound=BaseModel)
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # no unknown keys; no inf / nan in any number (`--timeout inf` was accepted and waited forever)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 def validate(cls: type[M], data: dict | None, what: str) -> M:

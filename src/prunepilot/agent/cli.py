@@ -119,7 +119,7 @@ def config_from_args(args):
 def run_agent_command(args) -> int:
     from .. import distributed
     from ..eval.perplexity import perplexity
-    from ..io import atomic_write_json
+    from ..io import atomic_write_json, check_output_location
     from ..modeling import load_model_and_tokenizer
     from .controllers import make_controller
     from .loop import run_agent
@@ -130,11 +130,16 @@ def run_agent_command(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise PrunepilotError(f"output path {out} exists and is not a folder")
+    check_output_location(out)  # before any work
     if (out / "journal.jsonl").exists() and not args.resume:
         raise PrunepilotError(f"{out / 'journal.jsonl'} exists: pass --resume to continue it or choose another --out")
     if args.resume and not (out / "journal.jsonl").exists():
         raise PrunepilotError(f"nothing to resume: {out / 'journal.jsonl'} does not exist (drop --resume to start a "
                               "new run there)")
+    if args.resume:  # a damaged or tampered journal is refused before the model is loaded
+        from .journal import Journal
+
+        Journal(out / "journal.jsonl").read()
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, "cpu", args.gguf_file)
     before = {}
     if args.ppl:

@@ -8,12 +8,12 @@ A damaged line (bad JSON in the middle, a missing or wrongly typed field) is an 
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pydantic import TypeAdapter, ValidationError
 
+from ..bounded_json import BoundedJsonError, loads_bounded
 from ..errors import PrunepilotError
 from ..io import JsonLines
 from .decision import Feedback
@@ -114,8 +114,8 @@ class Journal:
             return False
         first, sep, _ = self.path.read_bytes().partition(b"\n")
         try:
-            return bool(sep) and json.loads(first).get("type") == "header"
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            return bool(sep) and loads_bounded(first).get("type") == "header"
+        except (BoundedJsonError, AttributeError):
             return False
 
     def drop_partial_tail(self) -> None:

@@ -14,13 +14,16 @@ JSON schema sent to structured-output servers (``decision_schema``), so the two 
 Accepted text: one JSON object, optionally in a ```json fence or surrounded by prose (as small chat models
 like to write). Anything else raises DecisionError with a short message (quoted values are cut) that is fed
 back to the controller on the retry. Cost is linear in the reply: outputs longer than MAX_RAW characters are
-refused before parsing, duplicate keys are found with a set, and the fence search is a single regex scan.
+refused before parsing, duplicate keys are found with a set, and fences are found with str.find (each
+character is looked at a bounded number of times: no regex backtracking, which made an unclosed fence followed
+by whitespace quadratic). At most three candidate texts are parsed (the whole reply, the first closed fence, the
+outermost braces), and a reply whose parse runs past PARSE_TIME_LIMIT_S is refused as invalid, never a hang.
 """
 from __future__ import annotations
 
 import functools
 import json
-import re
+import time
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, create_model, model_validator
@@ -31,13 +34,12 @@ MAX_REASONING = 4000  # characters kept in the journal
 MAX_RAW = 500_000     # characters of controller output parsed at all (a decision over 1000 layers is ~80K)
 STEP = 0.01           # the schema offers extra_sparsity in steps of STEP from MIN_EXTRA to MAX_EXTRA
 KEYS = ("reasoning", "stop_pruning", "layer_decisions")
+PARSE_TIME_LIMIT_S = 2.0  # wall-clock budget of parsing one reply (linear: a MAX_RAW reply takes milliseconds)
+FENCE = "```"
 
 
 class DecisionError(ValueError):
     """The controller's output is not a valid decision."""
-
-
-_FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.S)
 
 
 def _short(value, n: int = 80) -> str:
@@ -134,20 +136,41 @@ def _loads(text: str):
         raise DecisionError(f"output cannot be parsed ({type(e).__name__})") from None
 
 
-def _extract_json(text: str):
-    if len(text) > MAX_RAW:
+def _fenced(text: str) -> str | None:
+    """The body of the first closed ``` fence (an optional `json` tag after the opening cut), or None. Linear:
+    two str.find calls, no backtracking."""
+    start = text.find(FENCE)
+    if start < 0:
+        return None
+    end = text.find(FENCE, start + len(FENCE))
+    if end < 0:
+        return None
+    body = text[start + len(FENCE):end]
+    return body[4:] if body.startswith("json") else body
+
+
+def _check_time(started: float, limit_s: float) -> None:
+    if time.monotonic() - started > limit_s:
+        raise DecisionError(f"output could not be parsed within {limit_s:g} s")
+
+
+def _extract_json(text: str, limit_s: float = PARSE_TIME_LIMIT_S):
+    if len(text) > MAX_RAW:  # before any scan
         raise DecisionError(f"output is {len(text)} characters long; the limit is {MAX_RAW}")
+    started = time.monotonic()
     text = text.strip()
     try:
         return _loads(text)
     except json.JSONDecodeError:
         pass
-    m = _FENCE.search(text)
-    if m:
+    _check_time(started, limit_s)
+    body = _fenced(text)
+    if body is not None:
         try:
-            return _loads(m.group(1))
+            return _loads(body)
         except json.JSONDecodeError:
             pass
+        _check_time(started, limit_s)
     a, b = text.find("{"), text.rfind("}")
     if a >= 0 and b > a:
         try:

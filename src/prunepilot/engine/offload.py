@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import PrunepilotError
+from ..guarded_reader import load_error
 
 log = logging.getLogger(__name__)
 
@@ -174,14 +175,28 @@ def load_offloaded(folder: str | Path, dtype: torch.dtype, block_path_of, scratc
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = Path(folder)
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
-    with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary tables) computed for real
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+    if not (folder / "config.json").is_file() or not (any(folder.glob("*.safetensors")) or (folder / INDEX).is_file()):
+        raise PrunepilotError(f"--offload disk needs a folder with config.json and safetensors weights; {folder} "
+                              "lacks one or both")
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+        with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary tables) computed
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - an unknown or broken config: one line, as the in-memory load
+        raise load_error(folder, e) from e
     block_path = block_path_of(model)
     store = DiskBlocks(model, folder, dtype, block_path, scratch)
+    absent = [k for k in model.state_dict() if k.startswith(block_path + ".") and k not in store.where]
+    if absent:  # refused now, not as a KeyError when the block is first visited
+        raise PrunepilotError(f"the checkpoint in {folder} does not cover the model: no tensor for {absent[0]} "
+                              f"({len(absent)} block tensor(s) missing)")
     resident = [k for k in model.state_dict() if not k.startswith(block_path + ".")]
     have = [k for k in resident if k in store.where]
-    model.load_state_dict(_read(store.where, have, "cpu", dtype), strict=False, assign=True)
+    try:
+        model.load_state_dict(_read(store.where, have, "cpu", dtype), strict=False, assign=True)
+    except RuntimeError as e:  # shapes of another model than config.json describes
+        detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
+        raise PrunepilotError(f"the checkpoint in {folder} does not match its config.json: {detail}") from None
     model.tie_weights()  # an lm_head tied to the embeddings follows the loaded embeddings
     left = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(block_path + ".")]
     if left:

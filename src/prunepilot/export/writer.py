@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 
 from ..errors import PrunepilotError
-from ..io import atomic_file
+from ..io import atomic_file, check_output_location
 from .arch import ExportPlan, check_saved_config, plan_export, write_hparams
 from .tensors import FILE_TYPES, encode, gguf_tensors
 from .vocab import VocabWriter
@@ -28,6 +28,7 @@ def check_target(out: str | Path, overwrite: bool) -> Path:
         raise PrunepilotError(f"--out {out} is a folder; give a file name such as {out / 'model.gguf'}")
     if out.exists() and not overwrite:
         raise PrunepilotError(f"{out} exists; pass --overwrite to replace it")
+    check_output_location(out)
     if out.suffix != ".gguf":
         log.warning("%s does not end in .gguf; runtimes such as LM Studio look for that suffix", out)
     return out
@@ -82,6 +83,8 @@ def write_gguf(model, out: str | Path, vocab: VocabWriter, file_type: str = "f16
 def export_gguf(model_or_run: str | Path, out: str | Path, file_type: str = "f16", overwrite: bool = False,
                 vocab: VocabWriter | None = None) -> dict:
     """Export a model folder, GGUF or `prunepilot prune` run folder to one GGUF file (see export/source.py)."""
+    from ..guarded_gguf import check_gguf
+    from ..guarded_reader import check_model_input
     from ..modeling import load_model
     from .source import resolve_source
     from .vocab import tokenizer_for
@@ -89,7 +92,10 @@ def export_gguf(model_or_run: str | Path, out: str | Path, file_type: str = "f16
     _file_type(file_type)
     check_target(out, overwrite)
     src = resolve_source(model_or_run)
+    check_model_input(src.model_dir, src.gguf_file)  # damaged or hostile files: one line before any reading
     check_saved_config(src.model_dir)
+    if src.tokenizer_gguf is not None:
+        check_gguf(src.tokenizer_gguf)
     vocab = vocab or tokenizer_for(src.model_dir, src.tokenizer_gguf)
     try:
         model = load_model(src.model_dir, dtype="float32", device="cpu", gguf_file=src.gguf_file)

@@ -25,7 +25,8 @@ from ..engine import ModelAdapter
 from ..engine.offload import is_offloaded
 from ..errors import PrunepilotError
 from ..io import atomic_dir
-from ..modelfiles import gguf_detached, load_error, parse_dtype, save_model_files, save_tokenizer
+from ..guarded_reader import load_error
+from ..modelfiles import gguf_detached, parse_dtype, save_model_files, save_tokenizer
 from .slicing import block_widths, shrink_block
 
 log = logging.getLogger(__name__)
