@@ -18,6 +18,7 @@ from . import unstructured
 from .errors import PrunepilotError
 from .methods.base import NoOptions
 from .methods.magnitude import Magnitude, MagnitudeOptions
+from .methods.ria import RIA, RIAOptions
 from .methods.sparsegpt import SparseGPT, SparseGPTOptions
 from .methods.wanda import Wanda, WandaOptions
 from .recipe import Recipe
@@ -69,6 +70,7 @@ for _spec in (
     MethodSpec("magnitude", Magnitude, PER_BLOCK, MagnitudeOptions),
     MethodSpec("wanda", Wanda, PER_BLOCK, WandaOptions),
     MethodSpec("sparsegpt", SparseGPT, PER_BLOCK, SparseGPTOptions),
+    MethodSpec("ria", RIA, PER_BLOCK, RIAOptions),
     MethodSpec("wanda_sp", WandaSP, STRUCTURED, defaults={
         "calibration": FLAP_CALIBRATION, "structured": {"ratios": "uniform", "bias_compensation": False}}),
     MethodSpec("flap", FLAP, STRUCTURED, defaults={"calibration": FLAP_CALIBRATION}),
