@@ -32,6 +32,9 @@ def _add_prune_parser(sub) -> None:
     p.add_argument("--method", help="pruning method (see `prunepilot methods`)")
     p.add_argument("--sparsity", type=float, help="fraction of weights (or parameters, structured) to remove")
     p.add_argument("--pattern", help="unstructured (default) or N:M such as 2:4, 4:8")
+    p.add_argument("--refine", choices=["none", "dsnot"],
+                   help="after an unstructured / N:M method: dsnot swaps pruned and kept weights per row to cut the "
+                        "expected output error, keeping the sparsity and N:M pattern (recipe refine_options)")
     p.add_argument("--allocation", choices=["uniform", "owl", "explicit"], help="per-layer sparsity allocation")
     p.add_argument("--ratios", choices=["global", "uniform"],
                    help="structured: one global ranking across layers (FLAP) or the same ratio in every layer")
@@ -124,7 +127,7 @@ def _recipe_from_args(args):
     data = (load_yaml_mapping(args.recipe, "recipe") or {}) if args.recipe else {}
     flags = {
         (): {"method": args.method, "sparsity": args.sparsity, "pattern": args.pattern, "device": args.device,
-             "dtype": args.dtype},
+             "dtype": args.dtype, "refine": args.refine},
         ("allocation",): {"kind": args.allocation},
         ("structured",): {"ratios": args.ratios, "steps": args.steps, "channel_multiple": args.channel_multiple,
                           "remove_experts": args.remove_experts, "domain_stats": args.domain_stats},
@@ -197,11 +200,12 @@ def _prune_command(args, scratch: Path | None) -> int:
     from .api import prune
     from .engine import resolve_device
     from .modeling import context_length
-    from .registry import get_spec
+    from .registry import build_refiner, get_spec
     from .report import environment, save_result
 
     recipe = _recipe_from_args(args)
     get_spec(recipe.method).build(recipe.method_options)  # fail fast on a bad method name or option
+    build_refiner(recipe)
     out = Path(args.out)
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise PrunepilotError(f"output folder {out} is not empty; pass --overwrite to replace it")
