@@ -86,6 +86,10 @@ def _add_eval_parser(sub) -> None:
     p.add_argument("--qa-shots", type=int, default=0,
                    help="answered examples before each TriviaQA/FreebaseQA question (default 0, as lm-eval; small "
                         "models need a few to answer briefly)")
+    p.add_argument("--gsm8k-shots", type=int, default=8,
+                   help="worked examples before each GSM8K question, the first K of train.jsonl (default 8)")
+    p.add_argument("--gsm8k-max-tokens", type=int, default=256,
+                   help="GSM8K: new tokens at most per answer (default 256; it also stops at 'Question:')")
     p.add_argument("--checkpoint", metavar="FILE",
                    help="--tasks: append each finished piece (500 items, one MMLU subject) to this JSON-lines file "
                         "and skip the pieces already there for the same model and protocol; rerun the same command "
@@ -300,7 +304,8 @@ def cmd_eval(args) -> int:
         from .eval.suite import run_suite
 
         result["results"] = run_suite(model, tokenizer, tasks, data_dir, limit=args.limit, batch_size=args.batch_size,
-                                      device=device, qa_shots=args.qa_shots, checkpoint=args.checkpoint)
+                                      device=device, qa_shots=args.qa_shots, checkpoint=args.checkpoint,
+                                      gsm8k_shots=args.gsm8k_shots, gsm8k_max_tokens=args.gsm8k_max_tokens)
         save()
     if args.harness_tasks:
         from .eval.lm_eval_adapter import run_lm_eval
