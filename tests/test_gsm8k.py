@@ -83,3 +83,11 @@ def test_cli_gsm8k_on_smollm2(tmp_path):
     res = json.loads(out.read_text())["results"]["gsm8k"]
     assert res["n"] == 2 and res["protocol"]["shots"] == 8 and res["protocol"]["max_new_tokens"] == 32
     assert 0.0 <= res["acc"] <= 1.0 and all(isinstance(e["prediction"], str) for e in res["examples"])
+
+
+def test_cli_refuses_negative_shots_before_loading(capsys):
+    from prunepilot.cli import main
+
+    assert main(["eval", "no-such-model", "--tasks", "gsm8k", "--gsm8k-shots", "-1"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("prunepilot")]
+    assert len(err) == 1 and "--gsm8k-shots must be >= 0" in err[0]

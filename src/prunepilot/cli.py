@@ -264,12 +264,8 @@ def _check_window_args(args) -> None:
             raise PrunepilotError(f"{flag} must be >= {least}, got {value}")
 
 
-def cmd_eval(args) -> int:
-    from .data import data_root
-    from .engine import resolve_device
-    from .io import atomic_write_json
-    from .modeling import load_model_and_tokenizer
-
+def _check_eval_args(args) -> None:
+    """What cmd_eval can refuse before loading anything."""
     if not (args.ppl or args.tasks or args.harness_tasks or args.speed):
         raise PrunepilotError("nothing to evaluate: give --ppl DATASET, --tasks TASKS, --harness-tasks TASKS "
                               "and/or --speed")
@@ -278,6 +274,18 @@ def cmd_eval(args) -> int:
         raise PrunepilotError("--checkpoint applies to --tasks; give --tasks TASKS")
     if args.checkpoint and Path(args.checkpoint).is_dir():
         raise PrunepilotError(f"--checkpoint {args.checkpoint} is a folder; give a file path")
+    if args.gsm8k_shots < 0 or args.gsm8k_max_tokens < 1:
+        raise PrunepilotError(f"--gsm8k-shots must be >= 0 and --gsm8k-max-tokens >= 1, got {args.gsm8k_shots} and "
+                              f"{args.gsm8k_max_tokens}")
+
+
+def cmd_eval(args) -> int:
+    from .data import data_root
+    from .engine import resolve_device
+    from .io import atomic_write_json
+    from .modeling import load_model_and_tokenizer
+
+    _check_eval_args(args)
     tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]  # "all" is expanded by run_suite
     data_dir = Path(args.data_dir) if args.data_dir else data_root()
     if args.tasks:

@@ -5,10 +5,9 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from .. import masks
 from ..schema import Strict
-from .base import InputNormState, PruningMethod
 from .nm_permutation import permuted_nm_mask
+from .wanda import Wanda
 
 
 def ria_scores(weight: torch.Tensor, sq_norm: torch.Tensor, a: float = 0.5) -> torch.Tensor:
@@ -27,8 +26,9 @@ class RIAOptions(Strict):
     permute: Literal["none", "greedy", "exact"] = "none"  # N:M: channel permutation folded into the mask
 
 
-class RIA(PruningMethod):
-    """RIA: relative importance of each weight to its row and column, times ‖X_j‖^a. Wanda's statistic.
+class RIA(Wanda):
+    """RIA: relative importance of each weight to its row and column, times ‖X_j‖^a, on Wanda's statistic
+    (InputNormState, inherited with Wanda's init_state).
 
     N:M with permute="greedy" (RIA's heuristic channel reallocation) or "exact" (then a linear sum assignment
     per group slot) forms the groups of M over a permuted input order; the permutation is folded into the
@@ -38,10 +38,6 @@ class RIA(PruningMethod):
 
     def __init__(self, options: RIAOptions | None = None):
         super().__init__(options or RIAOptions())
-        self.granularity = self.options.granularity
-
-    def init_state(self, weight):
-        return InputNormState(weight.shape[1], weight.device)
 
     def scores(self, weight, state):
         return ria_scores(weight, state.sq_mean, self.options.a)
