@@ -8,7 +8,7 @@ import torch
 
 from prunepilot.errors import PrunepilotError
 from prunepilot.methods.base import InputNormState
-from prunepilot.methods.nm_permutation import kept_score, permuted_nm_mask, slot_assignment, snake_permutation
+from prunepilot.methods.nm_permutation import permuted_nm_mask, slot_assignment, snake_permutation
 from prunepilot.methods.ria import ria_scores
 from prunepilot.registry import available, get_method
 
@@ -73,17 +73,23 @@ def test_greedy_permutation_keeps_more_than_plain_nm():
     assert float(SCORES_1x8[~mask].sum()) == 26.0
 
 
+def kept_score(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """Σ over all rows and groups of the n largest scores of each (G, rows, m) group, by brute force."""
+    return scores.topk(n, dim=-1).values.sum()
+
+
 def test_exact_slot_assignment_is_optimal_per_slot():
+    """Against every other assignment of one slot's columns (the closed-form gain in slot_assignment)."""
     g = torch.Generator().manual_seed(0)
     scores = torch.rand(3, 12, generator=g)
     perm = snake_permutation(scores, 4)
     for slot in range(4):
         best = slot_assignment(scores, perm, 2, 4, slot)
-        value = kept_score(scores[:, best].reshape(3, -1, 4).transpose(0, 1), 2).sum()
+        value = kept_score(scores[:, best].reshape(3, -1, 4).transpose(0, 1), 2)
         for order in itertools.permutations(range(3)):  # every other assignment of this slot's 3 columns
             trial = perm.clone()
             trial[slot::4] = perm[slot::4][list(order)]
-            assert value >= kept_score(scores[:, trial].reshape(3, -1, 4).transpose(0, 1), 2).sum() - 1e-6
+            assert value >= kept_score(scores[:, trial].reshape(3, -1, 4).transpose(0, 1), 2) - 1e-6
         perm = best
 
 

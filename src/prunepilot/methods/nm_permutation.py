@@ -30,23 +30,24 @@ def snake_permutation(scores: torch.Tensor, m: int) -> torch.Tensor:
     return perm
 
 
-def kept_score(scores: torch.Tensor, n: int) -> torch.Tensor:
-    """Σ over rows of the n largest scores of each (..., rows, m) group: the score an N:M group keeps."""
-    return scores.topk(n, dim=-1).values.sum((-1, -2))
-
-
 def slot_assignment(scores: torch.Tensor, perm: torch.Tensor, n: int, m: int, slot: int) -> torch.Tensor:
-    """perm with the columns in `slot` of every group reassigned by a linear sum assignment:
-    value[g, h] = score group g keeps when it takes the slot column of group h."""
+    """perm with the columns in `slot` of every group reassigned by a linear sum assignment that maximises
+    value[g, h], the score group g keeps when it takes the slot column of group h. With o_1 >= .. >= o_{m-1} the
+    other columns' scores in a row of g, adding x keeps Σ_{i<=n} o_i + max(0, x - o_n) (x displaces o_n when it is
+    larger), so value[g, h] = Σ_rows top-n(others of g) + Σ_rows max(0, x_h - o_n of g)."""
     from scipy.optimize import linear_sum_assignment
 
-    groups = scores[:, perm].reshape(scores.shape[0], -1, m).transpose(0, 1)  # (G, rows, m)
-    cand = groups[:, :, slot]                                                 # (G, rows): slot column of h
-    value = torch.empty(groups.shape[0], groups.shape[0])
-    for g in range(groups.shape[0]):  # one group at a time: (G, rows, m) at most in memory
-        trial = groups[g].unsqueeze(0).repeat(groups.shape[0], 1, 1)          # (G, rows, m)
-        trial[:, :, slot] = cand
-        value[g] = kept_score(trial, n)
+    groups = scores[:, perm].reshape(scores.shape[0], -1, m)                  # (rows, G, m)
+    cand = groups[:, :, slot]                                                 # (rows, G): slot column of h
+    others = torch.cat([groups[:, :, :slot], groups[:, :, slot + 1:]], dim=2).sort(dim=2, descending=True).values
+    base = others[:, :, :n].sum((0, 2))                                       # (G,)
+    nth = others[:, :, n - 1]                                                 # (rows, G): o_n of each group
+    value = torch.empty(cand.shape[1], cand.shape[1])
+    step = max(1, 2 ** 24 // max(cand.numel(), 1))                            # groups g per chunk
+    for g0 in range(0, cand.shape[1], step):
+        g1 = min(g0 + step, cand.shape[1])
+        gain = (cand.unsqueeze(1) - nth[:, g0:g1].unsqueeze(2)).clamp_min(0).sum(0)   # (g1 - g0, G)
+        value[g0:g1] = base[g0:g1].unsqueeze(1) + gain
     _, take = linear_sum_assignment(value.double().numpy(), maximize=True)    # group g takes h = take[g]
     out = perm.clone()
     slots = perm[slot::m]
