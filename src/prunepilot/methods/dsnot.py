@@ -26,7 +26,9 @@ from ..structured.scores import RunningMoments
 
 class DSnoTOptions(Strict):
     max_cycles: int = Field(50, ge=0)            # swaps per row at most (reference: max_cycle_time 50)
-    update_threshold: float = Field(0.1, ge=0)   # stop a row once |e_i| <= this (reference: 0.1)
+    # stop a row once |e_i| <= this. e_i here is per token (μ = E[x] over tokens); the reference's μ is Σ_tokens x
+    # / number of sequences, seqlen times larger, so its 0.1 equals 0.1 / seqlen here
+    update_threshold: float = Field(0.1, ge=0)
     var_power: float = Field(1.0, ge=0)          # grow score |W μ| / Var(x)^var_power (reference: 1)
     same_sign: bool = False                      # unstructured: refuse a swap that flips the sign of e_i
     # linears whose name contains one of these keep their mask (the reference's default skips the MLP)
