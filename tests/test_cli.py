@@ -118,10 +118,10 @@ def test_eval_all_tasks_and_perplexity_window_capped_to_the_context(tmp_path, ca
     model = str(shared_path("models", "stories260K"))  # context 512 tokens
     out = tmp_path / "eval.json"
     assert main(["eval", model, "--tasks", "all", "--limit", "2", "--ppl", "tinystories", "--max-windows", "2",
-                 "--out", str(out)]) == 0
+                 "--gsm8k-max-tokens", "16", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert set(result["results"]) == {"arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "boolq",
-                                      "openbookqa", "mmlu", "triviaqa"}  # every task whose data ships
+                                      "openbookqa", "mmlu", "triviaqa", "gsm8k"}  # every task whose data ships
     assert result["perplexity"]["tinystories"]["seqlen"] == 512  # default 2048 shortened to the context
     capsys.readouterr()
     ck = tmp_path / "eval.units.jsonl"  # a checkpointed run, then the same command again: nothing is rerun

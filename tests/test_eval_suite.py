@@ -111,6 +111,10 @@ def data_dir(tmp_path: Path) -> Path:
     with bz2.open(tmp_path / "hellaswag" / "hellaswag_val_full.txt.bz2", "wt") as f:
         f.write("Ctx one\n0\naaaa\nb\nab\nba\nCtx two\n2\naaaa\nb\nab\nba\n")
     write_mmlu(tmp_path, {"abstract_algebra": [("Q1", "B"), ("Q2", "C")], "philosophy": [("Q3", "B")]})
+    write_jsonl(tmp_path / "gsm8k" / "train.jsonl", [{"question": f"S{i}?", "answer": f"{i}+1=<<{i}+1={i + 1}>>{i + 1}\n"
+                                                      f"#### {i + 1}"} for i in range(8)])
+    write_jsonl(tmp_path / "gsm8k" / "test.jsonl", [{"question": "T?", "answer": "#### 7"},
+                                                    {"question": "U?", "answer": "#### 1,000"}])
     return tmp_path
 
 
@@ -376,6 +380,7 @@ def test_run_suite_all_tasks(data_dir):
     assert res["boolq"]["main"] == "acc" and res["arc_challenge"]["main"] == "acc_norm"
     assert res["mmlu"]["acc"] == pytest.approx(2 / 3) and res["mmlu"]["protocol"]["shots"] == 5
     assert res["triviaqa"]["acc"] == 0.5 and res["triviaqa"]["examples"][0]["prediction"] == "ok"
+    assert res["gsm8k"]["n"] == 2 and res["gsm8k"]["protocol"]["shots"] == 8
     for r in res.values():
         assert {"n", "protocol", "seconds", "main"} <= set(r) and r["protocol"]["data"]
     limited = run_suite(model, Chars(), ["arc_easy", "mmlu"], data_dir, limit=1)

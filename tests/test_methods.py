@@ -79,7 +79,8 @@ def test_streaming_statistics_match_one_shot():
     torch.testing.assert_close(st.H, 2 * allx.t() @ allx / allx.shape[0])
 
 
-CASES = [(a, m, p) for a in sorted(CONFIGS) for m in ("magnitude", "wanda", "sparsegpt") for p in ("unstructured", "2:4")]
+CASES = [(a, m, p) for a in sorted(CONFIGS) for m in ("magnitude", "wanda", "sparsegpt", "ria")
+         for p in ("unstructured", "2:4")]
 
 
 @pytest.mark.parametrize("arch,method,pattern", CASES)

@@ -6,7 +6,7 @@ import torch
 from .engine import keeps_placement, resolve_device
 from .job import PruneJob, PruneReport
 from .recipe import Recipe
-from .registry import get_spec
+from .registry import build_refiner, get_spec
 
 
 @keeps_placement
@@ -19,5 +19,5 @@ def prune(model, recipe: Recipe | dict, tokenizer=None, calibration: torch.Tenso
     stated = recipe if isinstance(recipe, Recipe) else Recipe.from_dict(recipe)
     spec = get_spec(stated.method)
     job = PruneJob(model, stated.with_defaults(spec.defaults), spec.build(stated.method_options), tokenizer,
-                   calibration, resolve_device(stated.device), stated)
+                   calibration, resolve_device(stated.device), stated, build_refiner(stated))
     return spec.pipeline.run(job)

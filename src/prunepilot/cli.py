@@ -33,6 +33,9 @@ def _add_prune_parser(sub) -> None:
     p.add_argument("--method", help="pruning method (see `prunepilot methods`)")
     p.add_argument("--sparsity", type=float, help="fraction of weights (or parameters, structured) to remove")
     p.add_argument("--pattern", help="unstructured (default) or N:M such as 2:4, 4:8")
+    p.add_argument("--refine", choices=["none", "dsnot"],
+                   help="after an unstructured / N:M method: dsnot swaps pruned and kept weights per row to cut the "
+                        "expected output error, keeping the sparsity and N:M pattern (recipe refine_options)")
     p.add_argument("--allocation", choices=["uniform", "owl", "explicit"], help="per-layer sparsity allocation")
     p.add_argument("--ratios", choices=["global", "uniform"],
                    help="structured: one global ranking across layers (FLAP) or the same ratio in every layer")
@@ -84,6 +87,10 @@ def _add_eval_parser(sub) -> None:
     p.add_argument("--qa-shots", type=int, default=0,
                    help="answered examples before each TriviaQA/FreebaseQA question (default 0, as lm-eval; small "
                         "models need a few to answer briefly)")
+    p.add_argument("--gsm8k-shots", type=int, default=8,
+                   help="worked examples before each GSM8K question, the first K of train.jsonl (default 8)")
+    p.add_argument("--gsm8k-max-tokens", type=int, default=256,
+                   help="GSM8K: new tokens at most per answer (default 256; it also stops at 'Question:')")
     p.add_argument("--checkpoint", metavar="FILE",
                    help="--tasks: append each finished piece (500 items, one MMLU subject) to this JSON-lines file "
                         "and skip the pieces already there for the same model and protocol; rerun the same command "
@@ -126,7 +133,7 @@ def _recipe_from_args(args):
     data = (load_yaml_mapping(args.recipe, "recipe") or {}) if args.recipe else {}
     flags = {
         (): {"method": args.method, "sparsity": args.sparsity, "pattern": args.pattern, "device": args.device,
-             "dtype": args.dtype},
+             "dtype": args.dtype, "refine": args.refine},
         ("allocation",): {"kind": args.allocation},
         ("structured",): {"ratios": args.ratios, "steps": args.steps, "channel_multiple": args.channel_multiple,
                           "remove_experts": args.remove_experts, "domain_stats": args.domain_stats},
@@ -210,12 +217,13 @@ def _prune_command(args, scratch: Path | None) -> int:
     from .engine import resolve_device
     from .modeling import context_length
     from .recipe_fit import check_model_applies, check_recipe_applies
-    from .registry import get_spec
+    from .registry import build_refiner, get_spec
     from .report import environment, save_result
 
     recipe = _recipe_from_args(args)
     get_spec(recipe.method).build(recipe.method_options)  # fail fast on a bad method name or option
     check_recipe_applies(recipe)  # options the method would ignore
+    build_refiner(recipe)
     out = Path(args.out)
     device = resolve_device(distributed.local_device(recipe.device))  # torchrun + CUDA: this rank's GPU
     t0 = time.time()
@@ -282,17 +290,25 @@ def _check_eval_outputs(args) -> None:
             check_output_location(path, flag)
 
 
+def _check_eval_args(args) -> None:
+    """What cmd_eval can refuse before loading anything."""
+    if not (args.ppl or args.tasks or args.harness_tasks or args.speed):
+        raise PrunepilotError("nothing to evaluate: give --ppl DATASET, --tasks TASKS, --harness-tasks TASKS "
+                              "and/or --speed")
+    _check_window_args(args)
+    _check_eval_outputs(args)
+    if args.gsm8k_shots < 0 or args.gsm8k_max_tokens < 1:
+        raise PrunepilotError(f"--gsm8k-shots must be >= 0 and --gsm8k-max-tokens >= 1, got {args.gsm8k_shots} and "
+                              f"{args.gsm8k_max_tokens}")
+
+
 def cmd_eval(args) -> int:
     from .data import data_root
     from .engine import resolve_device
     from .io import atomic_write_json
     from .modeling import load_model_and_tokenizer
 
-    if not (args.ppl or args.tasks or args.harness_tasks or args.speed):
-        raise PrunepilotError("nothing to evaluate: give --ppl DATASET, --tasks TASKS, --harness-tasks TASKS "
-                              "and/or --speed")
-    _check_window_args(args)
-    _check_eval_outputs(args)
+    _check_eval_args(args)
     tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]  # "all" is expanded by run_suite
     data_dir = Path(args.data_dir) if args.data_dir else data_root()
     if args.tasks:
@@ -319,7 +335,8 @@ def cmd_eval(args) -> int:
         from .eval.suite import run_suite
 
         result["results"] = run_suite(model, tokenizer, tasks, data_dir, limit=args.limit, batch_size=args.batch_size,
-                                      device=device, qa_shots=args.qa_shots, checkpoint=args.checkpoint)
+                                      device=device, qa_shots=args.qa_shots, checkpoint=args.checkpoint,
+                                      gsm8k_shots=args.gsm8k_shots, gsm8k_max_tokens=args.gsm8k_max_tokens)
         save()
     if args.harness_tasks:
         from .eval.lm_eval_adapter import run_lm_eval

@@ -34,6 +34,7 @@ class PruneJob:
     token_ids: torch.Tensor | None = None   # given calibration ids (n_samples, seqlen), else drawn from the recipe
     device: torch.device = torch.device("cpu")
     stated: Recipe | None = None            # the recipe as the user gave it (before the method's defaults)
+    refiner: Any = None                     # e.g. methods.dsnot.DSnoT: refines each mask after method.prune
 
     @property
     def name(self) -> str:

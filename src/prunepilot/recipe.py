@@ -58,6 +58,8 @@ class Recipe(Strict):
     sparsity: float = Field(0.5, ge=0.0, lt=1.0)
     pattern: str = "unstructured"  # or N:M such as 2:4, 4:8
     method_options: dict = Field(default_factory=dict)
+    refine: Literal["none", "dsnot"] = "none"   # mask refinement after a per-block method (registry.REFINERS)
+    refine_options: dict = Field(default_factory=dict)
     allocation: AllocationConfig = Field(default_factory=AllocationConfig)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)

@@ -17,7 +17,9 @@ from pydantic import BaseModel
 from . import unstructured
 from .errors import PrunepilotError
 from .methods.base import NoOptions
+from .methods.dsnot import DSnoT, DSnoTOptions
 from .methods.magnitude import Magnitude, MagnitudeOptions
+from .methods.ria import RIA, RIAOptions
 from .methods.sparsegpt import SparseGPT, SparseGPTOptions
 from .methods.wanda import Wanda, WandaOptions
 from .recipe import Recipe
@@ -69,6 +71,7 @@ for _spec in (
     MethodSpec("magnitude", Magnitude, PER_BLOCK, MagnitudeOptions),
     MethodSpec("wanda", Wanda, PER_BLOCK, WandaOptions),
     MethodSpec("sparsegpt", SparseGPT, PER_BLOCK, SparseGPTOptions),
+    MethodSpec("ria", RIA, PER_BLOCK, RIAOptions),
     MethodSpec("wanda_sp", WandaSP, STRUCTURED, defaults={
         "calibration": FLAP_CALIBRATION, "structured": {"ratios": "uniform", "bias_compensation": False}}),
     MethodSpec("flap", FLAP, STRUCTURED, defaults={"calibration": FLAP_CALIBRATION}),
@@ -83,6 +86,22 @@ def get_spec(name: str) -> MethodSpec:
     if name not in _METHODS:
         raise PrunepilotError(f"unknown method {name!r}; available: {', '.join(sorted(_METHODS))}")
     return _METHODS[name]
+
+
+REFINERS: dict[str, tuple[type, type[BaseModel]]] = {"dsnot": (DSnoT, DSnoTOptions)}
+
+
+def build_refiner(recipe: Recipe):
+    """The recipe's mask refinement (None for refine: none), its options validated; per-block methods only."""
+    if recipe.refine == "none":
+        if recipe.refine_options:
+            raise PrunepilotError("refine_options given without refine (e.g. refine: dsnot)")
+        return None
+    if get_spec(recipe.method).pipeline is not PER_BLOCK:
+        raise PrunepilotError(f"refine {recipe.refine} refines unstructured / N:M masks; {recipe.method} is "
+                              "structured")
+    cls, options = REFINERS[recipe.refine]
+    return cls(validate(options, recipe.refine_options, f"refine_options of {recipe.refine}"))
 
 
 def get_method(name: str, **options):

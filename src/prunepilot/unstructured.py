@@ -73,19 +73,40 @@ def shared_state_groups(states: dict) -> list[list[str]]:
     return list(groups.values())
 
 
+def prune_shared(job: PruneJob, names: list[str], lins: list, state, target: float, pattern) -> None:
+    """Prune linears that share one input state (one sweep when the method has prune_group), then refine each
+    mask when the recipe asks for it (the refiner compares with the dense weights copied here)."""
+    method, refiner = job.method, job.refiner
+    weights = [weight_2d(lin) for lin in lins]
+    dense = [w.detach().clone() if refiner and refiner.applies_to(n) else None for n, w in zip(names, weights)]
+    inner = state.inner if refiner else state
+    if len(weights) > 1 and hasattr(method, "prune_group"):  # one sweep for linears sharing an input
+        found = method.prune_group(weights, inner, target, pattern)
+    else:
+        found = [method.prune(w, inner, target, pattern) for w in weights]
+    for w, d, mask in zip(weights, dense, found):
+        if d is not None:
+            refiner.refine(w, d, mask, state.moments, pattern)
+
+
 def prune_blocks(job: PruneJob, adapter: ModelAdapter, ids, targets: list[float]) -> dict[str, int]:
-    """Prune every block to its target: one sequential pass when the method needs data, else in place.
-    Returns {expert matrix: routed tokens} for the MoE experts pruned by the weights-only fallback."""
-    method, pattern = job.method, parse_pattern(job.recipe.pattern)
-    if not method.needs_calibration:
+    """Prune every block to its target: one sequential pass when the method (or the refiner) needs data, else in
+    place. Returns {expert matrix: routed tokens} for the MoE experts pruned by the weights-only fallback."""
+    method, pattern, refiner = job.method, parse_pattern(job.recipe.pattern), job.refiner
+    if not method.needs_calibration and refiner is None:
         for i in range(len(adapter)):
             with block_placed(adapter, i, None):  # where it lies; an offloaded block is read from disk
                 for lin in adapter.linears(i).values():
                     method.prune(weight_2d(lin), method.init_state(weight_2d(lin)), targets[i], pattern)
         return {}
+
+    def make_state(name, lin):
+        state = method.init_state(weight_2d(lin))
+        return refiner.wraps(state, weight_2d(lin)) if refiner else state
+
     fallback, starved = Magnitude(MagnitudeOptions(granularity="row")), {}
-    for blk in blocks(adapter, ids, job.device, states=lambda name, lin: method.init_state(weight_2d(lin)),
-                      batch_size=job.recipe.calibration.batch_size, desc=job.name):
+    for blk in blocks(adapter, ids, job.device, states=make_state, batch_size=job.recipe.calibration.batch_size,
+                      desc=job.name):
         for names in shared_state_groups(blk.states):
             lins = [blk.linears[n] for n in names]
             state = blk.states[names[0]]
@@ -93,11 +114,8 @@ def prune_blocks(job: PruneJob, adapter: ModelAdapter, ids, targets: list[float]
                 starved.update({n: state.n for n in names})  # too few routed tokens: |W| alone, row by row
                 for lin in lins:
                     fallback.prune(weight_2d(lin), None, targets[blk.index], pattern)
-            elif len(names) > 1 and hasattr(method, "prune_group"):  # one sweep for linears sharing an input
-                method.prune_group([weight_2d(lin) for lin in lins], state, targets[blk.index], pattern)
             else:
-                for lin in lins:
-                    method.prune(weight_2d(lin), state, targets[blk.index], pattern)
+                prune_shared(job, names, lins, state, targets[blk.index], pattern)
     if starved:
         log.warning("%d MoE expert matrices saw fewer than %d routed calibration tokens and were pruned by weight "
                     "magnitude (row-wise) instead of %s; see report.json coverage.experts_magnitude_fallback",
@@ -114,7 +132,7 @@ def run(job: PruneJob) -> PruneReport:
     timings: dict[str, float] = {}
     t0 = time.time()
     ids, summary = None, {}
-    if job.method.needs_calibration or recipe.allocation.kind == "owl" or job.token_ids is not None:
+    if job.method.needs_calibration or job.refiner or recipe.allocation.kind == "owl" or job.token_ids is not None:
         ids, summary, _ = job.calibration()
         summary.update(n_samples=int(ids.shape[0]), seqlen=int(ids.shape[1]))
     timings["calibration_data_s"] = time.time() - t0

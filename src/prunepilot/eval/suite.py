@@ -25,7 +25,7 @@ import torch
 from ..errors import PrunepilotError
 from ..fingerprint import model_fingerprint
 from ..modeling import context_length
-from . import factual_qa, mmlu, zeroshot
+from . import factual_qa, gsm8k, mmlu, zeroshot
 from .checkpoint import UnitStore, digest, unit_key
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,8 @@ class SuiteRun:
     qa_shots: int
     store: UnitStore | None = None
     fingerprint: str = ""          # model_fingerprint(model, tokenizer) when checkpointing
+    gsm8k_shots: int = 8           # worked examples before each GSM8K question (the first k of train.jsonl)
+    gsm8k_max_tokens: int = gsm8k.MAX_NEW_TOKENS
 
 
 @dataclass
@@ -162,6 +164,28 @@ def _run_qa(run: SuiteRun, spec: TaskSpec, path: Path, protocol: dict) -> tuple[
     return res, done
 
 
+def _run_gsm8k(run: SuiteRun, spec: TaskSpec, path: Path, protocol: dict) -> tuple[dict, Outcomes]:
+    """GSM8K: greedy worked answers after run.gsm8k_shots examples from train.jsonl beside the test file."""
+    train = path.parent / "train.jsonl"
+    if run.gsm8k_shots and not train.exists():
+        raise PrunepilotError(f"task gsm8k: the shots come from {train}, which does not exist (or give 0 shots)")
+    shots = gsm8k.load_gsm8k(train, run.gsm8k_shots) if run.gsm8k_shots else []
+    if len(shots) < run.gsm8k_shots:
+        raise PrunepilotError(f"task gsm8k: {train} has {len(shots)} items, fewer than {run.gsm8k_shots} shots")
+    _, items, n_total = _load_items(run, spec, path)
+    protocol.update(shots=len(shots), shots_from=f"first {len(shots)} of {train}", max_new_tokens=run.gsm8k_max_tokens,
+                    scoring=f"greedy generation, stops {list(gsm8k.STOPS)}; the number after 'The answer is', "
+                            "'####' or the last number, equal in value to the gold after '####'")
+    units = _item_units(run, items, lambda chunk: gsm8k.answer_items(
+        run.model, run.tokenizer, chunk, shots, run.gsm8k_max_tokens, run.batch_size, run.device, run.add_bos),
+        shots, run.gsm8k_max_tokens)
+    done = _run_units(run, units, spec.name, protocol)
+    res = factual_qa.qa_metrics(items, [p for o in done.data for p in o["predictions"]],
+                                [c for o in done.data for c in o["correct"]])
+    protocol["n_total"] = n_total  # after the units: not part of their checkpoint key
+    return res, done
+
+
 def _run_mmlu(run: SuiteRun, spec: TaskSpec, path: Path, protocol: dict) -> tuple[dict, Outcomes]:
     """MMLU, one unit per subject when checkpointing (else one unit: batches then span subjects)."""
     subjects = mmlu.list_subjects(path)
@@ -206,6 +230,9 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in [
     TaskSpec("triviaqa", _run_qa, "zeroshot/triviaqa_sm_sub.jsonl", "acc",
              "Question: {q}\\nAnswer: greedy <= 16 tokens, stop at \\n . ,; normalised exact match vs aliases",
              factual_qa.load_triviaqa),
+    TaskSpec("gsm8k", _run_gsm8k, "gsm8k/test.jsonl", "acc",
+             "k-shot (train) 'Question: {q}\\nAnswer:' greedy worked answer; exact match of the final number",
+             gsm8k.load_gsm8k),
     TaskSpec("freebaseqa", _run_qa, "freebaseqa/FreebaseQA-eval.json", "acc",
              "Question: {RawQuestion}\\nAnswer: greedy <= 16 tokens, stop at \\n . ,; normalised exact match",
              factual_qa.load_freebaseqa, needs_user_file=True),
@@ -258,7 +285,8 @@ def _run_task(run: SuiteRun, spec: TaskSpec, path: Path) -> tuple[dict, float]:
 
 def run_suite(model, tokenizer, tasks: list[str], data_dir: str | Path, limit: int | None = None, batch_size: int = 8,
               device=None, num_fewshot_mmlu: int = 5, add_bos: bool = False, qa_shots: int = 0,
-              checkpoint: str | Path | None = None) -> dict:
+              checkpoint: str | Path | None = None, gsm8k_shots: int = 8,
+              gsm8k_max_tokens: int = gsm8k.MAX_NEW_TOKENS) -> dict:
     """Evaluate `model` on `tasks`; returns {task: {"acc", "acc_norm"?, "main", "n", "protocol", "seconds"}}.
 
     qa_shots: answered examples before each factual-QA question (0 = lm-eval's triviaqa protocol).
@@ -272,8 +300,9 @@ def run_suite(model, tokenizer, tasks: list[str], data_dir: str | Path, limit: i
         raise PrunepilotError(f"limit must be >= 1, got {limit}")
     if batch_size < 1:
         raise PrunepilotError(f"batch_size must be >= 1, got {batch_size}")
-    if qa_shots < 0:
-        raise PrunepilotError(f"qa_shots must be >= 0, got {qa_shots}")
+    if qa_shots < 0 or gsm8k_shots < 0 or gsm8k_max_tokens < 1:
+        raise PrunepilotError(f"qa_shots and gsm8k_shots must be >= 0 and gsm8k_max_tokens >= 1, got {qa_shots}, "
+                              f"{gsm8k_shots}, {gsm8k_max_tokens}")
     resolved = resolve_tasks(tasks, data_dir)
     if device is not None and next(model.parameters()).device != torch.device(device):
         model.to(device)
@@ -281,7 +310,7 @@ def run_suite(model, tokenizer, tasks: list[str], data_dir: str | Path, limit: i
     model.eval()
     store = UnitStore(checkpoint) if checkpoint is not None else None
     run = SuiteRun(model, tokenizer, limit, batch_size, next(model.parameters()).device, num_fewshot_mmlu, add_bos,
-                   qa_shots, store, model_fingerprint(model, tokenizer) if store else "")
+                   qa_shots, store, model_fingerprint(model, tokenizer) if store else "", gsm8k_shots, gsm8k_max_tokens)
     results = {}
     try:
         for name, spec, path in resolved:

@@ -96,6 +96,8 @@ class SparseGPT(PruningMethod):
         cols = weights[0].shape[1]
         if pattern is not None and cols % pattern[1]:
             raise PrunepilotError(f"N:M pattern needs the input width ({cols}) divisible by {pattern[1]}")
+        if pattern is not None and self.blocksize % pattern[1] and cols > self.blocksize:  # groups would straddle blocks
+            raise PrunepilotError(f"SparseGPT N:M needs blocksize ({self.blocksize}) divisible by {pattern[1]}")
         W = torch.cat([w.detach().float() for w in weights])  # (rows, in): every matrix's rows, stacked
         H = state.H  # a fresh tensor: (2/n) Σ x xᵀ
         dead = torch.diag(H) == 0
