@@ -42,6 +42,9 @@ def _add_prune_parser(sub) -> None:
     p.add_argument("--remove-experts", type=float, metavar="FRACTION",
                    help="structured, MoE models: remove this fraction of each layer's experts first, those the router "
                         "sends the fewest calibration tokens (default 0)")
+    p.add_argument("--expert-score", choices=["frequency", "reap"],
+                   help="with --remove-experts: rank experts by routed calibration tokens (default) or by REAP "
+                        "(mean over routed tokens of gate weight x expert output norm)")
     p.add_argument("--domain-stats", choices=["fused", "pooled"],
                    help="structured, several --calib domains: per-domain channel statistics fused by the source "
                         "weights (flap_iterative's default) or one pooled mean/variance (flap, wanda_sp)")
@@ -127,7 +130,8 @@ def _recipe_from_args(args):
              "dtype": args.dtype},
         ("allocation",): {"kind": args.allocation},
         ("structured",): {"ratios": args.ratios, "steps": args.steps, "channel_multiple": args.channel_multiple,
-                          "remove_experts": args.remove_experts, "domain_stats": args.domain_stats},
+                          "remove_experts": args.remove_experts, "expert_score": args.expert_score,
+                          "domain_stats": args.domain_stats},
         ("calibration",): {"sources": args.calib, "n_samples": args.n_samples, "seqlen": args.seqlen,
                            "seed": args.seed},
         ("evaluation",): {"datasets": ([] if args.eval == ["none"] else args.eval),

@@ -47,7 +47,9 @@ class StructuredConfig(Strict):
     bias_compensation: bool = True
     channel_multiple: int = Field(1, ge=1)              # MLP widths kept at a multiple of this (GPU kernels: 64/128)
     remove_experts: float = Field(0.0, ge=0.0, lt=1.0)  # MoE: fraction of each layer's experts removed first
-    #                                                     (those the router sends the fewest calibration tokens)
+    # how remove_experts ranks a layer's experts (lowest removed): routed calibration tokens, or REAP's mean over
+    # the routed tokens of gate weight x ‖expert output‖₂ (structured/expert_scores.py)
+    expert_score: Literal["frequency", "reap"] = "frequency"
     # per-channel input statistics over several calibration domains: "pooled" = one running mean/variance of
     # all tokens; "fused" = per-domain moments, mean Σ w_k μ_k and variance Σ w_k σ²_k (w_k: source weights)
     domain_stats: Literal["fused", "pooled"] = "pooled"
