@@ -25,6 +25,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default float32)")
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def _add_prune_parser(sub) -> None:
     p = sub.add_parser("prune", help="prune a model and write model + recipe + report.json")
     _add_model_args(p)
@@ -32,7 +39,13 @@ def _add_prune_parser(sub) -> None:
     p.add_argument("--method", help="pruning method (see `prunepilot methods`)")
     p.add_argument("--sparsity", type=float, help="fraction of weights (or parameters, structured) to remove")
     p.add_argument("--pattern", help="unstructured (default) or N:M such as 2:4, 4:8")
-    p.add_argument("--allocation", choices=["uniform", "owl", "explicit"], help="per-layer sparsity allocation")
+    p.add_argument("--allocation", choices=["uniform", "owl", "explicit", "evo"],
+                   help="per-layer sparsity allocation (evo: evolutionary search, resumable from "
+                        "<out>/evo_search.jsonl)")
+    p.add_argument("--evo-generations", type=int, help="allocation evo: generations (default 20)")
+    p.add_argument("--evo-offspring", type=int, help="allocation evo: offspring per generation (default 8)")
+    p.add_argument("--evo-tokens", type=_int_list, metavar="N,N",
+                   help="allocation evo: held-out fitness tokens per selection stage (default 256,1024)")
     p.add_argument("--ratios", choices=["global", "uniform"],
                    help="structured: one global ranking across layers (FLAP) or the same ratio in every layer")
     p.add_argument("--steps", type=int, help="flap_iterative: steps to reach the target (default 5)")
@@ -129,6 +142,8 @@ def _recipe_from_args(args):
         (): {"method": args.method, "sparsity": args.sparsity, "pattern": args.pattern, "device": args.device,
              "dtype": args.dtype},
         ("allocation",): {"kind": args.allocation},
+        ("allocation", "evo"): {"generations": args.evo_generations, "offspring": args.evo_offspring,
+                                "tokens": args.evo_tokens},
         ("structured",): {"ratios": args.ratios, "steps": args.steps, "channel_multiple": args.channel_multiple,
                           "remove_experts": args.remove_experts, "expert_score": args.expert_score,
                           "domain_stats": args.domain_stats},
@@ -196,6 +211,22 @@ def cmd_prune(args) -> int:
             parent.rmdir()
 
 
+SEARCH_LOG = "evo_search.jsonl"
+
+
+def _with_search_log(recipe, out: Path):
+    """allocation evo: the search logs its generations to <out>/evo_search.jsonl unless the recipe names a log;
+    an output folder holding only that log is a search to resume. Returns (recipe, resuming)."""
+    if recipe.allocation.kind != "evo":
+        return recipe, False
+    if recipe.allocation.evo.log is None:
+        data = recipe.model_dump(exclude_unset=True)
+        data.setdefault("allocation", {}).setdefault("evo", {})["log"] = str(out / SEARCH_LOG)
+        recipe = type(recipe).from_dict(data)
+    resuming = out.is_dir() and [p.name for p in out.iterdir()] == [SEARCH_LOG]
+    return recipe, resuming
+
+
 def _prune_command(args, scratch: Path | None) -> int:
     from . import distributed
     from .api import prune
@@ -207,7 +238,8 @@ def _prune_command(args, scratch: Path | None) -> int:
     recipe = _recipe_from_args(args)
     get_spec(recipe.method).build(recipe.method_options)  # fail fast on a bad method name or option
     out = Path(args.out)
-    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+    recipe, resuming = _with_search_log(recipe, out)
+    if out.is_dir() and any(out.iterdir()) and not (args.overwrite or resuming):
         raise PrunepilotError(f"output folder {out} is not empty; pass --overwrite to replace it")
     device = resolve_device(distributed.local_device(recipe.device))  # torchrun + CUDA: this rank's GPU
     t0 = time.time()
@@ -231,7 +263,8 @@ def _prune_command(args, scratch: Path | None) -> int:
     result["distributed"] = distributed.summary(report.calibration.get("n_samples", 0))
     if not distributed.is_main():  # every rank holds the same pruned model; rank 0 writes it
         return 0
-    save_result(model, tokenizer, out, recipe, result, overwrite=args.overwrite, save_model=not args.no_save_model)
+    save_result(model, tokenizer, out, recipe, result, overwrite=args.overwrite or resuming,
+                save_model=not args.no_save_model, carry=[SEARCH_LOG] if recipe.allocation.kind == "evo" else [])
     for d in ev.datasets:
         b = f"{before[d]['ppl']:.3f} -> " if d in before else ""
         log.info("%s perplexity (seqlen %d, %d tokens): %s%.3f", d, after[d]["seqlen"], after[d]["tokens"], b,

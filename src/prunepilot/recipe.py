@@ -10,6 +10,7 @@ from pydantic import Field, field_validator
 from .errors import PrunepilotError
 from .masks import parse_pattern
 from .schema import Strict, load_yaml_mapping, validate
+from .search import EvoOptions
 
 
 class CalibrationConfig(Strict):
@@ -23,10 +24,11 @@ class CalibrationConfig(Strict):
 
 
 class AllocationConfig(Strict):
-    kind: Literal["uniform", "owl", "explicit"] = "uniform"
+    kind: Literal["uniform", "owl", "explicit", "evo"] = "uniform"
     owl_lambda: float = Field(0.08, ge=0, le=0.5)
     owl_m: float = Field(5.0, gt=0)
     layers: dict[str, float] = Field(default_factory=dict)  # explicit: {"0": 0.3, "4-7": 0.6}
+    evo: EvoOptions = Field(default_factory=EvoOptions)     # evo: the evolutionary search's settings (search.py)
 
 
 class EvaluationConfig(Strict):
