@@ -223,8 +223,11 @@ def _with_search_log(recipe, out: Path):
         data = recipe.model_dump(exclude_unset=True)
         data.setdefault("allocation", {}).setdefault("evo", {})["log"] = str(out / SEARCH_LOG)
         recipe = type(recipe).from_dict(data)
-    resuming = out.is_dir() and [p.name for p in out.iterdir()] == [SEARCH_LOG]
-    return recipe, resuming
+    return recipe, _only_search_log(out)
+
+
+def _only_search_log(out: Path) -> bool:
+    return out.is_dir() and [p.name for p in out.iterdir()] == [SEARCH_LOG]
 
 
 def _prune_command(args, scratch: Path | None) -> int:
@@ -238,6 +241,7 @@ def _prune_command(args, scratch: Path | None) -> int:
     recipe = _recipe_from_args(args)
     get_spec(recipe.method).build(recipe.method_options)  # fail fast on a bad method name or option
     out = Path(args.out)
+    stated = recipe  # saved as recipe.yaml: without the search log path, which belongs to this output folder
     recipe, resuming = _with_search_log(recipe, out)
     if out.is_dir() and any(out.iterdir()) and not (args.overwrite or resuming):
         raise PrunepilotError(f"output folder {out} is not empty; pass --overwrite to replace it")
@@ -263,7 +267,7 @@ def _prune_command(args, scratch: Path | None) -> int:
     result["distributed"] = distributed.summary(report.calibration.get("n_samples", 0))
     if not distributed.is_main():  # every rank holds the same pruned model; rank 0 writes it
         return 0
-    save_result(model, tokenizer, out, recipe, result, overwrite=args.overwrite or resuming,
+    save_result(model, tokenizer, out, stated, result, overwrite=args.overwrite or _only_search_log(out),
                 save_model=not args.no_save_model, carry=[SEARCH_LOG] if recipe.allocation.kind == "evo" else [])
     for d in ev.datasets:
         b = f"{before[d]['ppl']:.3f} -> " if d in before else ""
