@@ -115,3 +115,13 @@ def test_evo_beats_uniform_in_kl_on_stories260k(stories):
     targets, res = evo_targets(model, ModelAdapter(model), Wanda(), ids, held, 0.6, opts, seed=0, device="cpu")
     assert res.fitness < 0.95 * res.uniform_fitness
     assert all(bool((p != 0).all()) for n, p in model.named_parameters() if n.endswith("proj.weight"))  # restored
+
+
+def test_evo_per_block_gives_every_linear_of_a_block_its_level():
+    model = tiny_model("llama")
+    rep = prune(model, {"method": "magnitude", "sparsity": 0.6, "device": "cpu",
+                        "allocation": {"kind": "evo", "evo": {**TINY_EVO, "granularity": "block"}}}, calibration=IDS)
+    targets = rep.extra["evo"]["linear_targets"]
+    for i, block_target in enumerate(rep.block_sparsity_target):
+        assert {s for n, s in targets.items() if f"layers.{i}." in n} == {block_target}
+    assert sum(rep.block_sparsity_target) / 3 == pytest.approx(0.6, abs=1e-12)  # blocks of equal size
