@@ -66,8 +66,10 @@ class PruneJob:
                         seqlen, context, context)
             seqlen = context
         check_within_context(self.model, seqlen, "calibration seqlen")
-        return calibration_split(self.tokenizer, c.sources, c.n_samples, seqlen, c.seed, held_out_windows,
-                                 held_out_seqlen)
+        if held_out_windows:
+            return calibration_split(self.tokenizer, c.sources, c.n_samples, seqlen, c.seed,
+                                     held_out_windows=held_out_windows, held_out_seqlen=held_out_seqlen)
+        return calibration_split(self.tokenizer, c.sources, c.n_samples, seqlen, c.seed)
 
 
 @dataclass
