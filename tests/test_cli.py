@@ -203,3 +203,25 @@ def test_outputs_get_ordinary_permissions(tmp_path):
         assert (tmp_path / "out" / "report.json").stat().st_mode & 0o777 == 0o644
     finally:
         os.umask(mask)
+
+
+def test_evo_allocation_resumes_in_its_output_folder(tmp_path, capsys):
+    """--allocation evo logs every generation to <out>/evo_search.jsonl; a run stopped during the search leaves
+    only that log in <out>, and the same command continues it to the allocation of an uninterrupted run."""
+    model = str(shared_path("models", "stories260K"))
+    evo = ["--allocation", "evo", "--evo-generations", "4", "--evo-offspring", "3", "--evo-tokens", "128,256",
+           "--no-save-model", "--eval", "none", *QUICK[:6], "--device", "cpu"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert main(["prune", model, "--method", "wanda", "--out", str(full), *evo]) == 0
+    lines = (full / "evo_search.jsonl").read_text().splitlines()
+    assert len(lines) == 1 + 4
+    cut.mkdir()
+    (cut / "evo_search.jsonl").write_text("\n".join(lines[:3]) + "\n")  # header + generations 1, 2
+    assert main(["prune", model, "--method", "wanda", "--out", str(cut), *evo]) == 0
+    a, b = (json.loads((d / "report.json").read_text()) for d in (full, cut))
+    assert a["extra"]["evo"]["linear_targets"] == b["extra"]["evo"]["linear_targets"]
+    def generations(folder):
+        return [(r["generation"], r["levels"], r["fitness"]) for r in map(json.loads, (folder / "evo_search.jsonl")
+                                                                          .read_text().splitlines()[1:])]
+    assert generations(cut) == generations(full) and len(generations(cut)) == 4
+    assert "log" not in yaml.safe_load((cut / "recipe.yaml").read_text())["allocation"].get("evo", {})

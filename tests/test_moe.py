@@ -188,7 +188,7 @@ def test_removing_the_least_routed_experts_keeps_the_router_consistent(tmp_path)
     leaving fewer than its top-k); the router loses their rows, so it scores and picks among the kept ones."""
     from prunepilot.engine import blocks
     from prunepilot.modeling import load_model
-    from prunepilot.structured.pipeline import TokenCount
+    from prunepilot.structured.expert_scores import TokenCount
     from prunepilot.structured.saving import save_pruned
 
     dense = tiny_model("qwen3_moe")
@@ -205,6 +205,92 @@ def test_removing_the_least_routed_experts_keeps_the_router_consistent(tmp_path)
         assert sorted(kept) == sorted(sorted(range(4), key=lambda e: -routed[i][e])[:2])  # the most routed stay
         assert torch.equal(block.mlp.gate.weight, dense.model.layers[i].mlp.gate.weight[kept])
         assert block.mlp.experts.num_experts == 2 and block.mlp.experts.gate_up_proj.shape[0] == 2
+    save_pruned(model, None, tmp_path / "m")
+    x = torch.randint(3, 128, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path / "m")(x).logits, model(x).logits, rtol=0, atol=1e-5)
+
+
+def test_reap_score_by_hand():
+    """REAP S_j = mean over the tokens routed to j of g_j(x)·‖f_j(x)‖₂. Toy: all-ones experts, so a token whose one
+    feature is v gives gate = up = v and f(x) = 2·silu(v)·v in each of the 4 outputs: ‖f‖ = 4·v·silu(v); expert 1's
+    down_proj is scaled by 0.01. The router sends tokens 0, 1 (v = 1, 2) to expert 0 with logits (v, 0) and tokens
+    2, 3 (v = 3, 4) to expert 1 with logits (0, v): g = e^v / (e^v + 1) (top-1, not renormalised)."""
+    from prunepilot.structured.expert_scores import ReapScore, TokenCount
+
+    experts, hidden, _ = two_expert_toy()
+    cfg = tf.Qwen3MoeConfig(hidden_size=4, num_experts=2, num_experts_per_tok=1, norm_topk_prob=False)
+    router = tf.models.qwen3_moe.modeling_qwen3_moe.Qwen3MoeTopKRouter(cfg)
+    with torch.no_grad():
+        router.weight.copy_(torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]]))
+        experts.down_proj[1].mul_(0.01)
+    mats = {e: ExpertMatrix(experts, "gate_up_proj", e) for e in (0, 1)}
+    reap = {e: ReapScore(m, router) for e, m in mats.items()}
+    freq = {e: TokenCount() for e in mats}
+    _, weights, index = router(hidden)
+    assert index.flatten().tolist() == [0, 0, 1, 1]
+    with input_hooks(mats, lambda e, x: (reap[e].add(x), freq[e].add(x))):
+        experts(hidden, index, weights)
+    v = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    g, norm = v.exp() / (v.exp() + 1), 4 * v * torch.nn.functional.silu(v) * torch.tensor([1, 1, 0.01, 0.01])
+    assert [freq[e].score for e in (0, 1)] == [2.0, 2.0]
+    for e in (0, 1):
+        assert reap[e].score == pytest.approx(float((g * norm)[2 * e: 2 * e + 2].mean()), rel=1e-6)
+
+
+def moe_layer_inputs(model, layer: int) -> torch.Tensor:
+    """The hidden states (tokens, H) the MoE block of `layer` receives over IDS (one forward per row, as the pass)."""
+    seen = []
+    handle = model.model.layers[layer].mlp.register_forward_pre_hook(lambda m, args: seen.append(args[0].flatten(0, 1)))
+    with torch.no_grad():
+        for row in IDS:
+            model(row[None])
+    handle.remove()
+    return torch.cat(seen)
+
+
+@torch.no_grad()
+def reap_by_hand(block, x: torch.Tensor) -> list[float]:
+    """REAP of every expert of an MoE block, written out: softmax router, top-k, g·‖down(silu(gate)·up)‖ averaged
+    over each expert's routed tokens (this tiny config does not renormalise the top-k weights)."""
+    probs = torch.softmax(x @ block.mlp.gate.weight.T, dim=-1)                          # (T, E)
+    top = probs.topk(block.mlp.gate.top_k, dim=-1).indices                              # (T, k)
+    ex, out = block.mlp.experts, []
+    for e in range(probs.shape[1]):
+        routed = (top == e).any(-1)
+        gate, up = (x[routed] @ ex.gate_up_proj[e].T).chunk(2, dim=-1)
+        norm = ((torch.nn.functional.silu(gate) * up) @ ex.down_proj[e].T).norm(dim=-1)
+        out.append(float((probs[routed, e] * norm).mean()))
+    return out
+
+
+def test_reap_removes_a_frequent_but_silent_expert(tmp_path):
+    """Layer 0's most routed expert is made nearly silent (down_proj x 1e-3): frequency keeps it, REAP removes it.
+    REAP's scores equal the hand-written ones; the pruned model reloads equal."""
+    from prunepilot.modeling import load_model
+    from prunepilot.structured.saving import save_pruned
+
+    def model_with_silent_expert():
+        m = tiny_model("qwen3_moe")
+        counts = torch.bincount(m.model.layers[0].mlp.gate(moe_layer_inputs(m, 0))[2].flatten(), minlength=4)
+        with torch.no_grad():
+            m.model.layers[0].mlp.experts.down_proj[int(counts.argmax())].mul_(1e-3)
+        return m, int(counts.argmax())
+
+    dense, silent = model_with_silent_expert()
+    expected = reap_by_hand(dense.model.layers[0], moe_layer_inputs(dense, 0))
+    kept = {}
+    for score in ("frequency", "reap"):
+        model, _ = model_with_silent_expert()
+        rep = prune(model, {"method": "flap", "sparsity": 0.45, "device": "cpu",
+                            "calibration": {"min_expert_tokens": 0},
+                            "structured": {"remove_experts": 0.5, "expert_score": score}}, calibration=IDS)
+        kept[score] = rep.extra["layers"][0]["kept_experts"]
+        assert rep.extra["expert_score"] == score and len(kept[score]) == 2
+    assert silent in kept["frequency"] and silent not in kept["reap"]
+    assert rep.extra["layers"][0]["expert_scores"] == pytest.approx(expected, rel=1e-4)
+    assert kept["reap"] == sorted(sorted(range(4), key=lambda e: -expected[e])[:2])
+    assert torch.equal(model.model.layers[0].mlp.gate.weight, dense.model.layers[0].mlp.gate.weight[kept["reap"]])
     save_pruned(model, None, tmp_path / "m")
     x = torch.randint(3, 128, (2, 16))
     with torch.no_grad():

@@ -26,6 +26,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default float32)")
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def _add_prune_parser(sub) -> None:
     p = sub.add_parser("prune", help="prune a model and write model + recipe + report.json")
     _add_model_args(p)
@@ -36,7 +43,13 @@ def _add_prune_parser(sub) -> None:
     p.add_argument("--refine", choices=["none", "dsnot"],
                    help="after an unstructured / N:M method: dsnot swaps pruned and kept weights per row to cut the "
                         "expected output error, keeping the sparsity and N:M pattern (recipe refine_options)")
-    p.add_argument("--allocation", choices=["uniform", "owl", "explicit"], help="per-layer sparsity allocation")
+    p.add_argument("--allocation", choices=["uniform", "owl", "explicit", "evo"],
+                   help="per-layer sparsity allocation (evo: evolutionary search, resumable from "
+                        "<out>/evo_search.jsonl)")
+    p.add_argument("--evo-generations", type=int, help="allocation evo: generations (default 20)")
+    p.add_argument("--evo-offspring", type=int, help="allocation evo: offspring per generation (default 8)")
+    p.add_argument("--evo-tokens", type=_int_list, metavar="N,N",
+                   help="allocation evo: held-out fitness tokens per selection stage (default 256,1024)")
     p.add_argument("--ratios", choices=["global", "uniform"],
                    help="structured: one global ranking across layers (FLAP) or the same ratio in every layer")
     p.add_argument("--steps", type=int, help="flap_iterative: steps to reach the target (default 5)")
@@ -46,6 +59,9 @@ def _add_prune_parser(sub) -> None:
     p.add_argument("--remove-experts", type=float, metavar="FRACTION",
                    help="structured, MoE models: remove this fraction of each layer's experts first, those the router "
                         "sends the fewest calibration tokens (default 0)")
+    p.add_argument("--expert-score", choices=["frequency", "reap"],
+                   help="with --remove-experts: rank experts by routed calibration tokens (default) or by REAP "
+                        "(mean over routed tokens of gate weight x expert output norm)")
     p.add_argument("--domain-stats", choices=["fused", "pooled"],
                    help="structured, several --calib domains: per-domain channel statistics fused by the source "
                         "weights (flap_iterative's default) or one pooled mean/variance (flap, wanda_sp)")
@@ -135,8 +151,11 @@ def _recipe_from_args(args):
         (): {"method": args.method, "sparsity": args.sparsity, "pattern": args.pattern, "device": args.device,
              "dtype": args.dtype, "refine": args.refine},
         ("allocation",): {"kind": args.allocation},
+        ("allocation", "evo"): {"generations": args.evo_generations, "offspring": args.evo_offspring,
+                                "tokens": args.evo_tokens},
         ("structured",): {"ratios": args.ratios, "steps": args.steps, "channel_multiple": args.channel_multiple,
-                          "remove_experts": args.remove_experts, "domain_stats": args.domain_stats},
+                          "remove_experts": args.remove_experts, "expert_score": args.expert_score,
+                          "domain_stats": args.domain_stats},
         ("calibration",): {"sources": args.calib, "n_samples": args.n_samples, "seqlen": args.seqlen,
                            "seed": args.seed},
         ("evaluation",): {"datasets": ([] if args.eval == ["none"] else args.eval),
@@ -192,7 +211,7 @@ def cmd_prune(args) -> int:
     from .io import check_output_location, remove_stale, stale_prefix
 
     out = check_output_location(args.out)  # before any work: an unwritable --out lost the pruned model
-    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+    if out.is_dir() and any(out.iterdir()) and not (args.overwrite or _only_search_log(out)):  # evo resumes
         raise PrunepilotError(f"output folder {out} is not empty; pass --overwrite to replace it")
     if out.exists() and not out.is_dir():
         raise PrunepilotError(f"output path {out} exists and is not a folder")
@@ -211,6 +230,25 @@ def cmd_prune(args) -> int:
             parent.rmdir()
 
 
+SEARCH_LOG = "evo_search.jsonl"
+
+
+def _with_search_log(recipe, out: Path):
+    """allocation evo: the search logs its generations to <out>/evo_search.jsonl unless the recipe names a log;
+    an output folder holding only that log is a search to resume. Returns (recipe, resuming)."""
+    if recipe.allocation.kind != "evo":
+        return recipe, False
+    if recipe.allocation.evo.log is None:
+        data = recipe.model_dump(exclude_unset=True)
+        data.setdefault("allocation", {}).setdefault("evo", {})["log"] = str(out / SEARCH_LOG)
+        recipe = type(recipe).from_dict(data)
+    return recipe, _only_search_log(out)
+
+
+def _only_search_log(out: Path) -> bool:
+    return out.is_dir() and [p.name for p in out.iterdir()] == [SEARCH_LOG]
+
+
 def _prune_command(args, scratch: Path | None) -> int:
     from . import distributed
     from .api import prune
@@ -225,6 +263,8 @@ def _prune_command(args, scratch: Path | None) -> int:
     check_recipe_applies(recipe)  # options the method would ignore
     build_refiner(recipe)
     out = Path(args.out)
+    stated = recipe  # saved as recipe.yaml: without the search log path, which belongs to this output folder
+    recipe, _ = _with_search_log(recipe, out)  # cmd_prune let a folder holding only the search log through
     device = resolve_device(distributed.local_device(recipe.device))  # torchrun + CUDA: this rank's GPU
     t0 = time.time()
     model, tokenizer = _load_for_prune(args, recipe, device, scratch)
@@ -248,7 +288,8 @@ def _prune_command(args, scratch: Path | None) -> int:
     result["distributed"] = distributed.summary(report.calibration.get("n_samples", 0))
     if not distributed.is_main():  # every rank holds the same pruned model; rank 0 writes it
         return 0
-    save_result(model, tokenizer, out, recipe, result, overwrite=args.overwrite, save_model=not args.no_save_model)
+    save_result(model, tokenizer, out, stated, result, overwrite=args.overwrite or _only_search_log(out),
+                save_model=not args.no_save_model, carry=[SEARCH_LOG] if recipe.allocation.kind == "evo" else [])
     for d in ev.datasets:
         b = f"{before[d]['ppl']:.3f} -> " if d in before else ""
         log.info("%s perplexity (seqlen %d, %d tokens): %s%.3f", d, after[d]["seqlen"], after[d]["tokens"], b,

@@ -50,9 +50,10 @@ class PruneJob:
         cal = self.calibration_data()
         return cal.ids, cal.summary, self.token_ids is not None
 
-    def calibration_data(self) -> Calibration:
-        """The calibration windows with each row's domain and the domain weights (data.Calibration; no held-out
-        part). Given token ids have no domains (domains [], weights {})."""
+    def calibration_data(self, held_out_windows: int = 0, held_out_seqlen: int = 0) -> Calibration:
+        """The calibration windows with each row's domain and the domain weights (data.Calibration), and with
+        held_out_windows the held-out tail of every source (never a calibration window). Given token ids have no
+        domains (domains [], weights {}) and no held-out part."""
         if self.token_ids is not None:
             ids = check_token_ids(self.token_ids)
             check_within_context(self.model, ids.shape[1], "calibration token ids of length")
@@ -66,6 +67,9 @@ class PruneJob:
                         seqlen, context, context)
             seqlen = context
         check_within_context(self.model, seqlen, "calibration seqlen")
+        if held_out_windows:
+            return calibration_split(self.tokenizer, c.sources, c.n_samples, seqlen, c.seed,
+                                     held_out_windows=held_out_windows, held_out_seqlen=held_out_seqlen)
         return calibration_split(self.tokenizer, c.sources, c.n_samples, seqlen, c.seed)
 
 

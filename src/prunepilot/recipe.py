@@ -10,6 +10,7 @@ from pydantic import Field, field_validator
 from .errors import PrunepilotError
 from .masks import parse_pattern
 from .schema import Strict, load_yaml_mapping, validate
+from .search import EvoOptions
 
 
 class CalibrationConfig(Strict):
@@ -23,10 +24,11 @@ class CalibrationConfig(Strict):
 
 
 class AllocationConfig(Strict):
-    kind: Literal["uniform", "owl", "explicit"] = "uniform"
+    kind: Literal["uniform", "owl", "explicit", "evo"] = "uniform"
     owl_lambda: float = Field(0.08, ge=0, le=0.5)
     owl_m: float = Field(5.0, gt=0)
     layers: dict[str, float] = Field(default_factory=dict)  # explicit: {"0": 0.3, "4-7": 0.6}
+    evo: EvoOptions = Field(default_factory=EvoOptions)     # evo: the evolutionary search's settings (search.py)
 
 
 class EvaluationConfig(Strict):
@@ -47,7 +49,9 @@ class StructuredConfig(Strict):
     bias_compensation: bool = True
     channel_multiple: int = Field(1, ge=1)              # MLP widths kept at a multiple of this (GPU kernels: 64/128)
     remove_experts: float = Field(0.0, ge=0.0, lt=1.0)  # MoE: fraction of each layer's experts removed first
-    #                                                     (those the router sends the fewest calibration tokens)
+    # how remove_experts ranks a layer's experts (lowest removed): routed calibration tokens, or REAP's mean over
+    # the routed tokens of gate weight x ‖expert output‖₂ (structured/expert_scores.py)
+    expert_score: Literal["frequency", "reap"] = "frequency"
     # per-channel input statistics over several calibration domains: "pooled" = one running mean/variance of
     # all tokens; "fused" = per-domain moments, mean Σ w_k μ_k and variance Σ w_k σ²_k (w_k: source weights)
     domain_stats: Literal["fused", "pooled"] = "pooled"

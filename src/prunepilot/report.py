@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 from .io import atomic_dir, atomic_write_json
@@ -85,10 +86,14 @@ def record_sparsity(model_dir: Path, report: dict) -> None:
 
 
 def save_result(model, tokenizer, out_dir: str | Path, recipe, report: dict, overwrite: bool = False,
-                save_model: bool = True) -> Path:
-    """Write everything into out_dir atomically (temp folder, then one rename)."""
+                save_model: bool = True, carry: list[str] = ()) -> Path:
+    """Write everything into out_dir atomically (temp folder, then one rename); the files named in `carry` that
+    out_dir already holds (e.g. a search log) are kept."""
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        for name in carry:
+            if (out_dir / name).is_file():
+                shutil.copy2(out_dir / name, tmp / name)
         if save_model:  # an ordinary checkpoint, or a resized one with its widths (structured pruning)
             save_pruned(model, tokenizer, tmp / "model")
             record_sparsity(tmp / "model", report)  # unstructured / N:M: what is pruned, in config.json

@@ -28,6 +28,7 @@ class Options:
     steps: int
     channel_multiple: int = 1       # MLP widths kept at a multiple of this
     remove_experts: float = 0.0     # MoE: fraction of each layer's experts removed before the channel steps
+    expert_score: str = "frequency"  # how those experts are ranked (expert_scores.py: frequency or reap)
     domain_stats: str = "pooled"    # "fused": per-domain moments fused by the domain weights (scores.DomainMoments)
 
     @classmethod
@@ -38,7 +39,7 @@ class Options:
             raise PrunepilotError("structured pruning with prune_heads and prune_channels both off removes nothing")
         return cls(ratios=st.ratios, target=st.target, bias_compensation=st.bias_compensation, kinds=kinds,
                    steps=st.steps if iterative else 1, channel_multiple=st.channel_multiple,
-                   remove_experts=st.remove_experts, domain_stats=st.domain_stats)
+                   remove_experts=st.remove_experts, expert_score=st.expert_score, domain_stats=st.domain_stats)
 
 
 def linear_params(block, layout: BlockLayout) -> int:

@@ -18,15 +18,16 @@ import time
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
-from .. import distributed
 from ..engine import ExpertMatrix, ModelAdapter, blocks
 from ..errors import PrunepilotError
 from ..data import Calibration
 from ..job import PruneJob, PruneReport
 from ..masks import check_sparsity
 from .budget import Ledger, Options
+from .expert_scores import expert_score_state
 from .methods import StructuredMethod, kept_fraction
 from .outcome import ModelBefore, build_report
 from .scores import Candidates, DomainMoments, RunningMoments, align_removal, group_scores, head_scores, lowest, \
@@ -263,50 +264,42 @@ def run(job: PruneJob) -> PruneReport:
     report.extra["domain_stats"] = opts.domain_stats
     report.coverage = coverage.to_dict() | ({"experts_scored_by_weights": pruner.starved} if pruner.starved else {})
     for i, kept in kept_experts.items():
-        report.extra["layers"][i]["kept_experts"] = kept
+        report.extra["layers"][i].update(kept)
+    if kept_experts:
+        report.extra["expert_score"] = opts.expert_score
     return report
 
 
-class TokenCount:
-    """A statistic state that only counts the tokens it is given."""
+def remove_experts(pruner: StructuredPruner, ids, batch_size: int) -> dict[int, dict]:
+    """Before the channel steps: in every MoE layer remove the opts.remove_experts fraction of experts with the
+    lowest opts.expert_score (expert_scores.py: routed-token frequency or REAP), the same count in every layer and
+    never fewer experts than its top-k; one statistics-only pass. Returns {layer: {"kept_experts", "expert_scores"}}."""
+    routers: dict[int, nn.Module] = {}
 
-    def __init__(self):
-        self.n = 0
-
-    def add(self, x: torch.Tensor) -> None:
-        self.n += x.reshape(-1, x.shape[-1]).shape[0]
-
-    def all_reduce(self) -> None:
-        self.n = int(distributed.total(self.n))
-
-
-def remove_experts(pruner: StructuredPruner, ids, batch_size: int) -> dict[int, list[int]]:
-    """Before the channel steps: in every MoE layer remove the opts.remove_experts fraction of experts that the
-    router sends the fewest calibration tokens (one statistics-only pass; never fewer experts than its top-k).
-    Returns {layer: kept expert indices}."""
     def observed(i, block):
         lay = pruner.layouts[i].mlp
         if not isinstance(lay, MoEParts):
             return {}
         ex = block.get_submodule(lay.experts)
+        routers[id(ex)] = block.get_submodule(lay.router)
         return {e: ExpertMatrix(ex, "gate_up_proj", e) for e in range(ex.gate_up_proj.shape[0])}
 
-    counts = {}
-    for blk in blocks(pruner.adapter, ids, pruner.device, linears=observed, states=lambda e, m: TokenCount(),
-                      outputs="dense", batch_size=batch_size, desc="expert routing"):
+    scores = {}
+    for blk in blocks(pruner.adapter, ids, pruner.device, linears=observed, outputs="dense", batch_size=batch_size,
+                      states=expert_score_state(pruner.opts.expert_score, routers), desc="expert scores"):
         if blk.states:
-            counts[blk.index] = torch.tensor([blk.states[e].n for e in sorted(blk.states)])
+            scores[blk.index] = torch.tensor([blk.states[e].score for e in sorted(blk.states)], dtype=torch.float64)
     kept = {}
-    for i, n in counts.items():
+    for i, s in scores.items():
         block, lay = pruner.adapter.blocks[i], pruner.layouts[i].mlp
         top_k = getattr(block.get_submodule(lay.router), "top_k", 1)
-        k = min(int(pruner.opts.remove_experts * n.numel()), n.numel() - top_k)
-        keep = torch.argsort(n, descending=True, stable=True)[: n.numel() - k].sort().values
+        k = min(int(pruner.opts.remove_experts * s.numel()), s.numel() - top_k)
+        keep = torch.argsort(s, descending=True, stable=True)[: s.numel() - k].sort().values
         keep_experts(block, keep, lay)
-        kept[i] = keep.tolist()
-        gone = [e for e in range(n.numel()) if e not in kept[i]]
-        log.info("layer %d: removed experts %s (routed calibration tokens %s), kept %d", i, gone, n[gone].tolist(),
-                 keep.numel())
+        kept[i] = {"kept_experts": keep.tolist(), "expert_scores": s.tolist()}
+        gone = [e for e in range(s.numel()) if e not in kept[i]["kept_experts"]]
+        log.info("layer %d: removed experts %s (%s %s), kept %d", i, gone, pruner.opts.expert_score,
+                 s[gone].tolist(), keep.numel())
     return kept
 
 
