@@ -154,3 +154,16 @@ def test_a_fixed_plan_runs_through_the_same_loop_and_ends_at_its_allocation(plan
     want = expected if expected is not None else [0.4] * len(got)
     assert got == pytest.approx(want, abs=0.02)
     assert {r.source for r in Journal(tmp_path / plan / "journal.jsonl").read()[1]} == {f"plan-{plan}"}
+
+
+def test_the_searched_plan_runs_through_the_loop_and_keeps_its_log(tmp_path):
+    import torch
+
+    calib, _ = tiny_data()
+    held = torch.randint(3, 128, (512,), generator=torch.Generator().manual_seed(1))
+    cfg = tiny_cfg(target_sparsity=0.4, max_iterations=4, rollback_threshold=10.0, eval_tokens=512,
+                   controller={"kind": "plan", "plan": "evo"})
+    res = run_agent(tiny_model("llama"), None, cfg, tmp_path / "evo", calibration=calib, held_out=held)
+    assert res.target_reached and (tmp_path / "evo" / "evo_search.jsonl").stat().st_size > 0
+    spread = set(round(s, 2) for s in res.layer_sparsity.values())
+    assert len(spread) > 1  # the search moved sparsity between linears: not the uniform plan

@@ -66,7 +66,8 @@ def _add_controller_args(p: argparse.ArgumentParser) -> None:
     """Who decides, and how an LLM controller is asked."""
     p.add_argument("--controller", choices=["builtin", "openai", "hf", "plan"],
                    help="who decides (default builtin); plan: a fixed allocation (--plan) through the same loop")
-    p.add_argument("--plan", choices=["uniform", "owl"], help="controller plan: the allocation it follows")
+    p.add_argument("--plan", choices=["uniform", "owl", "evo"],
+                   help="controller plan: the allocation it follows (evo: searched, KL on the held-out tokens)")
     p.add_argument("--base-url", help="openai: endpoint base URL, e.g. http://127.0.0.1:8000/v1")
     p.add_argument("--model-name", help="openai: served model name; hf: chat model folder or hub name")
     p.add_argument("--api-key-env", help="openai: NAME of the env var holding the API key (default OPENAI_API_KEY)")

@@ -47,9 +47,11 @@ def split_userinfo(url: str) -> tuple[str, tuple[str, str] | None]:
 
 class ControllerConfig(Strict):
     """Who decides how much more to prune each layer: the built-in policy, an OpenAI-compatible
-    endpoint, a local Hugging Face chat model, or a fixed plan (uniform, OWL) run through the same loop."""
+    endpoint, a local Hugging Face chat model, or a fixed plan (uniform, OWL, evo search) run through the same loop."""
     kind: Literal["builtin", "openai", "hf", "plan"] = "builtin"
-    plan: Literal["uniform", "owl"] = "uniform"  # kind plan: the fixed allocation followed (plan_controller.py)
+    # kind plan: the fixed allocation followed (plan_controller.py); evo: the evolutionary search (search.py) with
+    # its default options, KL fitness on the held-out tokens, its log in out_dir/evo_search.jsonl (resumable)
+    plan: Literal["uniform", "owl", "evo"] = "uniform"
     base_url: str | None = None          # openai: e.g. http://127.0.0.1:8000/v1 (…/chat/completions is appended)
     model_name: str | None = None        # openai: served model name; hf: local folder or hub name
     api_key_env: str | None = "OPENAI_API_KEY"  # name of the env var holding the key (never the key itself)

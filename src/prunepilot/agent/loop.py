@@ -38,6 +38,9 @@ from ..errors import PrunepilotError
 from ..eval.perplexity import perplexity_sequential
 from ..fingerprint import mask_fingerprint, model_fingerprint
 from ..allocation import owl
+from ..evo_allocation import evo_targets
+from ..methods.wanda import Wanda
+from ..search import EvoOptions
 from ..io import atomic_write_text
 from ..recipe import AllocationConfig
 from ..unstructured import owl_outlier_ratios
@@ -144,10 +147,23 @@ class AgentRun:
         cfg = self.cfg
         if cfg.controller.plan == "uniform":
             return PlanController(uniform_plan(self.names, cfg.target_sparsity), "uniform")
+        if cfg.controller.plan == "evo":
+            return PlanController(self.evo_plan(), "evo")
         defaults = AllocationConfig()
         ratios = owl_outlier_ratios(self.adapter, self.calib, self.device, defaults.owl_m,
                                     cfg.calibration.batch_size)
         return PlanController(block_plan(self.names, owl(ratios, cfg.target_sparsity, defaults.owl_lambda)), "owl")
+
+    def evo_plan(self) -> dict[str, float]:
+        """The evolutionary search's allocation (Wanda levels, KL to the dense model on the held-out tokens)."""
+        opts = EvoOptions(log=str(self.out_dir / "evo_search.jsonl"))
+        windows = self.held.numel() // opts.seqlen
+        if windows < 1:
+            raise PrunepilotError(f"controller plan evo needs at least {opts.seqlen} held-out tokens (eval_tokens)")
+        held = self.held[: windows * opts.seqlen].view(windows, opts.seqlen)
+        plan, _ = evo_targets(self.model, self.adapter, Wanda(), self.calib, held, self.cfg.target_sparsity, opts,
+                              self.cfg.seed, self.device, self.cfg.calibration.batch_size)
+        return plan
 
     @contextlib.contextmanager
     def timed(self, phase: str):

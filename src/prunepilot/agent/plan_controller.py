@@ -10,6 +10,7 @@ of bench/agent_paper.py compares allocations, not loops.
 Plans (``controller.plan``):
     uniform   p_i = target
     owl       OWL's per-block sparsities (outlier ratios of the dense model's Wanda scores), each linear its block's
+    evo       the evolutionary search's per-linear sparsities (search.py: KL to the dense model on held-out tokens)
 """
 from __future__ import annotations
 
