@@ -68,9 +68,10 @@ from prunepilot.modelfiles import save_model_files  # noqa: E402
 ROWS = ["dense", "wanda_sp", "flap", "flap_iter", "nm", "wanda", "owl", "agent", "agent_llm", "agent_self"]
 DEFAULT_GGUF = "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
 CONTROLLER_MODEL = "qwen2.5-coder-1.5b-instruct"
-# prompt settings a small local chat model answers quickly (what tests/test_agent_llm.py uses): one row per decoder
-# block, a one-sentence reasoning, a few blocks per reply, a short answer budget
-SMALL_PROMPT = dict(granularity="block", history_chars=600, max_layers_per_reply=6, reasoning_chars=100,
+# prompt settings a small local chat model answers quickly: one row per decoder block, the 12 least sensitive
+# shown (a 24-block table made a 1,613-token prompt, 188 s per decision of the 1.5B model on the busy 2-core
+# machine), a one-sentence reasoning, a few blocks per reply, a short answer budget
+SMALL_PROMPT = dict(granularity="block", table_rows=12, history_chars=600, max_layers_per_reply=6, reasoning_chars=100,
                     max_tokens=200)
 
 
@@ -110,8 +111,8 @@ def parse_args(argv=None):
     ap.add_argument("--controller-json", default="{}",
                     help='extra ControllerConfig fields for the LLM rows, e.g. \'{"max_layers_per_reply": 8}\'')
     ap.add_argument("--small-prompt", choices=["auto", "yes", "no"], default="auto",
-                    help="block granularity, history 600 chars, 6 blocks and 100 reasoning chars per reply, 200 "
-                         "tokens (auto: yes for a local server, no for --base-url)")
+                    help="block granularity, 12 table rows, history 600 chars, 6 blocks and 100 reasoning chars per "
+                         "reply, 200 tokens (auto: yes for a local server, no for --base-url)")
     # evaluation
     ap.add_argument("--eval-seqlen", type=int, default=2048)
     ap.add_argument("--max-windows", type=int, default=0, help="WikiText-2 and code windows per row (0 = all)")

@@ -41,8 +41,8 @@ History of your decisions (newest first; "fallback" = the built-in policy decide
 invalid or the endpoint unavailable):
 {history}
 
-Layer profile ({n_rows} of {n_layers} layers, {total_weights} weights in all, least sensitive first: sorted by z_s+z_g):
-layer | weights | sparsity | z_s | z_g | z_s+z_g
+Layer profile ({n_rows} of {n_layers} layers, {total_weights} weights in all{same_size}, least sensitive first: sorted by z_s+z_g):
+{header}
 {table}
 {errors}
 Reply with the JSON decision{limit}."""
@@ -143,8 +143,10 @@ def render_user_prompt(obs: Observation, errors: list[str] | None = None, table_
                        history_chars: int = 3000, max_layers: int | None = None) -> str:
     ranked = sorted(obs.rows, key=lambda r: (r["z_s"] + r["z_g"], r["layer"]))  # least sensitive first
     rows = ranked[:table_rows] if table_rows else ranked
-    table = "\n".join(f"{r['layer']} | {r['numel']} | {r['sparsity']:.3f} | {r['z_s']:+.2f} | {r['z_g']:+.2f} | "
-                      f"{r['z_s'] + r['z_g']:+.2f}" for r in rows)
+    same = len({r["numel"] for r in obs.rows}) == 1  # blocks of one size: the column says nothing (prompt tokens)
+    header = "layer | sparsity | z_s | z_g | z_s+z_g" if same else "layer | weights | sparsity | z_s | z_g | z_s+z_g"
+    table = "\n".join(f"{r['layer']} | " + ("" if same else f"{r['numel']} | ") + f"{r['sparsity']:.3f} | "
+                      f"{r['z_s']:+.2f} | {r['z_g']:+.2f} | {r['z_s'] + r['z_g']:+.2f}" for r in rows)
     err = ""
     if errors:
         err = ("\nYour previous answer was rejected: " + errors[-1] +
@@ -164,7 +166,8 @@ def render_user_prompt(obs: Observation, errors: list[str] | None = None, table_
         ppl_vs_baseline=obs.current_ppl / obs.baseline_ppl - 1 if obs.baseline_ppl else 0.0,
         threshold=obs.rollback_threshold, total_cap=f", or ends more than {cap:.0%} above the baseline" if cap else "",
         history=render_history(obs.history, history_chars, obs.layer_names),
-        n_rows=len(rows), n_layers=len(obs.rows), table=table, errors=err, max_layer=obs.max_layer_sparsity,
+        n_rows=len(rows), n_layers=len(obs.rows), table=table, header=header, errors=err,
+        same_size=f", {obs.rows[0]['numel']} in each" if same and obs.rows else "", max_layer=obs.max_layer_sparsity,
         total_weights=sum(r["numel"] for r in obs.rows),
         limit=f" (at most {max_layers} layers)" if max_layers else "")
 
