@@ -156,3 +156,10 @@ def test_lowest_k_is_the_same_through_a_sort():
     v = torch.randint(0, 50, (1000,), generator=g).float()  # many ties
     for k in (1, 333, 500, 1000):
         assert order_stats(v, [k], by_sort=True)[0] == order_stats(v, [k], by_sort=False)[0] == v.sort().values[k - 1]
+
+
+def test_a_second_method_under_one_name_is_refused():
+    from prunepilot.registry import get_spec, register
+
+    with pytest.raises(PrunepilotError, match="'wanda' is already registered"):
+        register(get_spec("wanda"))

@@ -62,6 +62,8 @@ _METHODS: dict[str, MethodSpec] = {}
 
 
 def register(spec: MethodSpec) -> MethodSpec:
+    if spec.name in _METHODS:  # a second method under one name would silently replace the first
+        raise PrunepilotError(f"a pruning method named {spec.name!r} is already registered")
     Recipe().with_defaults(spec.defaults)  # a typo in the defaults fails here, not in a user's run
     _METHODS[spec.name] = spec
     return spec

@@ -166,13 +166,3 @@ def qa_metrics(items: list[QAItem], preds: list[str], hits: list[bool]) -> dict:
     em = sum(hits) / len(hits)
     examples = [{"prompt": it.prompt, "prediction": p, "correct": h} for it, p, h in list(zip(items, preds, hits))[:5]]
     return {"acc": em, "exact_match": em, "acc_stderr": stderr(em, len(hits)), "n": len(hits), "examples": examples}
-
-
-def evaluate_qa(model, tokenizer, items: list[QAItem], max_new_tokens: int = 16, batch_size: int = 8, device=None,
-                add_bos: bool = False, shots: list[QAItem] | None = None) -> dict:
-    """Exact match of greedy answers; `shots` (k answered examples) precede every prompt. Small models given
-    the bare prompt tend to answer with a sentence or nothing; a few shots teach the short-answer format."""
-    if not items:
-        raise PrunepilotError("no QA items to evaluate")
-    raw = answer_items(model, tokenizer, items, max_new_tokens, batch_size, device, add_bos, shots)
-    return {**qa_metrics(items, raw["predictions"], raw["correct"]), "tokens": raw["tokens"]}

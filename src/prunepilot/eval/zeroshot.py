@@ -178,9 +178,3 @@ def score_items(model, tokenizer, items: list[MCItem], batch_size: int = 8, devi
     stats: dict = {}
     lls = choice_loglikelihoods(model, tokenizer, items, batch_size, device, add_bos, desc, stats)
     return {"lls": lls, "tokens": stats}
-
-
-def evaluate_mc(model, tokenizer, items: list[MCItem], norm: bool = True, batch_size: int = 8, device=None,
-                add_bos: bool = False, desc: str = "mc") -> dict:
-    raw = score_items(model, tokenizer, items, batch_size, device, add_bos, desc)
-    return {**mc_metrics(items, raw["lls"], norm), "tokens": raw["tokens"]}
