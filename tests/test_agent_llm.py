@@ -85,8 +85,9 @@ def test_openai_controller_names_blocks_at_block_granularity(llama_server, tmp_p
                  "--controller", "openai", "--base-url", llama_server.url, "--model-name", "smollm2",
                  "--timeout", "120", "--retries", "0", "--granularity", "block", "--table-rows", "8",
                  "--history-chars", "500", "--max-layers-per-reply", "2", "--reasoning-chars", "80",
-                 "--max-tokens", "160", *QUICK, "--out", str(out)])
-    assert code == 0, capsys.readouterr().err[-2000:]
+                 "--max-tokens", "160", *[a for a in QUICK if a != "--allow-short"], "--out", str(out)])
+    # an early stop_pruning is overruled (the model is asked again next iteration); ending short (exit 3) is allowed
+    assert code in (0, 3), capsys.readouterr().err[-2000:]
     report = json.loads((out / "report.json").read_text())
     print(f"\nopenai, block granularity: {_rates(report)}")
     journal = [json.loads(line) for line in (out / "journal.jsonl").read_text().splitlines()[1:]]
