@@ -218,7 +218,7 @@ class Bench:
         return self.model
 
     # -- evaluation ----------------------------------------------------------------------------------------------
-    def perplexities(self, out: dict, n: dict, proto: dict) -> None:
+    def perplexities(self, out: dict, proto: dict) -> None:
         a = self.args
         for name, dataset in (("ppl", "wikitext2"), ("code ppl", a.code_ppl)):
             if dataset:
@@ -230,7 +230,7 @@ class Bench:
         a, m = self.args, self.model
         t = time.time()
         out, n, proto = {}, {}, {}
-        self.perplexities(out, n, proto)
+        self.perplexities(out, proto)
         tasks = self.mc + ([self.qa] if self.qa else [])
         if tasks:
             res = run_suite(m, self.tok, tasks, data_root(), limit=a.limit or None, batch_size=a.batch_size,
