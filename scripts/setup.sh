@@ -5,7 +5,7 @@
 # torch is pinned to the CPU wheel 2.13.0: a bare `torch` requirement would pull a multi-GB CUDA build.
 #
 # llama-cpp-python (the real llama.cpp, to check exported GGUF files and to serve a controller model over an
-# OpenAI-compatible API in the tests) compiles llama.cpp on install: about 13 minutes on 2 cores, once. Pruning
+# OpenAI-compatible API in the tests) compiles llama.cpp on install: about 7-13 minutes on 2 cores, once. Pruning
 # never uses it, so only the test layer builds it. It is built portable (GGML_NATIVE=OFF: the native build crashes
 # on multi-token prompts on CPUs that advertise AMX/AVX-512) into a wheel cache ($PRUNEPILOT_WHEELS, default
 # ~/.cache/prunepilot/wheels), so later installs take seconds.
@@ -29,7 +29,7 @@ if [ "$LAYER" = core ]; then
 fi
 $INSTALL -e ".[test]"
 if ! ls "$WHEELS"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl >/dev/null 2>&1; then
-  echo "building llama-cpp-python $LLAMA_CPP_VERSION (portable, once; about 13 minutes on 2 cores) into $WHEELS"
+  echo "building llama-cpp-python $LLAMA_CPP_VERSION (portable, once; about 7-13 minutes on 2 cores) into $WHEELS"
   mkdir -p "$WHEELS"
   CMAKE_ARGS="-DGGML_NATIVE=OFF" $PIP wheel -q --no-deps "llama-cpp-python==$LLAMA_CPP_VERSION" -w "$WHEELS"
 fi

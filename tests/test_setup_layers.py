@@ -15,7 +15,7 @@ def test_quickstart_installs_the_core_layer_only():
     assert "bash scripts/setup.sh\n" in _script("quickstart.sh")
     setup = _script("setup.sh")
     core = setup[: setup.index("exit 0")]  # what runs before the core layer exits
-    assert "$PIP install -q -e .\n" in core and "[test]" not in core
+    assert "$INSTALL -e .\n" in core and "[test]" not in core
     assert "$PIP wheel" not in core and "llama-cpp-python[server]" not in core
 
 
