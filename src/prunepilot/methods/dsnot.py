@@ -21,6 +21,7 @@ import torch
 from pydantic import Field
 
 from ..schema import Strict
+from ..statistic_state import StatisticState
 from ..structured.scores import RunningMoments
 
 
@@ -39,7 +40,7 @@ class WithMoments:
     """The pruning method's own statistic of one input and DSnoT's moments of it (mean, variance, ‖x‖²), fed
     together."""
 
-    def __init__(self, inner, in_features: int, device):
+    def __init__(self, inner: StatisticState | None, in_features: int, device):
         self.inner, self.moments = inner, RunningMoments(in_features, device)
 
     def add(self, x: torch.Tensor) -> None:
@@ -76,7 +77,7 @@ class DSnoT:
     def __init__(self, options: DSnoTOptions | None = None):
         self.options = options or DSnoTOptions()
 
-    def wraps(self, state, weight: torch.Tensor) -> WithMoments:
+    def wraps(self, state: StatisticState | None, weight: torch.Tensor) -> WithMoments:
         return WithMoments(state, weight.shape[1], weight.device)
 
     def applies_to(self, name: str) -> bool:
