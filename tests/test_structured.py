@@ -13,7 +13,6 @@ from prunepilot.engine import ModelAdapter
 from prunepilot.errors import PrunepilotError
 from prunepilot.recipe import Recipe
 from prunepilot.registry import available, get_method
-from prunepilot.structured.methods import WandaSP
 from prunepilot.structured.outcome import warn_unaligned
 from prunepilot.structured.saving import WIDTHS_FILE, load_pruned, save_pruned
 from prunepilot.structured.scores import (Candidates, RunningMoments, align_removal, fluctuation_scores,
@@ -64,7 +63,7 @@ def test_scores_by_hand():
                       [4.0, 0.0, 2.0, 0.0]])   # tokens: ‖X_j‖ 5, 0, 2, 1; unbiased var 0.5, 0, 2, 0.5
     m = RunningMoments(4)
     m.add(X)
-    assert WandaSP().column_scores(W, m).tolist() == [20.0, 0.0, 2.0, 2.0]
+    assert get_method("wanda_sp").column_scores(W, m).tolist() == [20.0, 0.0, 2.0, 2.0]
     assert fluctuation_scores(W, m).tolist() == [5.0, 0.0, 2.0, 1.0]
     cols = torch.arange(12.0)  # 6 heads of head_dim 2, 2 KV groups of 3 heads
     heads = head_scores(cols, head_dim=2)

@@ -15,17 +15,32 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
 from .. import distributed
 from ..errors import PrunepilotError
+from ..statistic_state import StatisticState
 from ..stats import zscore
 
 
+class Moments(StatisticState, Protocol):
+    """The per-channel input statistics a structured method scores with (RunningMoments, DomainMoments)."""
+
+    @property
+    def mean(self) -> torch.Tensor: ...             # (dim,)
+
+    @property
+    def sq_sum(self) -> torch.Tensor: ...           # (dim,) Σ x² over the tokens seen
+
+    def var(self, unbiased: bool = True) -> torch.Tensor: ...   # (dim,)
+
+    def l2(self) -> torch.Tensor: ...               # (dim,) ‖X_j‖₂
+
+
 class RunningMoments:
-    """Per-channel count, mean, M2 (Σ squared deviations) and Σ x², accumulated in float32.
+    """Moments: per-channel count, mean, M2 (Σ squared deviations) and Σ x², accumulated in float32.
 
     Batches merge with Chan et al.'s parallel update (numerically stable, exact for any batch split):
         δ = mean_b - mean_a,  n = n_a + n_b
@@ -88,7 +103,7 @@ class DomainMoments:
     Σ_k (n_k/N)(μ_kj - μ_j)², to the variance; fusion does not. Domains that saw no tokens (an MoE expert no
     token of a domain was routed to) drop out and the others' weights are renormalised; when only one domain
     saw tokens the fused statistic *is* that domain's RunningMoments (bit for bit the pooled one).
-    tag() names the domain of the batch being added (engine.BlockPass.tag). Duck-types RunningMoments: n,
+    tag() names the domain of the batch being added (engine.BlockPass.tag). Moments like RunningMoments: n,
     mean (dim,), var() (dim,), sq_sum (dim,) = N · Σ_k w_k (Σx²)_k / n_k, l2() (dim,).
     """
 
@@ -152,7 +167,7 @@ class DomainMoments:
 
 # ---------------------------------------------------------------------------------------------- scores
 
-def fluctuation_scores(weight: torch.Tensor, stats: RunningMoments) -> torch.Tensor:
+def fluctuation_scores(weight: torch.Tensor, stats: Moments) -> torch.Tensor:
     """FLAP's WIFV metric Var(X_j) · ‖W[:, j]‖² for every input column j. -> (in,)"""
     return stats.var().to(weight.device) * weight.detach().float().pow(2).sum(0)
 
