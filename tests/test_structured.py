@@ -11,7 +11,6 @@ from prunepilot.api import prune
 from prunepilot.data import Calibration
 from prunepilot.engine import ModelAdapter
 from prunepilot.errors import PrunepilotError
-from prunepilot.recipe import Recipe
 from prunepilot.registry import available, get_method
 from prunepilot.structured.outcome import warn_unaligned
 from prunepilot.structured.saving import WIDTHS_FILE, load_pruned, save_pruned

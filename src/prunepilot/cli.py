@@ -52,7 +52,7 @@ def _add_prune_parser(sub) -> None:
                    help="allocation evo: held-out fitness tokens per selection stage (default 256,1024)")
     p.add_argument("--ratios", choices=["global", "uniform"],
                    help="structured: one global ranking across layers (FLAP) or the same ratio in every layer")
-    p.add_argument("--steps", type=int, help="flap_iterative: steps to reach the target (default 5)")
+    p.add_argument("--steps", type=int, help="iterative structured methods: steps to reach the target (default 5)")
     p.add_argument("--channel-multiple", type=int,
                    help="structured: keep every MLP width a multiple of this (64 or 128 lets GPU matmul kernels "
                         "run at full speed; default 1)")
@@ -64,7 +64,7 @@ def _add_prune_parser(sub) -> None:
                         "(mean over routed tokens of gate weight x expert output norm)")
     p.add_argument("--domain-stats", choices=["fused", "pooled"],
                    help="structured, several --calib domains: per-domain channel statistics fused by the source "
-                        "weights (flap_iterative's default) or one pooled mean/variance (flap, wanda_sp)")
+                        "weights (the iterative method's default) or one pooled mean/variance (the one-shot ones')")
     p.add_argument("--calib", action="append", metavar="SPEC",
                    help="calibration source, repeatable: preset (wiki, web, code, math), file, folder or "
                         "hf:NAME[,CONFIG][@SPLIT]; optional DOMAIN= prefix, #START:END range, :WEIGHT suffix")
@@ -81,7 +81,7 @@ def _add_prune_parser(sub) -> None:
     p.add_argument("--no-save-model", action="store_true", help="write only the recipe and report")
     p.add_argument("--offload", choices=["none", "disk"], default="none",
                    help="disk: decoder blocks stay in the safetensors files and are read one at a time (models "
-                        "larger than host memory; magnitude, wanda, sparsegpt)")
+                        "larger than host memory; the per-block methods of `prunepilot methods`)")
 
 
 def _add_eval_parser(sub) -> None:

@@ -113,7 +113,8 @@ class BlockPass:
     the rows are in the tag-grouped order).
     """
 
-    def __init__(self, adapter: ModelAdapter, ids, device, *, states: Callable[[str, nn.Module], StatisticState] | None = None,
+    def __init__(self, adapter: ModelAdapter, ids, device, *,
+                 states: Callable[[str, nn.Module], StatisticState] | None = None,
                  linears: Callable[[int, nn.Module], dict[str, nn.Module]] | None = None,
                  outputs: Literal["pruned", "dense"] = "pruned", batch_size: int = 1, storage_device=None,
                  desc: str = "blocks", shard: bool = True, tags: list[str] | None = None):
