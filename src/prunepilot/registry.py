@@ -8,6 +8,12 @@ its options' included), and the pipeline that runs it. `prunepilot methods` list
     report = spec.pipeline.run(PruneJob(...))
 
 Third-party methods: ``register(MethodSpec(...))`` with one of the pipelines below (or their own Pipeline).
+
+What a change touches: a per-block method, its module under methods/ (a PruningMethod and its options model) and
+one MethodSpec line here; a structured method, its class in structured/methods.py (a StructuredMethod) and one
+line here, plus a model in structured/options.py only if it takes options the others do not; a structured option,
+its field in structured/options.py and the module that reads it (and, for a flag, one add_argument in cli.py named
+like the field: the flag is mapped by name).
 """
 from __future__ import annotations
 
