@@ -15,7 +15,7 @@ from prunepilot.registry import PER_BLOCK, STRUCTURED, MethodSpec, get_method, g
 from prunepilot.statistic_state import StatisticState
 from prunepilot.structured.expert_scores import ReapScore, TokenCount
 from prunepilot.structured.methods import StructuredMethod
-from prunepilot.structured.scores import DomainMoments, RunningMoments
+from prunepilot.moments import DomainMoments, RunningMoments
 
 
 def method_for(recipe: dict):

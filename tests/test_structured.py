@@ -14,8 +14,9 @@ from prunepilot.errors import PrunepilotError
 from prunepilot.registry import available, get_method
 from prunepilot.structured.outcome import warn_unaligned
 from prunepilot.structured.saving import WIDTHS_FILE, load_pruned, save_pruned
-from prunepilot.structured.scores import (Candidates, RunningMoments, align_removal, fluctuation_scores,
-                                          group_scores, head_scores, select_global, split_uniform_layer, standardize)
+from prunepilot.moments import RunningMoments
+from prunepilot.structured.scores import fluctuation_scores, group_scores, head_scores, standardize
+from prunepilot.structured.selection import Candidates, align_removal, select_global, split_uniform_layer
 from prunepilot.structured.slicing import block_layout, keep_kv_groups, keep_mlp_channels
 from prunepilot.eval.speed import measure_speed
 from tiny_models import GATED, tiny_model

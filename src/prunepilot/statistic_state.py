@@ -6,7 +6,7 @@
     state.n                              # tokens seen
 
 Implemented by methods.base.InputNormState (Wanda, RIA), methods.sparsegpt.HessianState, methods.dsnot.WithMoments,
-structured.scores.RunningMoments / DomainMoments, structured.expert_scores.TokenCount / ReapScore.
+moments.RunningMoments / DomainMoments, structured.expert_scores.TokenCount / ReapScore.
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ activations by hand.
 
 tags=[one string per row of ids] (e.g. each calibration sample's domain): every batch holds rows of one tag
 (with batch_size > 1 the rows are grouped by tag first), and `pass_.tag` names the tag of the batch whose inputs
-the states are being fed, so a state can keep per-tag statistics (structured.scores.DomainMoments).
+the states are being fed, so a state can keep per-tag statistics (moments.DomainMoments).
 """
 from __future__ import annotations
 

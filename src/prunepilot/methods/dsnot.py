@@ -20,9 +20,9 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
+from ..moments import RunningMoments
 from ..schema import Strict
 from ..statistic_state import StatisticState
-from ..structured.scores import RunningMoments
 
 
 class DSnoTOptions(Strict):

@@ -7,11 +7,12 @@
     observation.py    statistics gathering: the output projections' input moments, pooled or per domain
     candidates.py     scoring: each layer's removable units with the method's scores and their cost
     selection.py      choosing what to remove: uniform per-layer ratios or one global ranking, width rounding
+                      (the streaming moments they score with: prunepilot/moments.py)
     removal.py        the physical removal (bias compensation) and the original indices each layer keeps
     expert_removal.py whole MoE experts removed first (expert_scores.py: frequency or REAP)
     budget.py         what `sparsity` counts, the cost of each unit, feasibility (Ledger)
     outcome.py        uniform widths into the config, GPU-alignment warning, the report
-    scores.py         streaming float32 moments, FLAP's fluctuation score, global and uniform selection
+    scores.py         FLAP's fluctuation score, head / KV-group aggregation, standardisation
     slicing.py        keep given channels / KV groups (GQA-consistent), bias compensation, per-layer widths
     saving.py         save_pruned / load_pruned (plain transformers checkpoint or prunepilot_widths.json)
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from ..moments import Moments
 from .budget import Ledger
 from .methods import StructuredMethod
-from .scores import Candidates, Moments, group_scores, head_scores, standardize
+from .scores import group_scores, head_scores, standardize
+from .selection import Candidates
 from .slicing import attention_counts, linear
 
 

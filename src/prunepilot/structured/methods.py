@@ -17,8 +17,9 @@ from __future__ import annotations
 import torch
 
 from ..methods.wanda import wanda_scores
+from ..moments import Moments
 from .options import StructuredOptions
-from .scores import Moments, fluctuation_scores, standardize
+from .scores import fluctuation_scores, standardize
 
 
 class StructuredMethod:

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 
 from ..data import Calibration
 from ..engine import BlockPass, ExpertMatrix, blocks
+from ..moments import DomainMoments, Moments, RunningMoments
 from .budget import Ledger
 from .options import StructuredOptions
-from .scores import DomainMoments, Moments, RunningMoments
 from .slicing import MoEParts, linear
 
 

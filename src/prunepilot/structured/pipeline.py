@@ -6,7 +6,7 @@
         target = dense * method.kept_fraction(step)  # geometric schedule by default
         one pass over the current model, block by block, recording the input statistics of
         down_proj / o_proj (observation.py: float32 streaming moments; options.domain_stats "fused": one set per
-        calibration domain, fused as mean Σ w_k μ_k, variance Σ w_k σ²_k, scores.DomainMoments), then scoring
+        calibration domain, fused as mean Σ w_k μ_k, variance Σ w_k σ²_k, moments.DomainMoments), then scoring
         (candidates.py), choosing (selection.py: uniform or global) and slicing (removal.py): steps.py
     report params before/after, per-layer widths and kept KV groups (outcome.py)
 """

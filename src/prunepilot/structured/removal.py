@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..moments import Moments
 from .budget import Ledger
-from .scores import Moments
 from .slicing import MoEParts, complement, keep_kv_groups, keep_mlp_channels
 
 

@@ -12,13 +12,13 @@ from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
+from ..moments import Moments
 from .budget import Ledger
 from .candidates import Scorer
 from .methods import StructuredMethod
 from .observation import Domains, observe
 from .removal import Remover
-from .scores import Candidates, Moments
-from .selection import aligned, global_removal, uniform_removal
+from .selection import Candidates, aligned, global_removal, uniform_removal
 
 log = logging.getLogger(__name__)
 
