@@ -111,23 +111,6 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: s
     return model.to(device).eval()
 
 
-def context_length(model, default: int = 2048) -> int:
-    """The longest sequence the model is configured for (max_position_embeddings, n_positions ...)."""
-    cfg = getattr(model, "config", None)
-    if cfg is not None and hasattr(cfg, "get_text_config"):
-        cfg = cfg.get_text_config()
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(cfg, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return default
-
-
-def default_eval_seqlen(model, preferred: int = 2048) -> int:
-    """The paper protocol's window (2048), shortened to the model's context when that is shorter."""
-    return min(preferred, context_length(model))
-
-
 def load_model_and_tokenizer(path: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu",
                              gguf_file: str | None = None):
     model = load_model(path, dtype=dtype, device=device, gguf_file=gguf_file)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import PrunepilotError
+from .model_config import text_config
 from .moe import ExpertMatrix, expert_matrices, fused_experts, layout_problem
 
 # Attribute paths to the ModuleList of decoder blocks, tried in order.
@@ -188,14 +189,10 @@ class ModelAdapter:
             out.update(self.linears(i))
         return out
 
-    def text_config(self):
-        cfg = self.config
-        return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-
     def attention_geometry(self) -> AttentionGeometry:
         """Heads, KV heads and head_dim, read from the config (Qwen3/Gemma head_dim may differ from
         hidden_size / num_heads, so it is never derived when the config states it)."""
-        cfg = self.text_config()
+        cfg = text_config(self.config)
         heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None)
         if heads is None:
             raise PrunepilotError(f"{self.model_type}: config has no num_attention_heads")

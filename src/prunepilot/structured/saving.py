@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..engine import ModelAdapter
+from ..engine.model_config import text_config
 from ..engine.offload import is_offloaded
 from ..errors import PrunepilotError
 from ..io import atomic_dir
@@ -43,10 +44,6 @@ def model_widths(model) -> tuple[ModelAdapter, int, list[dict]]:
 
 def is_uniform(widths: list[dict]) -> bool:
     return all(w == widths[0] for w in widths)
-
-
-def text_config(config):
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def write_widths(text_cfg, w: dict) -> dict:
