@@ -109,7 +109,8 @@ def test_unsupported_expert_layouts_are_refused_by_name():
 
 
 def test_slicing_each_experts_own_zeroed_channels_keeps_logits():
-    from prunepilot.structured.slicing import block_layout, keep_mlp_channels
+    from prunepilot.engine.layout import block_layout
+    from prunepilot.structured.slicing import keep_mlp_channels
 
     model = tiny_model("qwen3_moe")
     x = torch.randint(3, 128, (2, 16))

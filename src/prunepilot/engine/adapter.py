@@ -24,14 +24,19 @@ def _get(obj, path: str):
     return obj
 
 
+def is_conv1d(module) -> bool:
+    """GPT-2's Conv1D: a linear layer that stores its weight as (in, out)."""
+    return type(module).__name__ == "Conv1D"
+
+
 def is_linear(module: nn.Module) -> bool:
-    """nn.Linear, or GPT-2's Conv1D (a linear layer that stores its weight as (in, out))."""
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    """nn.Linear, or GPT-2's Conv1D."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 def weight_2d(module: nn.Module | ExpertMatrix) -> torch.Tensor:
     """The weight as an (out, in) view: writing into it writes into the module (or the fused expert parameter)."""
-    return module.weight.t() if type(module).__name__ == "Conv1D" else module.weight
+    return module.weight.t() if is_conv1d(module) else module.weight
 
 
 def grad_2d(module: nn.Module | ExpertMatrix) -> torch.Tensor | None:
@@ -39,7 +44,7 @@ def grad_2d(module: nn.Module | ExpertMatrix) -> torch.Tensor | None:
     if isinstance(module, ExpertMatrix):
         return module.grad
     g = module.weight.grad
-    return None if g is None else (g.t() if type(module).__name__ == "Conv1D" else g)
+    return None if g is None else (g.t() if is_conv1d(module) else g)
 
 
 def leaf_parameter(module: nn.Module | ExpertMatrix) -> nn.Parameter:

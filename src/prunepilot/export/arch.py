@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import PrunepilotError
+from ..engine.layout import is_uniform, model_widths
 from ..engine.model_config import text_config
-from ..structured.saving import is_uniform, model_widths
 
 log = logging.getLogger(__name__)
 

@@ -22,28 +22,19 @@ from pathlib import Path
 import torch
 
 from ..engine import ModelAdapter
+from ..engine.layout import is_uniform, model_widths
 from ..engine.model_config import text_config
 from ..engine.offload import is_offloaded
 from ..errors import PrunepilotError
 from ..io import atomic_dir
 from ..guarded_reader import load_error
 from ..modelfiles import gguf_detached, parse_dtype, save_model_files, save_tokenizer
-from .slicing import block_widths, shrink_block
+from .slicing import shrink_block
 
 log = logging.getLogger(__name__)
 
 WIDTHS_FILE = "prunepilot_widths.json"
 FORMAT = "prunepilot-structured/1"
-
-
-def model_widths(model) -> tuple[ModelAdapter, int, list[dict]]:
-    adapter = ModelAdapter(model)
-    head_dim = adapter.attention_geometry().head_dim
-    return adapter, head_dim, [block_widths(b, head_dim) for b in adapter.blocks]
-
-
-def is_uniform(widths: list[dict]) -> bool:
-    return all(w == widths[0] for w in widths)
 
 
 def write_widths(text_cfg, w: dict) -> dict:
