@@ -25,7 +25,7 @@ from prunepilot.errors import PrunepilotError
 from prunepilot.export import write_gguf
 from prunepilot.export.tensors import rope_interleave
 from prunepilot.export.vocab import byte_vocab
-from prunepilot.structured.saving import save_pruned
+from prunepilot.modeling import save_pruned
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
