@@ -16,12 +16,13 @@ BLOCK_PATHS = ("model.layers", "model.language_model.layers", "transformer.h", "
                "gpt_neox.layers", "transformer.blocks")
 
 
-def _get(obj, path: str):
-    for part in path.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
+def submodule(module, path: str):
+    """The attribute at dotted `path` below `module` ("" is module itself), None if absent."""
+    for part in filter(None, path.split(".")):
+        module = getattr(module, part, None)
+        if module is None:
             return None
-    return obj
+    return module
 
 
 def is_conv1d(module) -> bool:
@@ -104,7 +105,7 @@ class ModelAdapter:
         self.model = model
         self.config = model.config
         for path in BLOCK_PATHS:
-            blocks = _get(model, path)
+            blocks = submodule(model, path)
             if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
                 self.block_path = path
                 self.blocks = blocks

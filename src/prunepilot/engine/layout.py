@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..errors import PrunepilotError
-from .adapter import ModelAdapter, is_linear
+from .adapter import ModelAdapter, is_linear, submodule
 from .moe import fused_experts, layout_problem
 
 GATED_MLP = ("gate_proj", "up_proj", "down_proj")
@@ -72,15 +72,6 @@ class AttnParts:
 class BlockLayout:
     mlp: MLPParts | MoEParts
     attn: AttnParts
-
-
-def submodule(module: nn.Module, path: str) -> nn.Module | None:
-    """The module at dotted `path` below `module` ("" is module itself), None if absent."""
-    for part in filter(None, path.split(".")):
-        module = getattr(module, part, None)
-        if module is None:
-            return None
-    return module
 
 
 def linear(block: nn.Module, name: str) -> nn.Linear:

@@ -19,8 +19,9 @@ import copy
 import torch
 from torch import nn
 
+from ..engine.adapter import submodule
 from ..engine.layout import AttnParts, MLPParts, MoEParts, attention_counts, block_layout, find_attention, find_mlp, \
-    linear, submodule
+    linear
 from ..engine.moe import MATRICES
 from ..errors import PrunepilotError
 
