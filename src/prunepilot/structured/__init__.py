@@ -5,8 +5,9 @@
     outcome.py   uniform widths into the config, GPU-alignment warning, the report
     methods.py   wanda_sp, flap, flap_iterative: how each scores channels and heads
     scores.py    streaming float32 moments, FLAP's fluctuation score, global and uniform selection
-    slicing.py   keep given channels / KV groups (GQA-consistent), bias compensation, per-layer widths
-    saving.py    save_pruned / load_pruned (plain transformers checkpoint or prunepilot_widths.json)
+    slicing.py   keep given channels / experts / KV groups (GQA-consistent) of the engine layout's parts, bias
+                 compensation, blocks shrunk to recorded widths
+    saving.py    the per-layer widths format (prunepilot_widths.json); modeling.py saves and loads with it
 
 Import the submodules directly (prunepilot.structured.saving ...); this package imports nothing eagerly.
 """

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from ..engine import ModelAdapter
 from ..errors import PrunepilotError
-from .slicing import BlockLayout, MoEParts, attention_counts, channel_cost, linear, mlp_params, mlp_width
+from ..engine.layout import BlockLayout, MoEParts, attention_counts, channel_cost, linear, mlp_params, mlp_width
 
 EXPERT_MULTIPLE = 8
 

@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..engine import ExpertMatrix, ModelAdapter, blocks
+from ..engine.layout import BlockLayout, MoEParts, attention_counts, block_layout, linear
 from ..errors import PrunepilotError
 from ..data import Calibration
 from ..job import PruneJob, PruneReport
@@ -32,8 +33,7 @@ from .methods import StructuredMethod, kept_fraction
 from .outcome import ModelBefore, build_report
 from .scores import Candidates, DomainMoments, RunningMoments, align_removal, group_scores, head_scores, lowest, \
     select_global, split_uniform_layer, standardize
-from .slicing import BlockLayout, MoEParts, attention_counts, block_layout, complement, keep_experts, \
-    keep_kv_groups, keep_mlp_channels, linear
+from .slicing import complement, keep_experts, keep_kv_groups, keep_mlp_channels
 
 log = logging.getLogger(__name__)
 
