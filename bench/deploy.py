@@ -40,8 +40,9 @@ from prunepilot.data import TextSource, load_documents, tokenize_stream  # noqa:
 from prunepilot.eval.perplexity import perplexity_of_tokens  # noqa: E402
 from prunepilot.export import export_gguf  # noqa: E402
 from prunepilot.export.vocab import gguf_tokenizer  # noqa: E402
-from prunepilot.modeling import load_model_and_tokenizer  # noqa: E402
-from prunepilot.structured.saving import WIDTHS_FILE, model_widths, save_pruned  # noqa: E402
+from prunepilot.engine.layout import model_widths  # noqa: E402
+from prunepilot.modeling import load_model_and_tokenizer, save_pruned  # noqa: E402
+from prunepilot.structured.saving import WIDTHS_FILE  # noqa: E402
 
 EVALS = [("wikitext2", "wikitext2"), ("c4", "c4"), ("code", "code-test")]
 

@@ -20,11 +20,12 @@ from tiny_models import tiny_model
 
 from prunepilot.api import prune
 from prunepilot.cli import main
+from prunepilot.engine.layout import model_widths
 from prunepilot.errors import PrunepilotError
 from prunepilot.export import write_gguf
 from prunepilot.export.tensors import rope_interleave
 from prunepilot.export.vocab import byte_vocab
-from prunepilot.structured.saving import model_widths, save_pruned
+from prunepilot.modeling import save_pruned
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

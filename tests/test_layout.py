@@ -1,5 +1,7 @@
-"""The shape of src/prunepilot: no import cycles (function-level imports included) and short functions."""
+"""The shape of src/prunepilot: no import cycles (function-level imports included), short functions, model files
+in their own layer, and block roles decided in engine/ alone."""
 import ast
+import re
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -76,3 +78,62 @@ def test_functions_are_short():
                 if n > MAX_FUNCTION_LINES:
                     long.append(f"{mod}.{node.name}: {n} lines")
     assert long == []
+
+
+# ---------------------------------------------------------------------------------------------- layers
+
+BELOW_THE_LOADER = ("prunepilot.job", "prunepilot.eval", "prunepilot.engine", "prunepilot.methods",
+                    "prunepilot.structured")
+
+
+def reachable(graph: dict[str, set[str]], mod: str) -> set[str]:
+    seen, todo = set(), [mod]
+    while todo:
+        for v in graph[todo.pop()] - seen:
+            seen.add(v)
+            todo.append(v)
+    return seen
+
+
+def in_package(mod: str, packages) -> bool:
+    return any(mod == p or mod.startswith(p + ".") for p in packages)
+
+
+def test_model_files_are_their_own_layer():
+    """job, eval, engine, methods and structured never reach the loader (prunepilot.modeling), even through other
+    modules; report.py, job.py and export/ save and load through modeling, never the structured widths format."""
+    graph = import_graph()
+    up = [m for m in graph if in_package(m, BELOW_THE_LOADER) and "prunepilot.modeling" in reachable(graph, m)]
+    assert up == []
+    direct = [m for m in graph if in_package(m, ("prunepilot.report", "prunepilot.job", "prunepilot.export"))
+              and "prunepilot.structured.saving" in graph[m]]
+    assert direct == []
+
+
+# The module names of a block's roles (engine/layout.py), GPT-2's Conv1D type name (engine/adapter.py).
+ROLE_NAME = re.compile(r"(?:^|\.)(?:q|k|v|o|out|qkv|gate|up|down|gate_up)_proj(?:\.|$)|^fc[12]$|^Conv1D$")
+
+
+def role_names(tree: ast.AST) -> list[str]:
+    """String constants that name a block role, leaving out docstrings and the attribute named by
+    ExpertMatrix(module, attr, e) (a fused expert parameter, engine/moe.py)."""
+    skip = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr)}
+    skip |= {id(n.args[1]) for n in ast.walk(tree) if isinstance(n, ast.Call) and len(n.args) > 1
+             and getattr(n.func, "id", getattr(n.func, "attr", None)) == "ExpertMatrix"}
+    return [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+            and id(n) not in skip and ROLE_NAME.search(n.value)]
+
+
+def test_only_the_engine_decides_block_roles():
+    """Which module of a block is the MLP, attention or an expert is answered in engine/ alone: no other module
+    tests module names (q_proj, down_proj, fc1 ...) or the Conv1D type name."""
+    found = {mod: role_names(ast.parse(path.read_text())) for mod, path in modules().items()
+             if not in_package(mod, ("prunepilot.engine",))}
+    assert {mod: names for mod, names in found.items() if names} == {}
+
+
+def test_the_role_checker_sees_a_name_test():
+    tree = ast.parse('def width(block):\n    """Read from q_proj (a docstring may say so)."""\n'
+                     '    q = [m for n, m in block.named_modules() if n.endswith("q_proj")]\n'
+                     '    return q, ExpertMatrix(block.mlp.experts, "down_proj", 0), type(q).__name__ == "Conv1D"\n')
+    assert sorted(role_names(tree)) == ["Conv1D", "q_proj"]

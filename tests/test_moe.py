@@ -109,7 +109,8 @@ def test_unsupported_expert_layouts_are_refused_by_name():
 
 
 def test_slicing_each_experts_own_zeroed_channels_keeps_logits():
-    from prunepilot.structured.slicing import block_layout, keep_mlp_channels
+    from prunepilot.engine.layout import block_layout
+    from prunepilot.structured.slicing import keep_mlp_channels
 
     model = tiny_model("qwen3_moe")
     x = torch.randint(3, 128, (2, 16))
@@ -158,8 +159,8 @@ def test_structured_experts_drop_their_own_weakest_channels_by_routed_statistics
 @pytest.mark.parametrize("arch", list(MOE_CONFIGS))
 @pytest.mark.parametrize("method", ["flap", "wanda_sp", "flap_iterative"])
 def test_structured_moe_reloads(arch, method, tmp_path):
-    from prunepilot.modeling import load_model
-    from prunepilot.structured.saving import WIDTHS_FILE, save_pruned
+    from prunepilot.modeling import load_model, save_pruned
+    from prunepilot.structured.saving import WIDTHS_FILE
 
     model = tiny_model(arch)
     rep = prune(model, {"method": method, "sparsity": 0.4, "device": "cpu", "calibration": {"min_expert_tokens": 0}},
@@ -188,9 +189,8 @@ def test_removing_the_least_routed_experts_keeps_the_router_consistent(tmp_path)
     """remove_experts: each layer drops the experts the router sends the fewest calibration tokens (never
     leaving fewer than its top-k); the router loses their rows, so it scores and picks among the kept ones."""
     from prunepilot.engine import blocks
-    from prunepilot.modeling import load_model
+    from prunepilot.modeling import load_model, save_pruned
     from prunepilot.structured.expert_scores import TokenCount
-    from prunepilot.structured.saving import save_pruned
 
     dense = tiny_model("qwen3_moe")
     routed = {}
@@ -268,8 +268,7 @@ def reap_by_hand(block, x: torch.Tensor) -> list[float]:
 def test_reap_removes_a_frequent_but_silent_expert(tmp_path):
     """Layer 0's most routed expert is made nearly silent (down_proj x 1e-3): frequency keeps it, REAP removes it.
     REAP's scores equal the hand-written ones; the pruned model reloads equal."""
-    from prunepilot.modeling import load_model
-    from prunepilot.structured.saving import save_pruned
+    from prunepilot.modeling import load_model, save_pruned
 
     def model_with_silent_expert():
         m = tiny_model("qwen3_moe")

@@ -11,9 +11,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from prunepilot.api import prune
 from prunepilot.engine import ModelAdapter, capture_block_inputs, run_block
 from prunepilot.eval.perplexity import perplexity
+from prunepilot.modeling import load_pruned
 from prunepilot.recipe import Recipe
 from prunepilot.report import save_result
-from prunepilot.structured.saving import load_pruned
 
 pytestmark = pytest.mark.slow
 

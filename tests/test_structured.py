@@ -10,14 +10,16 @@ import transformers as tf
 from prunepilot.api import prune
 from prunepilot.data import Calibration
 from prunepilot.engine import ModelAdapter
+from prunepilot.engine.layout import block_layout
 from prunepilot.errors import PrunepilotError
+from prunepilot.modeling import load_pruned, save_pruned
+from prunepilot.moments import RunningMoments
 from prunepilot.registry import available, get_method
 from prunepilot.structured.outcome import warn_unaligned
-from prunepilot.structured.saving import WIDTHS_FILE, load_pruned, save_pruned
-from prunepilot.moments import RunningMoments
+from prunepilot.structured.saving import WIDTHS_FILE
 from prunepilot.structured.scores import fluctuation_scores, group_scores, head_scores, standardize
 from prunepilot.structured.selection import Candidates, align_removal, select_global, split_uniform_layer
-from prunepilot.structured.slicing import block_layout, keep_kv_groups, keep_mlp_channels
+from prunepilot.structured.slicing import keep_kv_groups, keep_mlp_channels
 from prunepilot.eval.speed import measure_speed
 from tiny_models import GATED, tiny_model
 

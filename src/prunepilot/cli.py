@@ -253,7 +253,7 @@ def _prune_command(args, scratch: Path | None) -> int:
     from . import distributed
     from .api import prune
     from .engine import resolve_device
-    from .modeling import context_length
+    from .engine.model_config import context_length
     from .recipe_fit import check_model_applies, check_recipe_applies
     from .registry import build_refiner, get_spec
     from .report import environment, save_result

@@ -10,17 +10,10 @@ from torch import nn
 
 from .data import Calibration, calibration_split, check_token_ids
 from .errors import PrunepilotError
-from .modeling import context_length
+from .engine.model_config import check_within_context, context_length
 from .recipe import Recipe
 
 log = logging.getLogger(__name__)
-
-
-def check_within_context(model, seqlen: int, what: str) -> None:
-    """Calibration windows longer than the model's context would measure positions it was never trained on."""
-    if seqlen > context_length(model, default=seqlen):
-        raise PrunepilotError(f"{what} {seqlen} exceeds the model's context of {context_length(model)} tokens; "
-                              f"pass a shorter --seqlen")
 
 
 @dataclass

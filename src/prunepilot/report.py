@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from .io import atomic_dir, atomic_write_json
-from .structured.saving import save_pruned
+from .modeling import save_pruned
 
 log = logging.getLogger(__name__)
 

@@ -44,7 +44,7 @@ from ..search import EvoOptions
 from ..io import atomic_write_text
 from ..recipe import AllocationConfig
 from ..unstructured import owl_outlier_ratios
-from ..job import check_within_context
+from ..engine.model_config import check_within_context
 from .config import AgentConfig
 from .controllers import make_controller
 from .decision import Observation

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import PrunepilotError
+from .model_config import text_config
 from .moe import ExpertMatrix, expert_matrices, fused_experts, layout_problem
 
 # Attribute paths to the ModuleList of decoder blocks, tried in order.
@@ -15,22 +16,28 @@ BLOCK_PATHS = ("model.layers", "model.language_model.layers", "transformer.h", "
                "gpt_neox.layers", "transformer.blocks")
 
 
-def _get(obj, path: str):
-    for part in path.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
+def submodule(module, path: str):
+    """The attribute at dotted `path` below `module` ("" is module itself), None if absent."""
+    for part in filter(None, path.split(".")):
+        module = getattr(module, part, None)
+        if module is None:
             return None
-    return obj
+    return module
+
+
+def is_conv1d(module) -> bool:
+    """GPT-2's Conv1D: a linear layer that stores its weight as (in, out)."""
+    return type(module).__name__ == "Conv1D"
 
 
 def is_linear(module: nn.Module) -> bool:
-    """nn.Linear, or GPT-2's Conv1D (a linear layer that stores its weight as (in, out))."""
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    """nn.Linear, or GPT-2's Conv1D."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 def weight_2d(module: nn.Module | ExpertMatrix) -> torch.Tensor:
     """The weight as an (out, in) view: writing into it writes into the module (or the fused expert parameter)."""
-    return module.weight.t() if type(module).__name__ == "Conv1D" else module.weight
+    return module.weight.t() if is_conv1d(module) else module.weight
 
 
 def grad_2d(module: nn.Module | ExpertMatrix) -> torch.Tensor | None:
@@ -38,7 +45,7 @@ def grad_2d(module: nn.Module | ExpertMatrix) -> torch.Tensor | None:
     if isinstance(module, ExpertMatrix):
         return module.grad
     g = module.weight.grad
-    return None if g is None else (g.t() if type(module).__name__ == "Conv1D" else g)
+    return None if g is None else (g.t() if is_conv1d(module) else g)
 
 
 def leaf_parameter(module: nn.Module | ExpertMatrix) -> nn.Parameter:
@@ -98,7 +105,7 @@ class ModelAdapter:
         self.model = model
         self.config = model.config
         for path in BLOCK_PATHS:
-            blocks = _get(model, path)
+            blocks = submodule(model, path)
             if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
                 self.block_path = path
                 self.blocks = blocks
@@ -188,14 +195,10 @@ class ModelAdapter:
             out.update(self.linears(i))
         return out
 
-    def text_config(self):
-        cfg = self.config
-        return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-
     def attention_geometry(self) -> AttentionGeometry:
         """Heads, KV heads and head_dim, read from the config (Qwen3/Gemma head_dim may differ from
         hidden_size / num_heads, so it is never derived when the config states it)."""
-        cfg = self.text_config()
+        cfg = text_config(self.config)
         heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None)
         if heads is None:
             raise PrunepilotError(f"{self.model_type}: config has no num_attention_heads")

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import PrunepilotError
-from ..modeling import context_length
+from ..engine.model_config import context_length
 from .loglik import encode
 from .zeroshot import read_records, stderr
 

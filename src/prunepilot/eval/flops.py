@@ -12,18 +12,19 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..engine import ModelAdapter
+from ..engine import AttentionGeometry, ModelAdapter
+from ..engine.layout import query_width
 
 
 def _linear_flops(module: nn.Module) -> int:
     return sum(2 * m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
 
 
-def _query_width(block: nn.Module, configured: int) -> int:
-    """Query heads x head_dim of this block: its q_proj's output width (structured pruning removes heads per
-    layer), or the configured width when the projection is fused or named otherwise."""
-    q = next((m for n, m in block.named_modules() if n.endswith("q_proj") and isinstance(m, nn.Linear)), None)
-    return q.out_features if q is not None else configured
+def _query_width(block: nn.Module, geo: AttentionGeometry) -> int:
+    """Query heads x head_dim of this block as the engine's layout reads it (structured pruning removes heads per
+    layer), or the configured width for an attention layout it does not know (nothing can have resized that)."""
+    width = query_width(block, geo.head_dim)
+    return geo.num_heads * geo.head_dim if width is None else width
 
 
 def prefill_flops(model, seq_len: int, last_logits_only: bool = True) -> dict:
@@ -31,7 +32,7 @@ def prefill_flops(model, seq_len: int, last_logits_only: bool = True) -> dict:
     adapter = ModelAdapter(model)
     blocks = sum(_linear_flops(b) for b in adapter.blocks)
     geo = adapter.attention_geometry()
-    attention = sum(4 * _query_width(b, geo.num_heads * geo.head_dim) * (seq_len + 1) / 2 for b in adapter.blocks)
+    attention = sum(4 * _query_width(b, geo) * (seq_len + 1) / 2 for b in adapter.blocks)
     head_module = model.get_output_embeddings()
     head = _linear_flops(head_module) if head_module is not None else 0
     if last_logits_only:

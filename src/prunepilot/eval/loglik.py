@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import PrunepilotError
-from ..modeling import context_length
+from ..engine.model_config import context_length
 
 log = logging.getLogger(__name__)
 

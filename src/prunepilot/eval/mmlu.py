@@ -20,7 +20,7 @@ import math
 from pathlib import Path
 
 from ..errors import PrunepilotError
-from ..modeling import context_length
+from ..engine.model_config import context_length
 from .loglik import Request, encode, encode_pair, score_requests
 from .zeroshot import stderr
 

@@ -19,7 +19,7 @@ from ..data import TextSource, load_documents, tokenize_stream
 from ..engine import ModelAdapter, blocks, blocks_bypassed, keeps_placement
 from ..engine.offload import is_offloaded
 from ..errors import PrunepilotError
-from ..modeling import context_length, default_eval_seqlen
+from ..engine.model_config import context_length, default_eval_seqlen
 
 
 def _windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None, model=None) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch
 
 from ..errors import PrunepilotError
 from ..fingerprint import model_fingerprint
-from ..modeling import context_length
+from ..engine.model_config import context_length
 from . import factual_qa, gsm8k, mmlu, zeroshot
 from .checkpoint import UnitStore, digest, unit_key
 

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import PrunepilotError
-from ..structured.saving import is_uniform, model_widths, text_config
+from ..engine.layout import is_uniform, model_widths
+from ..engine.model_config import text_config
 
 log = logging.getLogger(__name__)
 

@@ -9,17 +9,17 @@ factors) stay F32; matrices are F16 or Q8_0; a matrix whose rows cannot be cut i
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 
+from ..engine import ModelAdapter
+from ..engine.layout import find_attention
 from ..errors import PrunepilotError
 from .arch import ExportPlan, llama3_rope_factors
 
 FILE_TYPES = ("f16", "q8_0")
-_LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 
 def rope_interleave(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -37,12 +37,17 @@ def _tied(model) -> bool:
     return out is not None and out.weight.data_ptr() == emb.weight.data_ptr()
 
 
-def _prepare(name: str, t: torch.Tensor, plan: ExportPlan) -> torch.Tensor:
-    """Permute q/k rows for NORM-rope architectures; everything else unchanged."""
-    if not plan.permute_qk or not name.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")):
-        return t
-    layer = plan.widths[int(_LAYER.search(name).group(1))]
-    return rope_interleave(t, layer["num_heads"] if ".q_proj." in name else layer["num_kv_heads"])
+def rope_heads(model, plan: ExportPlan) -> dict[str, int]:
+    """{state-dict name: head count} of every q and k projection weight and bias, whose rows NORM-rope
+    architectures need permuted (none for NEOX rope). The projections are the engine layout's attention parts."""
+    if not plan.permute_qk:
+        return {}
+    adapter, heads = ModelAdapter(model), {}
+    for i, (block, w) in enumerate(zip(adapter.blocks, plan.widths)):
+        prefix, attn = adapter.block_name(i), find_attention(block, adapter.block_name(i))
+        for proj, n in ((attn.q, w["num_heads"]), (attn.k, w["num_kv_heads"])):
+            heads.update({f"{prefix}.{proj}.{p}": n for p in ("weight", "bias")})
+    return heads
 
 
 def gguf_tensors(model, plan: ExportPlan) -> Iterator[tuple[str, torch.Tensor]]:
@@ -52,13 +57,15 @@ def gguf_tensors(model, plan: ExportPlan) -> Iterator[tuple[str, torch.Tensor]]:
     arch = getattr(gguf.MODEL_ARCH, plan.arch.upper())
     names = gguf.get_tensor_name_map(arch, len(plan.widths))
     skip_output = _tied(model)  # llama.cpp falls back to token_embd when output.weight is absent
+    permuted = rope_heads(model, plan)
     for name, t in model.state_dict().items():
         if (skip_output and name == "lm_head.weight") or name.endswith("rotary_emb.inv_freq"):
             continue
         new = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if new is None:
             raise PrunepilotError(f"cannot map tensor {name} to a llama.cpp {plan.arch} tensor")
-        yield new, _prepare(name, t.detach().to(torch.float32).cpu(), plan)
+        t = t.detach().to(torch.float32).cpu()
+        yield new, rope_interleave(t, permuted[name]) if name in permuted else t
     factors = llama3_rope_factors(plan)
     if factors is not None:
         yield "rope_freqs.weight", factors

@@ -13,8 +13,9 @@
     budget.py         what `sparsity` counts, the cost of each unit, feasibility (Ledger)
     outcome.py        uniform widths into the config, GPU-alignment warning, the report
     scores.py         FLAP's fluctuation score, head / KV-group aggregation, standardisation
-    slicing.py        keep given channels / KV groups (GQA-consistent), bias compensation, per-layer widths
-    saving.py         save_pruned / load_pruned (plain transformers checkpoint or prunepilot_widths.json)
+    slicing.py        keep given channels / experts / KV groups (GQA-consistent) of the engine layout's parts, bias
+                      compensation, blocks shrunk to recorded widths
+    saving.py         the per-layer widths format (prunepilot_widths.json); modeling.py saves and loads with it
 
 Import the submodules directly (prunepilot.structured.saving ...); this package imports nothing eagerly.
 """

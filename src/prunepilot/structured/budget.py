@@ -11,9 +11,9 @@ from __future__ import annotations
 import math
 
 from ..engine import ModelAdapter
+from ..engine.layout import BlockLayout, MoEParts, attention_counts, channel_cost, linear, mlp_params, mlp_width
 from ..errors import PrunepilotError
 from .options import StructuredOptions
-from .slicing import BlockLayout, MoEParts, attention_counts, channel_cost, linear, mlp_params, mlp_width
 
 EXPERT_MULTIPLE = 8
 

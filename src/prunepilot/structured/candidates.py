@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from ..engine.layout import attention_counts, linear
 from ..moments import Moments
 from .budget import Ledger
 from .methods import StructuredMethod
 from .scores import group_scores, head_scores, standardize
 from .selection import Candidates
-from .slicing import attention_counts, linear
 
 
 class Scorer:

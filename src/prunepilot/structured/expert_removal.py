@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from ..engine import ExpertMatrix, blocks
+from ..engine.layout import MoEParts
 from .budget import Ledger
 from .expert_scores import expert_score_state
-from .slicing import MoEParts, keep_experts
+from .slicing import keep_experts
 
 log = logging.getLogger(__name__)
 

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 
 from ..data import Calibration
 from ..engine import BlockPass, ExpertMatrix, blocks
+from ..engine.layout import MoEParts, linear
 from ..moments import DomainMoments, Moments, RunningMoments
 from .budget import Ledger
 from .options import StructuredOptions
-from .slicing import MoEParts, linear
 
 
 @dataclass

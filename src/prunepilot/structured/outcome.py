@@ -6,11 +6,12 @@ import logging
 from dataclasses import dataclass
 
 from ..engine import ModelAdapter
+from ..engine.layout import BlockLayout, block_widths
+from ..engine.model_config import text_config
 from ..job import PruneJob, PruneReport
 from .budget import Ledger, linear_params
 from .removal import Remover
-from .saving import text_config, write_widths
-from .slicing import BlockLayout, block_widths
+from .saving import write_widths
 
 log = logging.getLogger(__name__)
 

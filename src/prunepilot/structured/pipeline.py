@@ -17,6 +17,7 @@ import time
 
 from ..data import Calibration
 from ..engine import ModelAdapter
+from ..engine.layout import BlockLayout, block_layout
 from ..errors import PrunepilotError
 from ..job import PruneJob, PruneReport
 from ..masks import check_sparsity, parse_pattern
@@ -26,7 +27,6 @@ from .expert_removal import remove_experts
 from .observation import Domains
 from .outcome import ModelBefore, build_report
 from .removal import Remover
-from .slicing import BlockLayout, block_layout
 from .steps import Steps, run_steps
 
 log = logging.getLogger(__name__)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from ..engine.layout import MoEParts
 from ..moments import Moments
 from .budget import Ledger
-from .slicing import MoEParts, complement, keep_kv_groups, keep_mlp_channels
+from .slicing import complement, keep_kv_groups, keep_mlp_channels
 
 
 class Remover:

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..engine.layout import MoEParts
 from ..errors import PrunepilotError
 from .budget import Ledger
-from .slicing import MoEParts
 
 
 @dataclass
