@@ -11,7 +11,7 @@ from prunepilot.agent.controllers import BuiltinPolicy
 from prunepilot.agent.journal import IterationRecord, Journal, JournalHeader
 from prunepilot.engine import ModelAdapter, weight_2d
 from prunepilot.errors import PrunepilotError
-from tiny_models import tiny_model
+from prunepilot.testing.tiny_models import tiny_model
 
 from agent_helpers import Killed, Scripted, all_layers, masks_of, tiny_cfg, tiny_data
 

@@ -13,10 +13,10 @@ from prunepilot.agent.config import ControllerConfig
 from prunepilot.agent.journal import Journal
 from prunepilot.engine import ModelAdapter
 from prunepilot.errors import PrunepilotError
-from conftest import shared_path
-from tiny_models import tiny_model
+from prunepilot.testing.tiny_models import tiny_model
 
 from agent_helpers import GOOD, NAMES, obs_for, send_json, tiny_cfg, tiny_data
+from conftest import shared_path
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
