@@ -382,7 +382,7 @@ def test_credentials_in_the_base_url_are_used_but_never_saved(tmp_path):
     redact = Redactor("s3cr@t", "alice")
     assert redact('{"user": "alice", "pw": "s3cr@t"}') == '{"user": "[REDACTED]", "pw": "[REDACTED]"}'
     ctl = _openai_controller(url)  # the password and the basic-auth header are redacted from server text
-    assert ctl.redact(f"echo: {srv.requests[0]['auth']} s3cr@t") == "echo: Basic [REDACTED] [REDACTED]"
+    assert ctl.endpoint.redact(f"echo: {srv.requests[0]['auth']} s3cr@t") == "echo: Basic [REDACTED] [REDACTED]"
 
 
 def test_a_key_given_as_api_key_env_is_refused_without_echoing_it(tmp_path, capsys):

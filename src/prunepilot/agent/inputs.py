@@ -25,5 +25,6 @@ def agent_inputs(model, tokenizer, cfg: AgentConfig, calibration: torch.Tensor |
     check_within_context(model, c.seqlen, "calibration seqlen")
     check_within_context(model, cfg.eval_seqlen, "held-out perplexity window (eval_seqlen)")
     cal = calibration_split(tokenizer, c.sources, c.n_samples, c.seqlen, cfg.seed,
-                            held_out_windows=max(1, cfg.eval_tokens // cfg.eval_seqlen), held_out_seqlen=cfg.eval_seqlen)
+                            held_out_windows=max(1, cfg.eval_tokens // cfg.eval_seqlen),
+                            held_out_seqlen=cfg.eval_seqlen)
     return cal.ids, cal.held_out, cal.summary

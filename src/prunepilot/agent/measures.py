@@ -28,7 +28,8 @@ class Measures:
 
     def __init__(self, model, adapter: ModelAdapter, cfg: AgentConfig, calib: torch.Tensor, held: torch.Tensor,
                  device):
-        self.model, self.adapter, self.cfg, self.calib, self.held, self.device = model, adapter, cfg, calib, held, device
+        self.model, self.adapter, self.cfg, self.device = model, adapter, cfg, device
+        self.calib, self.held = calib, held
         self.linears = adapter.all_linears()
         self.phases: dict[str, float] = {}  # wall seconds per phase of the iteration under way
 
