@@ -104,3 +104,9 @@ def test_the_library_does_not_import_prunepilot_testing():
     assert [m for m, deps in graph.items() if not m.startswith("prunepilot.testing")
             and any(d.startswith("prunepilot.testing") for d in deps)] == []
     assert graph["prunepilot.testing"] == set()  # importing the package imports none of its modules
+
+
+def test_test_files_are_short():
+    """One subject per test file: none over 500 lines (fakes several files share go into a helper module)."""
+    long = {f.name: n for f in (SRC.parent / "tests").glob("*.py") if (n := len(f.read_text().splitlines())) > 500}
+    assert long == {}
