@@ -22,7 +22,7 @@ from prunepilot.structured.scores import (Candidates, RunningMoments, align_remo
                                           group_scores, head_scores, select_global, split_uniform_layer, standardize)
 from prunepilot.structured.slicing import keep_kv_groups, keep_mlp_channels
 from prunepilot.eval.speed import measure_speed
-from tiny_models import GATED, tiny_model
+from prunepilot.testing.tiny_models import GATED, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
