@@ -15,21 +15,18 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Snapshot, machine, md_table, publish, smollm2_path  # noqa: E402
+from common import Snapshot, machine, md_table, publish, smollm2_path
 
-from prunepilot.agent import AgentConfig, run_agent  # noqa: E402
-from prunepilot.api import prune  # noqa: E402
-from prunepilot.data import calibration_split  # noqa: E402
-from prunepilot.eval.perplexity import perplexity  # noqa: E402
-from prunepilot.modeling import load_model_and_tokenizer  # noqa: E402
+from prunepilot.agent import AgentConfig, run_agent
+from prunepilot.api import prune
+from prunepilot.data import calibration_split
+from prunepilot.eval.perplexity import perplexity
+from prunepilot.modeling import load_model_and_tokenizer
 
 
 def main():

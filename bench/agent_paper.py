@@ -43,7 +43,6 @@ import argparse
 import hashlib
 import json
 import logging
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -51,19 +50,17 @@ from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from common import REPO, Snapshot, machine, md_table, shared_dir, smollm2_path  # noqa: E402
+from common import Snapshot, machine, md_table, shared_dir, smollm2_path
 
-from prunepilot.agent import AgentConfig, run_agent  # noqa: E402
-from prunepilot.api import prune  # noqa: E402
-from prunepilot.data import calibration_split, data_root  # noqa: E402
-from prunepilot.eval.perplexity import perplexity  # noqa: E402
-from prunepilot.eval.suite import ZERO_SHOT_MC, run_suite  # noqa: E402
-from prunepilot.io import JsonLines, atomic_write_text  # noqa: E402
-from prunepilot.model_store import cached_model, lookup  # noqa: E402
-from prunepilot.modeling import load_model, load_model_and_tokenizer  # noqa: E402
-from prunepilot.modelfiles import save_model_files  # noqa: E402
+from prunepilot.agent import AgentConfig, run_agent
+from prunepilot.api import prune
+from prunepilot.data import calibration_split, data_root
+from prunepilot.eval.perplexity import perplexity
+from prunepilot.eval.suite import ZERO_SHOT_MC, run_suite
+from prunepilot.io import JsonLines, atomic_write_text
+from prunepilot.model_store import cached_model, lookup
+from prunepilot.modeling import load_model, load_model_and_tokenizer
+from prunepilot.modelfiles import save_model_files
 
 ROWS = ["dense", "wanda_sp", "flap", "flap_iter", "nm", "wanda", "owl", "agent", "agent_llm", "agent_self"]
 DEFAULT_GGUF = "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -361,9 +358,8 @@ def agent_stats(res) -> dict:
 
 
 def start_server(gguf: str, threads: int):
-    """llama-cpp-python's OpenAI-compatible server on 127.0.0.1 (tests/llama_server.py)."""
-    sys.path.insert(0, str(REPO / "tests"))
-    from llama_server import LlamaServer
+    """llama-cpp-python's OpenAI-compatible server on 127.0.0.1 (prunepilot.testing.llama_server)."""
+    from prunepilot.testing.llama_server import LlamaServer
 
     server = LlamaServer(gguf, threads=threads, startup_timeout=300.0)
     server.start()  # bounded wait; stops the process itself when it does not come up

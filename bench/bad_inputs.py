@@ -32,7 +32,6 @@ from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
 SHARED = Path(os.environ.get("PRUNEPILOT_SHARED", REPO.parent / "shared"))
 os.environ.setdefault("PRUNEPILOT_DATA", str(SHARED / "data"))  # cases that get as far as calibration find it
 QUICK_PRUNE = ["--method", "magnitude", "--sparsity", "0.5", "--eval", "none", "--n-samples", "2", "--seqlen", "32",
@@ -53,7 +52,7 @@ def model_commands(model: str, work: Path, offload: bool = False) -> dict[str, l
 
 
 def _file_cases(work: Path, stories: Path) -> list[tuple[str, list[str], dict]]:
-    from hostile_files import GGUF_DAMAGE, SAFETENSORS_KINDS, hostile_gguf, hostile_safetensors
+    from prunepilot.testing.hostile_files import GGUF_DAMAGE, SAFETENSORS_KINDS, hostile_gguf, hostile_safetensors
 
     cases = []
     for kind in sorted(GGUF_DAMAGE):

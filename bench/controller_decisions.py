@@ -20,23 +20,20 @@ from __future__ import annotations
 import argparse
 import math
 import random
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from agent_paper import SMALL_PROMPT, default_controller_gguf, start_server  # noqa: E402
-from common import machine, md_table  # noqa: E402
+from agent_paper import SMALL_PROMPT, default_controller_gguf, start_server
+from common import machine, md_table
 
-from prunepilot.agent import AgentConfig  # noqa: E402
-from prunepilot.agent.controllers import BuiltinPolicy, make_controller  # noqa: E402
-from prunepilot.agent.decision import Feedback, Observation  # noqa: E402
-from prunepilot.agent.granularity import block_of  # noqa: E402
-from prunepilot.agent.pacing import Budget, pace_gain, plan_step  # noqa: E402
-from prunepilot.agent.profile import Profile  # noqa: E402
-from prunepilot.io import atomic_write_text  # noqa: E402
+from prunepilot.agent import AgentConfig
+from prunepilot.agent.controllers import BuiltinPolicy, make_controller
+from prunepilot.agent.decision import Feedback, Observation
+from prunepilot.agent.granularity import block_of
+from prunepilot.agent.pacing import Budget, pace_gain, plan_step
+from prunepilot.agent.profile import Profile
+from prunepilot.io import atomic_write_text
 
 SHAPES = {"self_attn.q_proj": (896, 896), "self_attn.k_proj": (128, 896), "self_attn.v_proj": (128, 896),
           "self_attn.o_proj": (896, 896), "mlp.gate_proj": (4864, 896), "mlp.up_proj": (4864, 896),

@@ -1,5 +1,5 @@
-"""Coverage matrix: for every architecture in tests/tiny_models.py (incl. the MoE ones) and every pruning path,
-which block weights were pruned, the sparsity they reached, or the one-line refusal.
+"""Coverage matrix: for every architecture in prunepilot.testing.tiny_models (incl. the MoE ones) and every pruning
+path, which block weights were pruned, the sparsity they reached, or the one-line refusal.
 
     python bench/coverage.py [--out docs/bench/coverage.md]
 
@@ -17,19 +17,16 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import md_table, publish
 
-from common import md_table, publish  # noqa: E402
-from prunepilot.agent import run_agent  # noqa: E402
-from prunepilot.api import prune  # noqa: E402
-from prunepilot.engine import ModelAdapter  # noqa: E402
-from prunepilot.errors import PrunepilotError  # noqa: E402
-from tiny_models import CONFIGS, tiny_model  # noqa: E402
+from prunepilot.agent import run_agent
+from prunepilot.api import prune
+from prunepilot.engine import ModelAdapter
+from prunepilot.errors import PrunepilotError
+from prunepilot.testing.tiny_models import CONFIGS, tiny_model
 
 PATHS = {
     "magnitude": {"method": "magnitude", "sparsity": 0.5},
@@ -112,8 +109,8 @@ def main() -> int:
     text = md_table(["arch", *PATHS], rows) + "\n\n" + "\n".join(notes)
     if by_design:
         text += "\n\nExcluded by design (kept dense, named in report.json coverage): " + ", ".join(sorted(by_design))
-    publish(text, "tiny random-initialised models (tests/tiny_models.py), 8 x 32 random calibration ids, one CPU "
-                  "thread; `OK c% @ s`: c = share of block weight-matrix parameters pruned, s = their sparsity",
+    publish(text, "tiny random-initialised models (prunepilot.testing.tiny_models), 8 x 32 random calibration ids, "
+                  "one CPU thread; `OK c% @ s`: c = share of block weight-matrix parameters pruned, s = their sparsity",
             args.out)
     return 0
 

@@ -24,7 +24,6 @@ import logging
 import math
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,17 +31,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, md_table, publish, smollm2_path  # noqa: E402
+from common import machine, md_table, publish, smollm2_path
 
-from prunepilot.api import prune  # noqa: E402
-from prunepilot.data import TextSource, load_documents, tokenize_stream  # noqa: E402
-from prunepilot.eval.perplexity import perplexity_of_tokens  # noqa: E402
-from prunepilot.export import export_gguf  # noqa: E402
-from prunepilot.export.vocab import gguf_tokenizer  # noqa: E402
-from prunepilot.engine.layout import model_widths  # noqa: E402
-from prunepilot.modeling import load_model_and_tokenizer, save_pruned  # noqa: E402
-from prunepilot.structured.saving import WIDTHS_FILE  # noqa: E402
+from prunepilot.api import prune
+from prunepilot.data import TextSource, load_documents, tokenize_stream
+from prunepilot.eval.perplexity import perplexity_of_tokens
+from prunepilot.export import export_gguf
+from prunepilot.export.vocab import gguf_tokenizer
+from prunepilot.engine.layout import model_widths
+from prunepilot.modeling import load_model_and_tokenizer, save_pruned
+from prunepilot.structured.saving import WIDTHS_FILE
 
 EVALS = [("wikitext2", "wikitext2"), ("c4", "c4"), ("code", "code-test")]
 

@@ -17,8 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, md_table, publish, smollm2_path  # noqa: E402
+from common import machine, md_table, publish, smollm2_path
 
 
 def prune(model: str, method: str, out: Path, n: int, seqlen: int, procs: int, device: str) -> dict:

@@ -13,20 +13,18 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, Snapshot, machine, md_table, publish, smollm2_path  # noqa: E402
+from common import REPO, Snapshot, machine, md_table, publish, smollm2_path
 
-from prunepilot.api import prune  # noqa: E402
-from prunepilot.eval.perplexity import perplexity  # noqa: E402
-from prunepilot.io import JsonLines  # noqa: E402
-from prunepilot.modeling import load_model_and_tokenizer  # noqa: E402
+from prunepilot.api import prune
+from prunepilot.eval.perplexity import perplexity
+from prunepilot.io import JsonLines
+from prunepilot.modeling import load_model_and_tokenizer
 
 
 @dataclass

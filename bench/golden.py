@@ -5,8 +5,8 @@ nothing (tests/test_golden.py compares the current code against tests/golden/gol
     python bench/golden.py --check tests/golden/golden.pt     # compare, print one line per case
 
 Models: ../shared/models/stories260K (real weights, calibrated on text through its SentencePiece tokenizer) and
-two tiny random-initialised architectures from tests/tiny_models.py (qwen3: GQA with q wider than the hidden
-size; opt: plain fc1/fc2 MLP with biases), calibrated on seeded random token ids.
+two tiny random-initialised architectures from prunepilot.testing.tiny_models (qwen3: GQA with q wider than the
+hidden size; opt: plain fc1/fc2 MLP with biases), calibrated on seeded random token ids.
 Methods: magnitude, Wanda, SparseGPT (unstructured and 2:4), Wanda 2:4, Wanda + OWL, Wanda-sp, FLAP, iterative
 FLAP, and the agent with the built-in policy for 3 iterations.
 
@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "src"))
 
 SPARSEGPT_MASK_DISAGREEMENT = 0.001   # fraction of mask entries allowed to differ (reconstruction methods)
@@ -83,7 +82,7 @@ def load(model: str):
         m, tok = load_model_and_tokenizer(shared / "models" / "stories260K")
         batch = torch.randint(3, 512, (1, 16), generator=g)
         return m, tok, None, None, batch
-    from tiny_models import tiny_model
+    from prunepilot.testing.tiny_models import tiny_model
 
     m = tiny_model(model)
     calib = torch.randint(3, 128, (8, 32), generator=g)

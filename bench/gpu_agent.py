@@ -23,7 +23,6 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
-sys.path.insert(0, str(REPO / "bench"))
 from gpu_engine import SHAPES, build, n_params  # noqa: E402
 
 from prunepilot.agent.journal import Journal  # noqa: E402

@@ -29,7 +29,6 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
-sys.path.insert(0, str(REPO / "bench"))
 from common import md_table, publish  # noqa: E402
 
 from prunepilot.api import prune  # noqa: E402

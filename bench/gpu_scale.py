@@ -24,7 +24,6 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
-sys.path.insert(0, str(REPO / "bench"))
 from gpu_agent import timed_agent_run  # noqa: E402
 from gpu_engine import SHAPES, build, n_params  # noqa: E402
 

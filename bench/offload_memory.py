@@ -18,8 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, md_table, publish, shared_dir  # noqa: E402
+from common import machine, md_table, publish, shared_dir
 
 WRAP = r"""
 import resource, subprocess, sys

@@ -12,18 +12,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Snapshot, machine, md_table, publish, smollm2_path  # noqa: E402
+from common import Snapshot, machine, md_table, publish, smollm2_path
 
-from prunepilot.api import prune  # noqa: E402
-from prunepilot.eval.perplexity import perplexity  # noqa: E402
-from prunepilot.modeling import load_model_and_tokenizer  # noqa: E402
+from prunepilot.api import prune
+from prunepilot.eval.perplexity import perplexity
+from prunepilot.modeling import load_model_and_tokenizer
 
 SETTINGS = [(0.6, "unstructured"), (0.5, "2:4"), (0.5, "unstructured")]  # in the order they run
 CONFIGS = [(m, s, p, r) for s, p in SETTINGS for m in ("wanda", "ria", "sparsegpt") for r in ("none", "dsnot")]

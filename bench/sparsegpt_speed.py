@@ -18,8 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import md_table, publish, smollm2_path  # noqa: E402
+from common import md_table, publish, smollm2_path
 
 CHILD = r"""
 import json, sys, time, torch

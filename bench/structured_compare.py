@@ -24,20 +24,17 @@ import argparse
 import copy
 import logging
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, md_table, publish, smollm2_path  # noqa: E402
+from common import machine, md_table, publish, smollm2_path
 
-from prunepilot.api import prune  # noqa: E402
-from prunepilot.data import TextSource, load_documents, tokenize_stream  # noqa: E402
-from prunepilot.eval.perplexity import perplexity_of_tokens  # noqa: E402
-from prunepilot.modeling import load_model_and_tokenizer  # noqa: E402
-from prunepilot.eval.speed import measure_speed  # noqa: E402
+from prunepilot.api import prune
+from prunepilot.data import TextSource, load_documents, tokenize_stream
+from prunepilot.eval.perplexity import perplexity_of_tokens
+from prunepilot.modeling import load_model_and_tokenizer
+from prunepilot.eval.speed import measure_speed
 
 EVALS = [("wikitext2", "wikitext2"), ("c4", "c4"), ("code", "code-test")]
 METHODS = "wanda_sp:web,flap:web,flap_iterative:wiki+web+code+math"

@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from common import Snapshot, machine, md_table, publish, smollm2_path  # noqa: E402
+from common import Snapshot, machine, md_table, publish, smollm2_path
 
-from prunepilot.api import prune  # noqa: E402
-from prunepilot.eval.perplexity import perplexity  # noqa: E402
-from prunepilot.modeling import load_model_and_tokenizer  # noqa: E402
+from prunepilot.api import prune
+from prunepilot.eval.perplexity import perplexity
+from prunepilot.modeling import load_model_and_tokenizer
 
 CONFIGS = [(m, p) for p in ("unstructured", "4:8", "2:4") for m in ("magnitude", "wanda", "sparsegpt")]
 

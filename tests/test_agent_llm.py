@@ -18,8 +18,9 @@ import time
 import pytest
 import torch
 
+from prunepilot.testing.llama_server import LlamaServer
+
 from conftest import shared_path
-from llama_server import LlamaServer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

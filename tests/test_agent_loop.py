@@ -11,7 +11,7 @@ from prunepilot.agent.controllers import BuiltinPolicy
 from prunepilot.agent.journal import IterationRecord, Journal, JournalHeader
 from prunepilot.engine import ModelAdapter, weight_2d
 from prunepilot.errors import PrunepilotError
-from tiny_models import tiny_model
+from prunepilot.testing.tiny_models import tiny_model
 
 from agent_helpers import Killed, Scripted, all_layers, masks_of, tiny_cfg, tiny_data
 
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 # ------------------------------------------------------------------------------- loop and journal
 
 def test_rollback_restores_weights_exactly_and_tells_the_controller(stories, tmp_path, monkeypatch):
-    import prunepilot.agent.loop as loop
+    import prunepilot.agent.measures as measures
 
     make, tok = stories
     model = make()
@@ -35,8 +35,8 @@ def test_rollback_restores_weights_exactly_and_tells_the_controller(stories, tmp
                 weight_2d(adapter.all_linears()[name]).mul_(0.0)
         return s
 
-    real = loop.prune_and_profile
-    monkeypatch.setattr(loop, "prune_and_profile", destructive)
+    real = measures.prune_and_profile
+    monkeypatch.setattr(measures, "prune_and_profile", destructive)
     ctl = Scripted([all_layers(0.15)])  # then stops
     cfg = AgentConfig(target_sparsity=0.5, eval_seqlen=256, eval_tokens=1024,  # default threshold 15%
                       grad_samples=1, save_model=False, device="cpu", pace=False, allow_short=True,
@@ -56,9 +56,9 @@ def test_rollback_restores_weights_exactly_and_tells_the_controller(stories, tmp
 
 
 def test_resume_after_kill_equals_uninterrupted_run(stories, tmp_path, monkeypatch):
-    import prunepilot.agent.loop as loop
+    import prunepilot.agent.measures as measures
 
-    real = loop.prune_and_profile
+    real = measures.prune_and_profile
 
     def pass_(adapter, ids, device, extras, q=0.1, **kw):  # a step with extras of 0.0123 is ruinous
         s = real(adapter, ids, device, extras, q, **kw)
@@ -68,7 +68,7 @@ def test_resume_after_kill_equals_uninterrupted_run(stories, tmp_path, monkeypat
                     weight_2d(adapter.all_linears()[name]).mul_(0.0)
         return s
 
-    monkeypatch.setattr(loop, "prune_and_profile", pass_)
+    monkeypatch.setattr(measures, "prune_and_profile", pass_)
     make, tok = stories
     cfg = AgentConfig(target_sparsity=0.3, grad_refresh_every=2, max_iterations=12, eval_seqlen=256,
                       eval_tokens=1024, grad_samples=1, save_model=False, device="cpu", pace=False,
@@ -189,11 +189,11 @@ def test_config_is_strict_and_round_trips_yaml(tmp_path):
 
 def test_total_degradation_cap_rolls_back_and_is_reported(tmp_path, monkeypatch):
     """max_total_ppl_rise: a step within the step rule but above (1 + cap) x baseline is rolled back ('total')."""
-    import prunepilot.agent.loop as loop
+    import prunepilot.agent.measures as measures
 
     ppls = iter([10.0, 10.5, 11.0, 10.7])  # baseline, +5% (kept), +4.8% (step ok, +10% in all: undone), +1.9%
 
-    monkeypatch.setattr(loop, "perplexity_sequential", lambda *a, **k: {"ppl": next(ppls)})
+    monkeypatch.setattr(measures, "perplexity_sequential", lambda *a, **k: {"ppl": next(ppls)})
     calib, held = tiny_data()
     ctl = Scripted([all_layers(0.05)] * 3)
     cfg = tiny_cfg(max_total_ppl_rise=0.08, max_iterations=3, controller={"history_chars": 2000})

@@ -13,10 +13,10 @@ from prunepilot.agent.config import ControllerConfig
 from prunepilot.agent.journal import Journal
 from prunepilot.engine import ModelAdapter
 from prunepilot.errors import PrunepilotError
-from conftest import shared_path
-from tiny_models import tiny_model
+from prunepilot.testing.tiny_models import tiny_model
 
 from agent_helpers import GOOD, NAMES, obs_for, send_json, tiny_cfg, tiny_data
+from conftest import shared_path
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
@@ -382,7 +382,7 @@ def test_credentials_in_the_base_url_are_used_but_never_saved(tmp_path):
     redact = Redactor("s3cr@t", "alice")
     assert redact('{"user": "alice", "pw": "s3cr@t"}') == '{"user": "[REDACTED]", "pw": "[REDACTED]"}'
     ctl = _openai_controller(url)  # the password and the basic-auth header are redacted from server text
-    assert ctl.redact(f"echo: {srv.requests[0]['auth']} s3cr@t") == "echo: Basic [REDACTED] [REDACTED]"
+    assert ctl.endpoint.redact(f"echo: {srv.requests[0]['auth']} s3cr@t") == "echo: Basic [REDACTED] [REDACTED]"
 
 
 def test_a_key_given_as_api_key_env_is_refused_without_echoing_it(tmp_path, capsys):

@@ -8,7 +8,7 @@ import pytest
 from prunepilot.agent import run_agent
 from prunepilot.agent.journal import Journal
 from prunepilot.agent.pacing import Budget, pace_gain, plan_step
-from tiny_models import tiny_model
+from prunepilot.testing.tiny_models import tiny_model
 from agent_helpers import Scripted, tiny_cfg, tiny_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -10,7 +10,7 @@ from prunepilot.engine import ModelAdapter, blocks, weight_2d
 from prunepilot.stats import zscore_list as zscore
 from prunepilot.methods.base import InputNormState
 from prunepilot.methods.wanda import wanda_scores
-from tiny_models import tiny_model
+from prunepilot.testing.tiny_models import tiny_model
 
 from agent_helpers import tiny_data
 

@@ -5,7 +5,7 @@ from prunepilot import allocation
 from prunepilot.api import prune
 from prunepilot.engine import ModelAdapter, weight_2d
 from prunepilot.errors import PrunepilotError
-from tiny_models import tiny_model
+from prunepilot.testing.tiny_models import tiny_model
 
 
 def test_owl_hand_computed():

@@ -9,7 +9,7 @@ from conftest import shared_path
 from prunepilot.api import prune
 from prunepilot.cli import main
 from prunepilot.errors import PrunepilotError
-from tiny_models import tiny_model
+from prunepilot.testing.tiny_models import tiny_model
 
 
 @pytest.fixture(scope="module")

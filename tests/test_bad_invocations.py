@@ -9,7 +9,7 @@ import torch
 from conftest import shared_path
 from prunepilot.cli import main
 from prunepilot.io import atomic_dir, remove_stale, stale_prefix
-from tiny_models import tiny_model
+from prunepilot.testing.tiny_models import tiny_model
 
 torch.set_num_threads(1)
 PRUNE = ["--method", "magnitude", "--sparsity", "0.5", "--eval", "none"]

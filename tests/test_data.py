@@ -6,7 +6,7 @@ import torch
 
 from prunepilot.data import TextSource, calibration_blocks, load_documents, split_counts
 from prunepilot.errors import PrunepilotError
-from tiny_models import CharTokenizer
+from prunepilot.testing.tiny_models import CharTokenizer
 
 
 @pytest.fixture

@@ -8,13 +8,12 @@ import pytest
 import torch
 import transformers as tf
 
-from tiny_models import tiny_model
-
 from prunepilot.api import prune
 from prunepilot.cli import main
 from prunepilot.errors import PrunepilotError
 from prunepilot.recipe import Recipe
 from prunepilot.report import save_result
+from prunepilot.testing.tiny_models import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,7 +7,7 @@ from prunepilot.engine import ModelAdapter, weight_2d
 from prunepilot.errors import PrunepilotError
 from prunepilot.methods.dsnot import DSnoT, DSnoTOptions
 from prunepilot.moments import RunningMoments
-from tiny_models import tiny_model
+from prunepilot.testing.tiny_models import tiny_model
 
 
 def moments_of(mean, var, sq):

@@ -5,7 +5,7 @@ import torch
 from prunepilot.engine import ModelAdapter, blocks, capture_block_inputs, run_block
 from prunepilot.methods.base import InputNormState
 from prunepilot.errors import PrunepilotError
-from tiny_models import CONFIGS, tiny_model
+from prunepilot.testing.tiny_models import CONFIGS, tiny_model
 
 
 @pytest.mark.parametrize("arch", sorted(CONFIGS))

@@ -1,7 +1,7 @@
 """GGUF export (prunepilot export gguf): files the real llama.cpp loads, with logits equal to transformers'.
 
 llama.cpp is run through llama-cpp-python (installed by scripts/setup.sh --test); tests that need it skip with a
-message when it is not importable. Tiny random models (tests/tiny_models.py) carry no tokenizer: they are
+message when it is not importable. Tiny random models (prunepilot.testing.tiny_models) carry no tokenizer: they are
 exported with the minimal byte vocabulary, or with a small SentencePiece model trained here.
 """
 from __future__ import annotations
@@ -15,9 +15,6 @@ import pytest
 import torch
 import transformers as tf
 
-from conftest import shared_path
-from tiny_models import tiny_model
-
 from prunepilot.api import prune
 from prunepilot.cli import main
 from prunepilot.engine.layout import model_widths
@@ -26,6 +23,9 @@ from prunepilot.export import write_gguf
 from prunepilot.export.tensors import rope_interleave
 from prunepilot.export.vocab import byte_vocab
 from prunepilot.modeling import save_pruned
+from prunepilot.testing.tiny_models import tiny_model
+
+from conftest import shared_path
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -79,9 +79,9 @@ def build(cfg, seed: int = 0):
 
 
 def tiny(arch: str):
-    """tests/tiny_models.py's config of `arch`, with heads_config's wider weights and non-zero biases (Qwen2's
+    """prunepilot.testing.tiny_models's config of `arch`, with heads_config's wider weights and non-zero biases (Qwen2's
     q/k/v biases start at zero: random ones check that the q/k biases are permuted with their rows)."""
-    from tiny_models import CONFIGS
+    from prunepilot.testing.tiny_models import CONFIGS
 
     cfg = CONFIGS[arch]()
     cfg.initializer_range = 0.1

@@ -14,7 +14,7 @@ from prunepilot.engine.capture import tagged_batches
 from prunepilot.errors import PrunepilotError
 from prunepilot.recipe import Recipe
 from prunepilot.moments import DomainMoments, RunningMoments
-from tiny_models import tiny_model
+from prunepilot.testing.tiny_models import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 

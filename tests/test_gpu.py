@@ -6,7 +6,7 @@ import torch
 from prunepilot.api import prune
 from prunepilot.engine import ModelAdapter, blocks, capture_block_inputs, run_block
 from prunepilot.eval.perplexity import perplexity_of_tokens, perplexity_sequential
-from tiny_models import tiny_model
+from prunepilot.testing.tiny_models import tiny_model
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

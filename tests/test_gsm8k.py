@@ -3,11 +3,12 @@ import json
 
 import pytest
 
-from conftest import shared_path
 from prunepilot.errors import PrunepilotError
 from prunepilot.eval import gsm8k
 from prunepilot.eval.suite import run_suite
-from test_eval_suite import Bigram, Chars, write_jsonl
+
+from conftest import shared_path
+from eval_fakes import Bigram, Chars, write_jsonl
 
 
 @pytest.mark.parametrize("generation,expected", [

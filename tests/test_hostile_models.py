@@ -6,12 +6,13 @@ import time
 import pytest
 import torch
 
-from hostile_files import GGUF_DAMAGE, SAFETENSORS_KINDS, hostile_gguf, hostile_safetensors, valid_gguf
 from prunepilot.cli import main
 from prunepilot.errors import PrunepilotError
 from prunepilot.guarded_gguf import check_gguf
 from prunepilot.guarded_reader import check_model_input
-from tiny_models import tiny_model
+from prunepilot.testing.hostile_files import (GGUF_DAMAGE, SAFETENSORS_KINDS, hostile_gguf, hostile_safetensors,
+                                              valid_gguf)
+from prunepilot.testing.tiny_models import tiny_model
 
 torch.set_num_threads(1)
 

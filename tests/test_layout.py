@@ -137,3 +137,37 @@ def test_the_role_checker_sees_a_name_test():
                      '    q = [m for n, m in block.named_modules() if n.endswith("q_proj")]\n'
                      '    return q, ExpertMatrix(block.mlp.experts, "down_proj", 0), type(q).__name__ == "Conv1D"\n')
     assert sorted(role_names(tree)) == ["Conv1D", "q_proj"]
+
+
+def test_bench_scripts_do_not_import_from_tests():
+    """Model builders and fixtures-as-code shared with bench/ live in prunepilot.testing: no bench script imports a
+    module of tests/ or puts tests/ on sys.path."""
+    bench, tests = SRC.parent / "bench", SRC.parent / "tests"
+    test_modules = {"tests", "conftest"} | {f.stem for f in tests.glob("*.py")}
+    found = []
+    for script in sorted(bench.glob("*.py")):
+        for node in ast.walk(ast.parse(script.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                names = ["tests"] if node.value.strip("/") == "tests" else []  # REPO / "tests" on sys.path
+            else:
+                continue
+            found += [f"{script.name}:{node.lineno} {n}" for n in names if n.split(".")[0] in test_modules]
+    assert found == []
+
+
+def test_the_library_does_not_import_prunepilot_testing():
+    """prunepilot.testing (tiny models, hostile files, a llama.cpp server) is for tests and bench/ only."""
+    graph = import_graph()
+    assert [m for m, deps in graph.items() if not m.startswith("prunepilot.testing")
+            and any(d.startswith("prunepilot.testing") for d in deps)] == []
+    assert graph["prunepilot.testing"] == set()  # importing the package imports none of its modules
+
+
+def test_test_files_are_short():
+    """One subject per test file: none over 500 lines (fakes several files share go into a helper module)."""
+    long = {f.name: n for f in (SRC.parent / "tests").glob("*.py") if (n := len(f.read_text().splitlines())) > 500}
+    assert long == {}

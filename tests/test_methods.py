@@ -6,7 +6,7 @@ from prunepilot.api import prune
 from prunepilot.engine import ModelAdapter, weight_2d
 from prunepilot.errors import PrunepilotError
 from prunepilot.registry import available, get_method
-from tiny_models import CONFIGS, tiny_model
+from prunepilot.testing.tiny_models import CONFIGS, tiny_model
 
 
 def test_registry_lists_builtin_methods_and_rejects_unknown():

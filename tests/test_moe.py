@@ -8,7 +8,7 @@ from prunepilot.engine import ExpertMatrix, ModelAdapter, input_hooks, weight_2d
 from prunepilot.errors import PrunepilotError
 from prunepilot.methods.base import InputNormState
 from prunepilot.methods.wanda import Wanda
-from tiny_models import MOE_CONFIGS, tiny_model
+from prunepilot.testing.tiny_models import MOE_CONFIGS, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 IDS = torch.randint(3, 128, (8, 32), generator=torch.Generator().manual_seed(0))

@@ -51,7 +51,7 @@ def test_errors():
 
 
 def test_rows_joined_with_blank_lines(tmp_path):
-    from tiny_models import CharTokenizer
+    from prunepilot.testing.tiny_models import CharTokenizer
 
     (tmp_path / "t.jsonl").write_text('{"text": "ab"}\n{"text": "cd"}\n')
     seen = {}
@@ -81,7 +81,7 @@ def test_a_ruined_model_has_infinite_perplexity_not_an_overflow():
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2", "opt"])
 def test_sequential_perplexity_equals_the_full_forward(arch):
     from prunepilot.eval.perplexity import perplexity_sequential
-    from tiny_models import tiny_model
+    from prunepilot.testing.tiny_models import tiny_model
 
     model = tiny_model(arch)
     tokens = torch.randint(3, 128, (100,), generator=torch.Generator().manual_seed(0))

@@ -38,11 +38,10 @@ def test_qwen_05b_loads_for_pruning_and_prunes_one_block(one_thread):
 
 
 def test_qwen_15b_answers_as_a_block_controller():
-    from llama_server import LlamaServer
-
     from prunepilot.agent import AgentConfig
     from prunepilot.agent.controllers import make_controller
     from prunepilot.agent.decision import Observation
+    from prunepilot.testing.llama_server import LlamaServer
 
     folder = _fetched("qwen2.5-coder-1.5b-instruct")
     gguf = next(folder.glob("*.gguf"))

@@ -9,7 +9,7 @@ from conftest import shared_path
 from prunepilot.api import prune
 from prunepilot.errors import PrunepilotError
 from prunepilot.search import EvoOptions, Unit, mutate, same_size_groups, search_allocation
-from tiny_models import tiny_model
+from prunepilot.testing.tiny_models import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 UNITS = [Unit("a", 10), Unit("b", 10), Unit("c", 10), Unit("d", 30), Unit("e", 30)]

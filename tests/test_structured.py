@@ -21,7 +21,7 @@ from prunepilot.structured.scores import fluctuation_scores, group_scores, head_
 from prunepilot.structured.selection import Candidates, align_removal, select_global, split_uniform_layer
 from prunepilot.structured.slicing import keep_kv_groups, keep_mlp_channels
 from prunepilot.eval.speed import measure_speed
-from tiny_models import GATED, tiny_model
+from prunepilot.testing.tiny_models import GATED, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 

@@ -66,7 +66,7 @@ class IterationRecord:
     pace_gain: float = 0.0           # global gain the pace asked of this step (0: pacing off)
     spread: float = 0.0              # extra given to each layer the decision did not name, to keep the pace
     spread_layers: int = 0
-    phases: dict[str, float] = field(default_factory=dict)  # wall seconds per part (loop.PHASES)
+    phases: dict[str, float] = field(default_factory=dict)  # wall seconds per part (measures.PHASES)
 
     @property
     def rolled_back(self) -> bool:

@@ -17,11 +17,14 @@ Resume: the journal holds, for every iteration, the exact extras applied. A resu
 starting model, checks its fingerprint and the calibration data against the header, replays the
 accepted iterations in order (the same deterministic passes), and continues with the same history,
 perplexities and gradients read back from the journal, so it ends at the same masks as an
-uninterrupted run.
+uninterrupted run (replay.py).
+
+The loop's parts elsewhere: inputs.py (calibration and held-out ids), measures.py (the timed passes, whose phase
+times go into each journal record), plans.py (the allocations of controller kind "plan"), pacing.py (step sizes),
+report.py (report and saved model).
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -32,32 +35,23 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import distributed
-from ..data import calibration_split, check_token_ids
 from ..engine import ModelAdapter, keeps_placement, resolve_device, weight_2d
 from ..errors import PrunepilotError
-from ..eval.perplexity import perplexity_sequential
-from ..fingerprint import mask_fingerprint, model_fingerprint
-from ..allocation import owl
-from ..evo_allocation import evo_targets
-from ..methods.wanda import Wanda
-from ..search import EvoOptions
+from ..fingerprint import model_fingerprint
 from ..io import atomic_write_text
-from ..recipe import AllocationConfig
-from ..unstructured import owl_outlier_ratios
-from ..engine.model_config import check_within_context
 from .config import AgentConfig
 from .controllers import make_controller
 from .decision import Observation
+from .inputs import agent_inputs
 from .journal import IterationRecord, Journal, JournalHeader
+from .measures import Measures
 from .pacing import Budget, Step, pace_gain, plan_step
-from .plan_controller import PlanController, block_plan, uniform_plan
-from .replay import check_header, data_hash, replay, warn_changed_settings
-from .profile import Profile, gradient_importance, prune_and_profile, zero_counts
+from .plans import plan_controller
+from .profile import Profile
+from .replay import data_hash, replay, resumable_journal
 from .report import build_report, save_model, write_report
 
 log = logging.getLogger(__name__)
-
-PHASES = ("decide", "prune_profile", "held_ppl", "gradients", "mask_hash")  # an iteration's timed parts
 
 
 @dataclass
@@ -94,13 +88,13 @@ def _label(change: float, threshold: float, gain: float, within_total: bool = Tr
 
 
 class AgentRun:
-    """One agent run: the model, its calibration / held-out data, the controller, the journal and the state of
-    the loop (profile s, gradients g, accepted perplexity, records). `run()` drives it; every step is a method."""
+    """One agent run: the model, the controller, the journal and the state of the loop (profile s, gradients g,
+    accepted perplexity, zero counts, records); what it measures and times is `measure`. `run()` drives it."""
 
     def __init__(self, model, tokenizer, cfg: AgentConfig, out_dir: Path, controller=None,
                  calibration: torch.Tensor | None = None, held_out: torch.Tensor | None = None):
         self.model, self.tokenizer, self.cfg, self.out_dir = model, tokenizer, cfg, out_dir
-        self.device = resolve_device(distributed.local_device(cfg.device))  # torchrun + CUDA: this rank's GPU
+        device = resolve_device(distributed.local_device(cfg.device))  # torchrun + CUDA: this rank's GPU
         self.adapter = ModelAdapter(model, cfg.include, cfg.ignore)
         self.coverage = self.adapter.coverage()  # a block weight no method handles stops here, unless excluded
         self.linears = self.adapter.all_linears()
@@ -108,11 +102,12 @@ class AgentRun:
             raise PrunepilotError("no linear layer matches the include/ignore patterns")
         self.names = list(self.linears)
         self.journal = Journal(out_dir / "journal.jsonl")
-        self.calib, self.held, self.calib_summary = self._data(calibration, held_out)
-        # torchrun: rank 0 asks the controller and broadcasts its decision; every rank writes nothing but rank 0
+        calib, held, self.calib_summary = agent_inputs(model, tokenizer, cfg, calibration, held_out)
+        self.measure = Measures(model, self.adapter, cfg, calib, held, device)
         if controller is None and cfg.controller.kind == "plan":
-            controller = self.plan_controller()
-        self.guard = make_controller(cfg, str(self.device), controller) if distributed.is_main() else None
+            controller = plan_controller(model, self.adapter, cfg, calib, held, device, out_dir)
+        # torchrun: rank 0 asks the controller and broadcasts its decision; every rank writes nothing but rank 0
+        self.guard = make_controller(cfg, str(device), controller) if distributed.is_main() else None
         self.records: list[IterationRecord] = []
         self.header: JournalHeader | None = None
         self.s: dict[str, float] = {}
@@ -120,119 +115,39 @@ class AgentRun:
         self.ppl_acc = math.nan
         self.since_grad = 0
         self.counts: tuple[dict[str, int], dict[str, int]] = ({}, {})  # (numel, zeros) of the current model
-        self.phases: dict[str, float] = {}  # wall seconds per phase of the iteration under way
-
-    # ------------------------------------------------------------------------------------ data and measures
-
-    def _data(self, calibration, held_out) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """Given token ids, or calibration windows and a held-out tail drawn from the configured sources."""
-        if calibration is not None:
-            calibration = check_token_ids(calibration)
-        if held_out is not None:
-            held_out = check_token_ids(held_out, "held-out", dims=1)
-        if calibration is not None and held_out is not None:
-            return calibration, held_out, {}
-        if self.tokenizer is None:
-            raise PrunepilotError("the agent needs a tokenizer (or calibration/held-out token ids)")
-        c, cfg = self.cfg.calibration, self.cfg
-        check_within_context(self.model, c.seqlen, "calibration seqlen")
-        check_within_context(self.model, cfg.eval_seqlen, "held-out perplexity window (eval_seqlen)")
-        cal = calibration_split(self.tokenizer, c.sources, c.n_samples, c.seqlen, cfg.seed,
-                                held_out_windows=max(1, cfg.eval_tokens // cfg.eval_seqlen),
-                                held_out_seqlen=cfg.eval_seqlen)
-        return cal.ids, cal.held_out, cal.summary
-
-    def plan_controller(self) -> PlanController:
-        """The fixed plan of controller kind "plan": every linear's final sparsity (OWL: one statistics pass)."""
-        cfg = self.cfg
-        if cfg.controller.plan == "uniform":
-            return PlanController(uniform_plan(self.names, cfg.target_sparsity), "uniform")
-        if cfg.controller.plan == "evo":
-            return PlanController(self.evo_plan(), "evo")
-        defaults = AllocationConfig()
-        ratios = owl_outlier_ratios(self.adapter, self.calib, self.device, defaults.owl_m,
-                                    cfg.calibration.batch_size)
-        return PlanController(block_plan(self.names, owl(ratios, cfg.target_sparsity, defaults.owl_lambda)), "owl")
-
-    def evo_plan(self) -> dict[str, float]:
-        """The evolutionary search's allocation (Wanda levels, KL to the dense model on the held-out tokens)."""
-        opts = EvoOptions(log=str(self.out_dir / "evo_search.jsonl"))
-        windows = self.held.numel() // opts.seqlen
-        if windows < 1:
-            raise PrunepilotError(f"controller plan evo needs at least {opts.seqlen} held-out tokens (eval_tokens)")
-        held = self.held[: windows * opts.seqlen].view(windows, opts.seqlen)
-        plan, _ = evo_targets(self.model, self.adapter, Wanda(), self.calib, held, self.cfg.target_sparsity, opts,
-                              self.cfg.seed, self.device, self.cfg.calibration.batch_size)
-        return plan
-
-    @contextlib.contextmanager
-    def timed(self, phase: str):
-        """Add the wall time of the block to this iteration's `phase` (recorded in the journal)."""
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.phases[phase] = self.phases.get(phase, 0.0) + time.perf_counter() - t0
-
-    def profile(self, extras: dict[str, float], desc: str = "agent pass") -> dict[str, float]:
-        """Prune `extras` of the named linears (one pass) and return the refreshed Wanda percentile s."""
-        with self.timed("prune_profile"):
-            return prune_and_profile(self.adapter, self.calib, self.device, extras, self.cfg.profile_percentile,
-                                     desc=desc, batch_size=self.cfg.calibration.batch_size)
-
-    def held_ppl(self) -> float:  # one block on the device at a time, like the pruning passes
-        with self.timed("held_ppl"):
-            return perplexity_sequential(self.model, self.held, self.cfg.eval_seqlen, self.device,
-                                         desc="held-out ppl")["ppl"]
-
-    def gradients(self) -> dict[str, float]:
-        if self.cfg.grad_samples == 0:
-            return {}
-        with self.timed("gradients"):
-            return gradient_importance(self.model, self.adapter, self.calib[: self.cfg.grad_samples],
-                                       self.device, self.cfg.grad_mode)
-
-    def masks(self) -> str:
-        with self.timed("mask_hash"):
-            return mask_fingerprint({n: weight_2d(lin) for n, lin in self.linears.items()})
 
     # ------------------------------------------------------------------------------------ start / resume
 
     def start(self) -> None:
         """A fresh run: profile and measure the starting model, write the journal header."""
+        m = self.measure
         if distributed.is_main():
             atomic_write_text(self.out_dir / "agent.yaml", self.cfg.to_yaml())
-        self.s = self.profile({}, desc="profile")
-        baseline = self.held_ppl()
-        self.grad = self.gradients()
-        self.header = JournalHeader(model_fingerprint(self.model), data_hash(self.calib, self.held),
+        self.s = m.profile({}, desc="profile")
+        baseline = m.held_ppl()
+        self.grad = m.gradients()
+        self.header = JournalHeader(model_fingerprint(self.model), data_hash(m.calib, m.held),
                                     self.cfg.replay_key(), self.names, self.cfg.target_sparsity, baseline,
-                                    int(self.held.numel()), self.calib_summary, self.grad,
+                                    int(m.held.numel()), self.calib_summary, self.grad,
                                     time.strftime("%Y-%m-%dT%H:%M:%S"))
         if distributed.is_main():
             self.journal.write_header(self.header)
         self.ppl_acc = baseline
-        self.counts = zero_counts(self.adapter)
+        self.counts = m.counts()
         log.info("agent: %d prunable linears, held-out ppl %.3f (%d tokens), target sparsity %.3f",
-                 len(self.names), baseline, self.held.numel(), self.cfg.target_sparsity)
+                 len(self.names), baseline, m.held.numel(), self.cfg.target_sparsity)
 
     def resume(self) -> None:
         """Continue a journaled run: check it belongs to this model and data, replay its accepted steps."""
-        if distributed.is_main():
-            self.journal.drop_partial_tail()
-        # torchrun: rank 0's reading, on every rank (other nodes need not see the folder)
-        self.header, self.records = distributed.broadcast(self.journal.read() if distributed.is_main() else None)
-        check_header(self.header, self.cfg, model_fingerprint(self.model), data_hash(self.calib, self.held),
-                     self.names, self.journal.path)
-        if distributed.is_main():  # a refused resume leaves the saved settings alone
-            warn_changed_settings(self.out_dir / "agent.yaml", self.cfg)
-            atomic_write_text(self.out_dir / "agent.yaml", self.cfg.to_yaml())
-        self.grad = self.header.grad
-        s = replay(self, self.records)
-        self.s = s if s is not None else self.profile({}, desc="profile")
+        m = self.measure
+        self.header, self.records = resumable_journal(self.journal, self.cfg, model_fingerprint(self.model),
+                                                      data_hash(m.calib, m.held), self.names,
+                                                      self.out_dir / "agent.yaml")
+        s, self.grad, self.since_grad = replay(m, self.records, self.header.grad, self.journal.path)
+        self.s = s if s is not None else m.profile({}, desc="profile")
         accepted = [r for r in self.records if r.accepted]
         self.ppl_acc = accepted[-1].ppl_after if accepted else self.header.baseline_ppl
-        self.counts = zero_counts(self.adapter)
+        self.counts = m.counts()
         log.info("resumed %s: %d iterations replayed", self.journal.path, len(self.records))
 
     # ------------------------------------------------------------------------------------ one iteration
@@ -260,10 +175,10 @@ class AgentRun:
     def iterate(self) -> IterationRecord:
         """Ask the controller, try its step, keep it or roll it back; the record of what happened."""
         t0 = time.time()
-        self.phases = dict.fromkeys(PHASES, 0.0)
+        self.measure.new_iteration()
         numel, zeros = self.counts
         obs = self.observe(numel, zeros)
-        with self.timed("decide"):
+        with self.measure.timed("decide"):
             decision = distributed.broadcast(self.guard.decide(obs) if distributed.is_main() else None)
         st = decision.stats
         base = dict(iteration=obs.iteration, source=decision.source, decision=decision.to_dict(),
@@ -277,9 +192,9 @@ class AgentRun:
                                   zeros_after=sum(zeros.values()), stopped=True)
         else:
             rec = self.try_step(base, self.plan(decision.extras(), obs, numel, zeros), numel, zeros)
-        rec.mask_hash = self.masks()  # after a rollback: the restored masks
+        rec.mask_hash = self.measure.masks()  # after a rollback: the restored masks
         rec.seconds = round(time.time() - t0, 2)
-        rec.phases = {k: round(v, 3) for k, v in self.phases.items()}
+        rec.phases = self.measure.phase_seconds()
         return rec
 
     def plan(self, extras: dict[str, float], obs: Observation, numel: dict[str, int],
@@ -300,9 +215,9 @@ class AgentRun:
         total, before = sum(numel.values()), sum(zeros.values())
         current = before / total
         checkpoint = {n: weight_2d(self.linears[n]).detach().to("cpu", copy=True) for n in applied}
-        new_s = self.profile(applied)
-        ppl = self.held_ppl()
-        counts_try = zero_counts(self.adapter)  # the one count of this iteration
+        new_s = self.measure.profile(applied)
+        ppl = self.measure.held_ppl()
+        counts_try = self.measure.counts()  # the one count of this iteration
         zeros_try = sum(counts_try[1].values())
         gain, change = zeros_try / total - current, ppl / self.ppl_acc - 1
         step_ok = _accepted(change, self.cfg.rollback_threshold)
@@ -324,7 +239,7 @@ class AgentRun:
                               spread_layers=len(step.spread_layers))
         cfg = self.cfg
         if ok and cfg.grad_refresh_every and self.since_grad >= cfg.grad_refresh_every and cfg.grad_samples:
-            self.grad = rec.grad = self.gradients()
+            self.grad = rec.grad = self.measure.gradients()
             self.since_grad = 0
         return rec
 
@@ -354,7 +269,7 @@ class AgentRun:
         numel, zeros = self.counts
         report = build_report(self.cfg, self.header, self.records, numel, zeros, stop_reason, time.time() - t_start)
         report["coverage"] = self.coverage.to_dict()
-        report["distributed"] = distributed.summary(self.calib.shape[0])
+        report["distributed"] = distributed.summary(self.measure.calib.shape[0])
         if distributed.is_main():  # every rank holds the same pruned model
             write_report(report, self.out_dir)
             if self.cfg.save_model:

@@ -16,13 +16,10 @@ import logging
 from .config import ControllerConfig
 from .decision import Observation
 from .prompts import build_messages
-from .transport import BadRequest, ChatEndpoint, ControllerUnavailable, DeadlineExceeded
+from .transport import BadRequest, ChatEndpoint, ControllerUnavailable
 from .validate import DecisionError, decision_schema
 
 log = logging.getLogger(__name__)
-
-__all__ = ["BadRequest", "ControllerUnavailable", "DeadlineExceeded", "OpenAIController"]
-
 
 FORMATS = ("json_schema", "json_object", "text")
 
@@ -46,7 +43,6 @@ class OpenAIController:
         if importlib.util.find_spec("openai") is None:
             raise PrunepilotError("controller openai needs the openai package: pip install 'prunepilot[agent]'")
         self.cfg, self.endpoint = cfg, ChatEndpoint(cfg)
-        self.url, self.redact = self.endpoint.url, self.endpoint.redact
         self.formats = list(FORMATS if cfg.json_schema else FORMATS[2:])
         self.last_usage: dict = {}
 
@@ -62,8 +58,8 @@ class OpenAIController:
         except (ControllerUnavailable, DecisionError):
             raise
         except Exception as e:  # anything else the client raises: one redacted line
-            raise DecisionError(self.redact(f"request failed: {type(e).__name__}: {e}")[:300]) from None
-        return self.redact(self._content(completion))
+            raise DecisionError(self.endpoint.redact(f"request failed: {type(e).__name__}: {e}")[:300]) from None
+        return self.endpoint.redact(self._content(completion))
 
     def _response_format(self, kind: str, obs: Observation) -> dict | None:
         c = self.cfg
@@ -84,7 +80,7 @@ class OpenAIController:
             except BadRequest as e:
                 if fmt is None:
                     raise
-                log.info("%s refused response_format %s (%s); asking with %s from now on", self.url,
+                log.info("%s refused response_format %s (%s); asking with %s from now on", self.endpoint.url,
                          self.formats[0], e, self.formats[1])
                 self.formats.pop(0)
 

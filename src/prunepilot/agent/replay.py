@@ -9,9 +9,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..errors import PrunepilotError
+from ..io import atomic_write_text
 from .config import AgentConfig
-from .journal import IterationRecord, JournalHeader
+from .journal import IterationRecord, Journal, JournalHeader
+from .measures import Measures
 
 log = logging.getLogger(__name__)
 
@@ -24,20 +27,36 @@ def data_hash(calib: torch.Tensor, held: torch.Tensor) -> str:
     return h.hexdigest()[:16]
 
 
+def resumable_journal(journal: Journal, cfg: AgentConfig, fingerprint: str, data: str, names: list[str],
+                      settings: Path) -> tuple[JournalHeader, list[IterationRecord]]:
+    """The header and records of a journaled run, checked to belong to this starting model (`fingerprint`), data
+    (`data` = data_hash) and prunable linears; the saved `settings` (agent.yaml) become cfg's. torchrun: rank 0
+    reads, every rank gets its reading (other nodes need not see the folder)."""
+    if distributed.is_main():
+        journal.drop_partial_tail()
+    header, records = distributed.broadcast(journal.read() if distributed.is_main() else None)
+    check_header(header, cfg, fingerprint, data, names, journal.path)
+    if distributed.is_main():  # a refused resume leaves the saved settings alone
+        warn_changed_settings(settings, cfg)
+        atomic_write_text(settings, cfg.to_yaml())
+    return header, records
 
-def replay(run, records: list[IterationRecord]) -> dict[str, float] | None:
-    """Re-apply the accepted steps of `records` to run's model; the profile s after the last one (None if none).
-    Also restores the gradient state (run.grad, run.since_grad) the uninterrupted run had."""
-    s = None
+
+def replay(measure: Measures, records: list[IterationRecord], grad: dict[str, float],
+           path: Path) -> tuple[dict[str, float] | None, dict[str, float], int]:
+    """Re-apply the accepted steps of `records` (journal `path`) to the model, checking each one's masks; the
+    profile s after the last one (None if none) and the gradient state (gradients, accepted steps since they were
+    measured) the uninterrupted run had, starting from the header's `grad`."""
+    s, since_grad = None, 0
     for rec in tqdm(records, desc="replaying journal", leave=False):
         if rec.accepted:  # even a step that applied nothing refreshed the profile
-            s = run.profile(rec.applied, desc="replay")
-            if run.masks() != rec.mask_hash:
-                raise PrunepilotError(f"replaying {run.journal.path} iteration {rec.iteration} gave different "
+            s = measure.profile(rec.applied, desc="replay")
+            if measure.masks() != rec.mask_hash:
+                raise PrunepilotError(f"replaying {path} iteration {rec.iteration} gave different "
                                       "masks: the starting model, the data or the environment changed")
-        run.grad = rec.grad if rec.grad is not None else run.grad
-        run.since_grad = 0 if rec.grad is not None else run.since_grad + int(rec.accepted)
-    return s
+        grad = rec.grad if rec.grad is not None else grad
+        since_grad = 0 if rec.grad is not None else since_grad + int(rec.accepted)
+    return s, grad, since_grad
 
 
 def warn_changed_settings(saved_path: Path, cfg: AgentConfig) -> None:

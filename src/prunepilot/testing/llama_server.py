@@ -1,9 +1,11 @@
-"""A real OpenAI-compatible server for the tests: llama-cpp-python's `python -m llama_cpp.server` on 127.0.0.1.
+"""A real OpenAI-compatible server for the tests and bench/: llama-cpp-python's `python -m llama_cpp.server` on
+127.0.0.1.
 
 LlamaServer(model).start() picks a free port, starts the server in its own process group, and waits (bounded) until
-GET /v1/models answers; stop() terminates the group, then kills it. The server cannot outlive the test session:
-the fixture stops it in a finally block, an atexit hook stops it if the session ends otherwise, and on Linux the
-kernel sends it SIGTERM when the pytest process dies (PR_SET_PDEATHSIG), even on a SIGKILL of pytest.
+GET /v1/models answers; stop() terminates the group, then kills it. The server cannot outlive the process that
+started it (a pytest session, a bench script): a test fixture stops it in a finally block, an atexit hook stops it if
+the process ends otherwise, and on Linux the kernel sends it SIGTERM when that process dies (PR_SET_PDEATHSIG), even
+on a SIGKILL.
 """
 from __future__ import annotations
 
