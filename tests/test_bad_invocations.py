@@ -87,7 +87,7 @@ def test_world_size_without_torchrun(saved, tmp_path, capsys, monkeypatch, never
     (["--method", "wanda", "--domain-stats", "fused"], "--domain-stats"),
     (["--method", "magnitude", "--remove-experts", "0.25"], "--remove-experts"),
     (["--method", "flap", "--allocation", "owl"], "--allocation (recipe allocation:) apply to the per-block"),
-    (["--method", "flap", "--steps", "3"], "--steps applies to flap_iterative"),
+    (["--method", "flap", "--steps", "3"], "this method prunes in one step"),
     (["--method", "wanda", "--allocation", "explicit"], "--allocation explicit needs per-block sparsities"),
 ])
 def test_options_the_method_ignores_are_refused(saved, tmp_path, capsys, never_load, flags, match):

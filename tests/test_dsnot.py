@@ -6,7 +6,7 @@ from prunepilot.api import prune
 from prunepilot.engine import ModelAdapter, weight_2d
 from prunepilot.errors import PrunepilotError
 from prunepilot.methods.dsnot import DSnoT, DSnoTOptions
-from prunepilot.structured.scores import RunningMoments
+from prunepilot.moments import RunningMoments
 from prunepilot.testing.tiny_models import tiny_model
 
 

@@ -13,7 +13,7 @@ from prunepilot.engine import ModelAdapter, blocks
 from prunepilot.engine.capture import tagged_batches
 from prunepilot.errors import PrunepilotError
 from prunepilot.recipe import Recipe
-from prunepilot.structured.scores import DomainMoments, RunningMoments
+from prunepilot.moments import DomainMoments, RunningMoments
 from prunepilot.testing.tiny_models import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
@@ -125,7 +125,8 @@ def two_domains(monkeypatch, shares=(1, 1), one=False):
 
 def run(stats=None, batch_size=1, method="flap_iterative", arch="llama", **extra):
     model = tiny_model(arch)
-    structured = {"steps": 2, **({"domain_stats": stats} if stats else {}), **extra}
+    steps = {"steps": 2} if method == "flap_iterative" else {}  # one-shot methods refuse steps > 1
+    structured = {**steps, **({"domain_stats": stats} if stats else {}), **extra}
     rep = prune(model, {"method": method, "sparsity": 0.4, "device": "cpu", "structured": structured,
                         "calibration": {"batch_size": batch_size, "n_samples": 8, "seqlen": 16}}, object())
     with torch.no_grad():

@@ -133,7 +133,8 @@ def test_structured_experts_drop_their_own_weakest_channels_by_routed_statistics
     """flap on an MoE block: every expert keeps the same number of channels (the tensors stay 3-D), each
     removing the channels with its lowest FLAP scores over the tokens routed to it."""
     from prunepilot.engine import blocks
-    from prunepilot.structured.scores import RunningMoments, fluctuation_scores, standardize
+    from prunepilot.moments import RunningMoments
+    from prunepilot.structured.scores import fluctuation_scores, standardize
 
     dense = tiny_model("qwen3_moe")
     observed = {}

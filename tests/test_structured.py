@@ -13,13 +13,12 @@ from prunepilot.engine import ModelAdapter
 from prunepilot.engine.layout import block_layout
 from prunepilot.errors import PrunepilotError
 from prunepilot.modeling import load_pruned, save_pruned
-from prunepilot.recipe import Recipe
+from prunepilot.moments import RunningMoments
 from prunepilot.registry import available, get_method
-from prunepilot.structured.methods import WandaSP
 from prunepilot.structured.outcome import warn_unaligned
 from prunepilot.structured.saving import WIDTHS_FILE
-from prunepilot.structured.scores import (Candidates, RunningMoments, align_removal, fluctuation_scores,
-                                          group_scores, head_scores, select_global, split_uniform_layer, standardize)
+from prunepilot.structured.scores import fluctuation_scores, group_scores, head_scores, standardize
+from prunepilot.structured.selection import Candidates, align_removal, select_global, split_uniform_layer
 from prunepilot.structured.slicing import keep_kv_groups, keep_mlp_channels
 from prunepilot.eval.speed import measure_speed
 from prunepilot.testing.tiny_models import GATED, tiny_model
@@ -66,7 +65,7 @@ def test_scores_by_hand():
                       [4.0, 0.0, 2.0, 0.0]])   # tokens: ‖X_j‖ 5, 0, 2, 1; unbiased var 0.5, 0, 2, 0.5
     m = RunningMoments(4)
     m.add(X)
-    assert WandaSP().column_scores(W, m).tolist() == [20.0, 0.0, 2.0, 2.0]
+    assert get_method("wanda_sp").column_scores(W, m).tolist() == [20.0, 0.0, 2.0, 2.0]
     assert fluctuation_scores(W, m).tolist() == [5.0, 0.0, 2.0, 1.0]
     cols = torch.arange(12.0)  # 6 heads of head_dim 2, 2 KV groups of 3 heads
     heads = head_scores(cols, head_dim=2)

@@ -18,6 +18,7 @@ def prune(model, recipe: Recipe | dict, tokenizer=None, calibration: torch.Tenso
     """
     stated = recipe if isinstance(recipe, Recipe) else Recipe.from_dict(recipe)
     spec = get_spec(stated.method)
-    job = PruneJob(model, stated.with_defaults(spec.defaults), spec.build(stated.method_options), tokenizer,
-                   calibration, resolve_device(stated.device), stated, build_refiner(stated))
+    job = PruneJob(model, stated.with_defaults(spec.defaults), spec.build_for(stated), tokenizer, calibration,
+                   resolve_device(stated.device), build_refiner(stated),
+                   seqlen_stated="seqlen" in stated.calibration.model_fields_set)
     return spec.pipeline.run(job)

@@ -52,7 +52,7 @@ def _add_prune_parser(sub) -> None:
                    help="allocation evo: held-out fitness tokens per selection stage (default 256,1024)")
     p.add_argument("--ratios", choices=["global", "uniform"],
                    help="structured: one global ranking across layers (FLAP) or the same ratio in every layer")
-    p.add_argument("--steps", type=int, help="flap_iterative: steps to reach the target (default 5)")
+    p.add_argument("--steps", type=int, help="iterative structured methods: steps to reach the target (default 5)")
     p.add_argument("--channel-multiple", type=int,
                    help="structured: keep every MLP width a multiple of this (64 or 128 lets GPU matmul kernels "
                         "run at full speed; default 1)")
@@ -64,7 +64,7 @@ def _add_prune_parser(sub) -> None:
                         "(mean over routed tokens of gate weight x expert output norm)")
     p.add_argument("--domain-stats", choices=["fused", "pooled"],
                    help="structured, several --calib domains: per-domain channel statistics fused by the source "
-                        "weights (flap_iterative's default) or one pooled mean/variance (flap, wanda_sp)")
+                        "weights (the iterative method's default) or one pooled mean/variance (the one-shot ones')")
     p.add_argument("--calib", action="append", metavar="SPEC",
                    help="calibration source, repeatable: preset (wiki, web, code, math), file, folder or "
                         "hf:NAME[,CONFIG][@SPLIT]; optional DOMAIN= prefix, #START:END range, :WEIGHT suffix")
@@ -81,7 +81,7 @@ def _add_prune_parser(sub) -> None:
     p.add_argument("--no-save-model", action="store_true", help="write only the recipe and report")
     p.add_argument("--offload", choices=["none", "disk"], default="none",
                    help="disk: decoder blocks stay in the safetensors files and are read one at a time (models "
-                        "larger than host memory; magnitude, wanda, sparsegpt)")
+                        "larger than host memory; the per-block methods of `prunepilot methods`)")
 
 
 def _add_eval_parser(sub) -> None:
@@ -145,6 +145,7 @@ def _recipe_from_args(args):
     seqlen 128, wanda_sp uses uniform ratios ...)."""
     from .recipe import Recipe
     from .schema import load_yaml_mapping
+    from .structured.options import IterativeOptions
 
     data = (load_yaml_mapping(args.recipe, "recipe") or {}) if args.recipe else {}
     flags = {
@@ -153,9 +154,8 @@ def _recipe_from_args(args):
         ("allocation",): {"kind": args.allocation},
         ("allocation", "evo"): {"generations": args.evo_generations, "offspring": args.evo_offspring,
                                 "tokens": args.evo_tokens},
-        ("structured",): {"ratios": args.ratios, "steps": args.steps, "channel_multiple": args.channel_multiple,
-                          "remove_experts": args.remove_experts, "expert_score": args.expert_score,
-                          "domain_stats": args.domain_stats},
+        # every structured option with a flag of its name (--channel-multiple: channel_multiple)
+        ("structured",): {name: getattr(args, name, None) for name in IterativeOptions.model_fields},
         ("calibration",): {"sources": args.calib, "n_samples": args.n_samples, "seqlen": args.seqlen,
                            "seed": args.seed},
         ("evaluation",): {"datasets": ([] if args.eval == ["none"] else args.eval),
@@ -191,11 +191,11 @@ def _load_for_prune(args, recipe, device, scratch: Path | None):
     from .engine.offload import load_offloaded
     from .guarded_reader import check_model_input
     from .modelfiles import parse_dtype
-    from .registry import PER_BLOCK, get_spec
+    from .registry import PER_BLOCK, get_spec, method_names
     from .structured.saving import WIDTHS_FILE
 
     if get_spec(recipe.method).pipeline is not PER_BLOCK:
-        raise PrunepilotError(f"--offload disk works with the per-block methods (magnitude, wanda, sparsegpt); "
+        raise PrunepilotError(f"--offload disk works with the per-block methods ({method_names(PER_BLOCK)}); "
                               f"{recipe.method} resizes the model and needs it in memory")
     if not Path(args.model).is_dir() or args.gguf_file:
         raise PrunepilotError("--offload disk needs a local folder of safetensors weights (no hub name, no GGUF)")
@@ -259,7 +259,7 @@ def _prune_command(args, scratch: Path | None) -> int:
     from .report import environment, save_result
 
     recipe = _recipe_from_args(args)
-    get_spec(recipe.method).build(recipe.method_options)  # fail fast on a bad method name or option
+    get_spec(recipe.method).build_for(recipe)  # fail fast on a bad method name or option
     check_recipe_applies(recipe)  # options the method would ignore
     build_refiner(recipe)
     out = Path(args.out)

@@ -26,17 +26,12 @@ class PruneJob:
     tokenizer: Any = None
     token_ids: torch.Tensor | None = None   # given calibration ids (n_samples, seqlen), else drawn from the recipe
     device: torch.device = torch.device("cpu")
-    stated: Recipe | None = None            # the recipe as the user gave it (before the method's defaults)
     refiner: Any = None                     # e.g. methods.dsnot.DSnoT: refines each mask after method.prune
+    seqlen_stated: bool = False             # the user set calibration.seqlen (a default is fitted to the model)
 
     @property
     def name(self) -> str:
         return self.recipe.method
-
-    def user_set(self, section: str, name: str) -> bool:
-        """Whether the user stated recipe.<section>.<name> (rather than leaving it to a default)."""
-        stated = self.stated or self.recipe
-        return name in getattr(stated, section).model_fields_set
 
     def calibration(self) -> tuple[torch.Tensor, dict, bool]:
         """(ids (n_samples, seqlen), per-domain summary, whether the ids were given rather than drawn)."""
@@ -55,7 +50,7 @@ class PruneJob:
             raise PrunepilotError(f"{self.name} needs calibration data: pass a tokenizer or calibration token ids")
         c = self.recipe.calibration
         seqlen, context = c.seqlen, context_length(self.model, default=c.seqlen)
-        if seqlen > context and not self.user_set("calibration", "seqlen"):  # a default: fit it to the model
+        if seqlen > context and not self.seqlen_stated:  # a default: fit it to the model
             log.warning("calibration seqlen %d (the default) exceeds the model's context of %d tokens: using %d",
                         seqlen, context, context)
             seqlen = context

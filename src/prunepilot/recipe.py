@@ -11,6 +11,7 @@ from .errors import PrunepilotError
 from .masks import parse_pattern
 from .schema import Strict, load_yaml_mapping, validate
 from .search import EvoOptions
+from .structured.options import IterativeOptions
 
 
 class CalibrationConfig(Strict):
@@ -39,24 +40,6 @@ class EvaluationConfig(Strict):
     before: bool = True  # also measure the dense model
 
 
-class StructuredConfig(Strict):
-    """Options of the structured methods (wanda_sp, flap, flap_iterative)."""
-    target: Literal["params", "channels"] = "params"   # sparsity counts removed block parameters
-    ratios: Literal["global", "uniform"] = "global"     # FLAP global ranking or per-layer uniform ratios
-    prune_heads: bool = True
-    prune_channels: bool = True
-    steps: int = Field(5, ge=1)                         # flap_iterative: re-measure statistics k times
-    bias_compensation: bool = True
-    channel_multiple: int = Field(1, ge=1)              # MLP widths kept at a multiple of this (GPU kernels: 64/128)
-    remove_experts: float = Field(0.0, ge=0.0, lt=1.0)  # MoE: fraction of each layer's experts removed first
-    # how remove_experts ranks a layer's experts (lowest removed): routed calibration tokens, or REAP's mean over
-    # the routed tokens of gate weight x ‖expert output‖₂ (structured/expert_scores.py)
-    expert_score: Literal["frequency", "reap"] = "frequency"
-    # per-channel input statistics over several calibration domains: "pooled" = one running mean/variance of
-    # all tokens; "fused" = per-domain moments, mean Σ w_k μ_k and variance Σ w_k σ²_k (w_k: source weights)
-    domain_stats: Literal["fused", "pooled"] = "pooled"
-
-
 class Recipe(Strict):
     method: str = "wanda"
     sparsity: float = Field(0.5, ge=0.0, lt=1.0)
@@ -67,7 +50,9 @@ class Recipe(Strict):
     allocation: AllocationConfig = Field(default_factory=AllocationConfig)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
-    structured: StructuredConfig = Field(default_factory=StructuredConfig)
+    # the structured methods' options (structured/options.py): read against the widest model, IterativeOptions;
+    # each method's own model (registry.py) refuses what it does not take, e.g. steps > 1 for flap
+    structured: IterativeOptions = Field(default_factory=IterativeOptions)
     include: list[str] = Field(default_factory=list)
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
     device: str = "auto"
@@ -93,6 +78,11 @@ class Recipe(Strict):
             elif key not in self.model_fields_set:
                 data[key] = value
         return Recipe.model_validate(data)
+
+    def stated(self, section: str) -> dict:
+        """The fields of one section (method_options, structured ...) this recipe states, as a mapping."""
+        value = getattr(self, section)
+        return value.model_dump(exclude_unset=True) if isinstance(value, Strict) else dict(value)
 
     def to_yaml(self) -> str:
         """The settings that were stated (everything else keeps its method-dependent default when the file

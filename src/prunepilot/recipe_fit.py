@@ -1,14 +1,14 @@
 """Settings a recipe states that its method or model would silently ignore are refused (before any work).
 
-A per-block method (magnitude, wanda, sparsegpt) reads no `structured:` section; a structured method (wanda_sp,
-flap, flap_iterative) no `allocation:`; only flap_iterative takes `structured.steps`; `--allocation explicit`
-needs its per-block `layers`; `--remove-experts` needs a mixture-of-experts model. Each used to be accepted
-and then did nothing.
+A per-block method (magnitude, wanda ...) reads no `structured:` section; a structured method (wanda_sp, flap ...)
+no `allocation:`; `--allocation explicit` needs its per-block `layers`; `--remove-experts` needs a
+mixture-of-experts model. Each used to be accepted and then did nothing. (A structured method's own options model
+refuses what it does not take, e.g. structured.steps > 1 for a one-shot method: registry.MethodSpec.build_for.)
 """
 from __future__ import annotations
 
 from .errors import PrunepilotError
-from .registry import PER_BLOCK, STRUCTURED, get_spec
+from .registry import PER_BLOCK, STRUCTURED, get_spec, method_names
 
 FLAGS = {"ratios": "--ratios", "steps": "--steps", "channel_multiple": "--channel-multiple",
          "remove_experts": "--remove-experts", "domain_stats": "--domain-stats", "kind": "--allocation"}
@@ -25,12 +25,10 @@ def check_recipe_applies(recipe) -> None:
     stated_allocation = recipe.allocation.model_fields_set
     if spec.pipeline is PER_BLOCK and stated_structured:
         raise PrunepilotError(f"{_named(stated_structured)} (recipe structured:) apply to the structured methods "
-                              f"(wanda_sp, flap, flap_iterative); {recipe.method} would ignore them")
+                              f"({method_names(STRUCTURED)}); {recipe.method} would ignore them")
     if spec.pipeline is STRUCTURED and stated_allocation:
         raise PrunepilotError(f"{_named(stated_allocation)} (recipe allocation:) apply to the per-block methods "
-                              f"(magnitude, wanda, sparsegpt); {recipe.method} allocates by its own ranking")
-    if "steps" in stated_structured and not getattr(spec.cls, "iterative", False):
-        raise PrunepilotError(f"--steps applies to flap_iterative; {recipe.method} prunes in one step")
+                              f"({method_names(PER_BLOCK)}); {recipe.method} allocates by its own ranking")
     if recipe.allocation.kind == "explicit" and not recipe.allocation.layers:
         raise PrunepilotError("--allocation explicit needs per-block sparsities: a recipe with allocation: "
                               "{kind: explicit, layers: {\"0\": 0.3, \"4-7\": 0.6}}")

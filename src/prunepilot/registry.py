@@ -1,11 +1,19 @@
-"""Method registry: every method is a name, its typed options (recipe.method_options), the recipe defaults it
-brings (fields the user leaves unset take them), and the pipeline that runs it. `prunepilot methods` lists it.
+"""Method registry: every method is a name, its typed options (read from recipe.method_options, or for the
+structured methods from recipe.structured), the recipe defaults it brings (fields the user leaves unset take them,
+its options' included), and the pipeline that runs it. `prunepilot methods` lists it.
 
     spec = get_spec("flap_iterative")
-    method = spec.build({"schedule": "linear"})          # validated options -> method object
-    report = spec.pipeline.run(PruneJob(...))             # what api.prune does
+    method = spec.build({"schedule": "linear"})          # validated options over the defaults -> method object
+    method = spec.build_for(recipe)                       # the options the recipe states (what api.prune does)
+    report = spec.pipeline.run(PruneJob(...))
 
 Third-party methods: ``register(MethodSpec(...))`` with one of the pipelines below (or their own Pipeline).
+
+What a change touches: a per-block method, its module under methods/ (a PruningMethod and its options model) and
+one MethodSpec line here; a structured method, its class in structured/methods.py (a StructuredMethod) and one
+line here, plus a model in structured/options.py only if it takes options the others do not; a structured option,
+its field in structured/options.py and the module that reads it (and, for a flag, one add_argument in cli.py named
+like the field: the flag is mapped by name).
 """
 from __future__ import annotations
 
@@ -25,7 +33,8 @@ from .methods.wanda import Wanda, WandaOptions
 from .recipe import Recipe
 from .schema import validate
 from .structured import pipeline as structured
-from .structured.methods import FLAP, FLAPIterative, FLAPIterativeOptions, WandaSP
+from .structured.methods import FLAP, FLAPIterative, WandaSP
+from .structured.options import IterativeOptions, OneShotOptions
 
 
 @dataclass(frozen=True)
@@ -48,14 +57,25 @@ class MethodSpec:
     pipeline: Pipeline
     options: type[BaseModel] = NoOptions
     defaults: dict = field(default_factory=dict)   # {recipe section: {field: value}} used where the user set none
+    section: str = "method_options"                # the recipe section the options are read from
 
     @property
     def summary(self) -> str:
         return self.cls.summary
 
     def build(self, options: dict | None = None):
-        """The method object, with its options validated (one clear line for a wrong one)."""
-        return self.cls(validate(self.options, options, f"options of method {self.name}"))
+        """The method object, with its options validated over the defaults of their section (one clear line for a
+        wrong one)."""
+        given = {**self.defaults.get(self.section, {}), **(options or {})}
+        what = "options" if self.section == "method_options" else f"{self.section} options"
+        return self.cls(validate(self.options, given, f"{what} of method {self.name}"))
+
+    def build_for(self, recipe: Recipe):
+        """The method with the options `recipe` (as the user stated it) gives in this method's section."""
+        if self.section != "method_options" and recipe.method_options:
+            raise PrunepilotError(f"{self.name} takes its options in the recipe's {self.section}: section, not in "
+                                  f"method_options ({', '.join(sorted(recipe.method_options))})")
+        return self.build(recipe.stated(self.section))
 
 
 _METHODS: dict[str, MethodSpec] = {}
@@ -65,6 +85,7 @@ def register(spec: MethodSpec) -> MethodSpec:
     if spec.name in _METHODS:  # a second method under one name would silently replace the first
         raise PrunepilotError(f"a pruning method named {spec.name!r} is already registered")
     Recipe().with_defaults(spec.defaults)  # a typo in the defaults fails here, not in a user's run
+    spec.build()                           # and so do defaults its options model refuses
     _METHODS[spec.name] = spec
     return spec
 
@@ -74,10 +95,11 @@ for _spec in (
     MethodSpec("wanda", Wanda, PER_BLOCK, WandaOptions),
     MethodSpec("sparsegpt", SparseGPT, PER_BLOCK, SparseGPTOptions),
     MethodSpec("ria", RIA, PER_BLOCK, RIAOptions),
-    MethodSpec("wanda_sp", WandaSP, STRUCTURED, defaults={
+    MethodSpec("wanda_sp", WandaSP, STRUCTURED, OneShotOptions, section="structured", defaults={
         "calibration": FLAP_CALIBRATION, "structured": {"ratios": "uniform", "bias_compensation": False}}),
-    MethodSpec("flap", FLAP, STRUCTURED, defaults={"calibration": FLAP_CALIBRATION}),
-    MethodSpec("flap_iterative", FLAPIterative, STRUCTURED, FLAPIterativeOptions,
+    MethodSpec("flap", FLAP, STRUCTURED, OneShotOptions, section="structured",
+               defaults={"calibration": FLAP_CALIBRATION}),
+    MethodSpec("flap_iterative", FLAPIterative, STRUCTURED, IterativeOptions, section="structured",
                defaults={"calibration": {**FLAP_CALIBRATION, "sources": MULTI_DOMAIN},
                          "structured": {"domain_stats": "fused"}}),
 ):
@@ -109,6 +131,11 @@ def build_refiner(recipe: Recipe):
 def get_method(name: str, **options):
     """The method object `name` built with `options` (keyword form of get_spec(name).build(options))."""
     return get_spec(name).build(options)
+
+
+def method_names(pipeline: Pipeline | None = None) -> str:
+    """The registered methods (run by `pipeline`, else all) as "a, b, c", for messages that list them."""
+    return ", ".join(name for name, spec in sorted(_METHODS.items()) if pipeline in (None, spec.pipeline))
 
 
 def available() -> dict[str, MethodSpec]:

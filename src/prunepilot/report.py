@@ -56,11 +56,13 @@ SPARSITY_STORAGE = ("dense: pruned weights are stored as explicit zeros; runtime
 
 
 def sparsity_config(report: dict) -> dict | None:
-    """The config.json entry describing an unstructured / N:M result (None for structured ones, which are
-    physically smaller instead): method, pattern, global and per-linear sparsity, how the zeros are stored."""
-    pattern = report.get("pattern")
-    if pattern in (None, "structured") or not report.get("layers"):
+    """The config.json entry describing an unstructured / N:M result: method, pattern, global and per-linear
+    sparsity, how the zeros are stored. None for a resized result (its layers record their dense shapes: structured
+    pruning made them physically smaller instead of zeroing weights)."""
+    layers = report.get("layers")
+    if not layers or any("dense_shape" in v for v in layers.values()):
         return None
+    pattern = report.get("pattern")
     return {"format": SPARSITY_FORMAT, "method": report.get("method"), "pattern": pattern,
             "target_sparsity": report.get("target_sparsity"),
             "global_sparsity": round(float(report.get("global_sparsity", 0.0)), 6),

@@ -78,13 +78,13 @@ def shared_state_groups(states: dict) -> list[list[str]]:
 
 
 def prune_shared(job: PruneJob, names: list[str], lins: list, state, goals: list[float], pattern) -> None:
-    """Prune linears that share one input state, each to its goal (one sweep when the method has prune_group and
-    the goals agree), then refine each mask when the recipe asks for it (against the dense weights copied here)."""
+    """Prune linears that share one input state, each to its goal (method.prune_group when the goals agree),
+    then refine each mask when the recipe asks for it (against the dense weights copied here)."""
     method, refiner = job.method, job.refiner
     weights = [weight_2d(lin) for lin in lins]
     dense = [w.detach().clone() if refiner and refiner.applies_to(n) else None for n, w in zip(names, weights)]
     inner = state.inner if refiner else state
-    if len(weights) > 1 and hasattr(method, "prune_group") and len(set(goals)) == 1:  # one sweep, shared input
+    if len(set(goals)) == 1:  # one call for the shared input (SparseGPT: one sweep)
         found = method.prune_group(weights, inner, goals[0], pattern)
     else:
         found = [method.prune(w, inner, goal, pattern) for w, goal in zip(weights, goals)]

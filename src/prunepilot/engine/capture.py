@@ -43,10 +43,6 @@ class BlockInputs:
         """The tag of the batch being run now (None when the pass has no tags)."""
         return self.tags[self.current] if self.tags is not None else None
 
-    @property
-    def n_batches(self) -> int:
-        return len(self.hidden)
-
     def n_tokens(self) -> int:
         return sum(h.shape[0] * h.shape[1] for h in self.hidden)
 

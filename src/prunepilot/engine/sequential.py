@@ -13,20 +13,21 @@ activations by hand.
 
 tags=[one string per row of ids] (e.g. each calibration sample's domain): every batch holds rows of one tag
 (with batch_size > 1 the rows are grouped by tag first), and `pass_.tag` names the tag of the batch whose inputs
-the states are being fed, so a state can keep per-tag statistics (structured.scores.DomainMoments).
+the states are being fed, so a state can keep per-tag statistics (moments.DomainMoments).
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Literal
+from typing import Callable, Iterator, Literal
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from .. import distributed
+from ..statistic_state import StatisticState
 from .adapter import ModelAdapter
 from .capture import BlockInputs, capture_block_inputs, tagged_batches
 from .moe import ExpertMatrix, routed_hook
@@ -97,7 +98,7 @@ class Block:
     index: int
     module: nn.Module
     linears: dict[str, nn.Module]                            # the observed linears (keys: the caller's names)
-    states: dict[str, Any] = field(default_factory=dict)     # one statistic state per observed linear
+    states: dict[str, StatisticState] = field(default_factory=dict)  # one per observed linear
     inputs: BlockInputs | None = None                        # inputs.hidden: this block's input, every batch
 
 
@@ -105,14 +106,15 @@ class BlockPass:
     """Iterate over the decoder blocks of `adapter` on `device`, one at a time (see the module docstring).
 
     ids: (n, seq) token ids, captured here (embedding-only forward, `batch_size` rows per batch), or BlockInputs.
-    states(name, linear) -> an object with .add(x) fed every input of that linear; None: no statistics.
+    states(name, linear) -> a StatisticState, .add(x) fed every input of that linear; None: no statistics.
     linears(i, block) -> {name: linear} to observe; default: the adapter's prunable linears of block i.
     tags: one string per row of ids (n,): batches of one tag each, `tag` names the current batch's (see above).
     After the loop, `hidden` holds the last block's outputs (one tensor per batch; with tags and batch_size > 1
     the rows are in the tag-grouped order).
     """
 
-    def __init__(self, adapter: ModelAdapter, ids, device, *, states: Callable[[str, nn.Module], Any] | None = None,
+    def __init__(self, adapter: ModelAdapter, ids, device, *,
+                 states: Callable[[str, nn.Module], StatisticState] | None = None,
                  linears: Callable[[int, nn.Module], dict[str, nn.Module]] | None = None,
                  outputs: Literal["pruned", "dense"] = "pruned", batch_size: int = 1, storage_device=None,
                  desc: str = "blocks", shard: bool = True, tags: list[str] | None = None):

@@ -20,8 +20,9 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
+from ..moments import RunningMoments
 from ..schema import Strict
-from ..structured.scores import RunningMoments
+from ..statistic_state import StatisticState
 
 
 class DSnoTOptions(Strict):
@@ -39,7 +40,7 @@ class WithMoments:
     """The pruning method's own statistic of one input and DSnoT's moments of it (mean, variance, ‖x‖²), fed
     together."""
 
-    def __init__(self, inner, in_features: int, device):
+    def __init__(self, inner: StatisticState | None, in_features: int, device):
         self.inner, self.moments = inner, RunningMoments(in_features, device)
 
     def add(self, x: torch.Tensor) -> None:
@@ -76,7 +77,7 @@ class DSnoT:
     def __init__(self, options: DSnoTOptions | None = None):
         self.options = options or DSnoTOptions()
 
-    def wraps(self, state, weight: torch.Tensor) -> WithMoments:
+    def wraps(self, state: StatisticState | None, weight: torch.Tensor) -> WithMoments:
         return WithMoments(state, weight.shape[1], weight.device)
 
     def applies_to(self, name: str) -> bool:

@@ -12,7 +12,8 @@ from .base import PruningMethod
 
 
 class HessianState:
-    """H = (2/n) Σ x xᵀ over all calibration tokens: the raw sum Σ x xᵀ in float32 and n; H scales it once."""
+    """A StatisticState: H = (2/n) Σ x xᵀ over all calibration tokens: the raw sum Σ x xᵀ in float32 and n; H
+    scales it once."""
 
     def __init__(self, in_features: int, device):
         self.xxt = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)

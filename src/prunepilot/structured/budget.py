@@ -1,6 +1,6 @@
 """What structured `sparsity` counts, what each removable unit is worth, and whether a target is reachable.
 
-recipe.structured.target:
+options.target (options.py):
     "params":   the fraction of the decoder blocks' linear parameters (weights + biases) removed; biases
                 added by compensation count against it, so params_after = (1 - s) * params_before up to
                 one MLP channel.
@@ -9,37 +9,13 @@ recipe.structured.target:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 from ..engine import ModelAdapter
-from ..errors import PrunepilotError
 from ..engine.layout import BlockLayout, MoEParts, attention_counts, channel_cost, linear, mlp_params, mlp_width
+from ..errors import PrunepilotError
+from .options import StructuredOptions
 
 EXPERT_MULTIPLE = 8
-
-
-@dataclass
-class Options:
-    """The structured settings of one run (recipe.structured with the method's defaults filled in)."""
-    ratios: str
-    target: str
-    bias_compensation: bool
-    kinds: tuple[str, ...]          # ("mlp", "attn") minus what the recipe switches off
-    steps: int
-    channel_multiple: int = 1       # MLP widths kept at a multiple of this
-    remove_experts: float = 0.0     # MoE: fraction of each layer's experts removed before the channel steps
-    expert_score: str = "frequency"  # how those experts are ranked (expert_scores.py: frequency or reap)
-    domain_stats: str = "pooled"    # "fused": per-domain moments fused by the domain weights (scores.DomainMoments)
-
-    @classmethod
-    def from_recipe(cls, recipe, iterative: bool) -> "Options":
-        st = recipe.structured
-        kinds = tuple(k for k, on in (("mlp", st.prune_channels), ("attn", st.prune_heads)) if on)
-        if not kinds:
-            raise PrunepilotError("structured pruning with prune_heads and prune_channels both off removes nothing")
-        return cls(ratios=st.ratios, target=st.target, bias_compensation=st.bias_compensation, kinds=kinds,
-                   steps=st.steps if iterative else 1, channel_multiple=st.channel_multiple,
-                   remove_experts=st.remove_experts, expert_score=st.expert_score, domain_stats=st.domain_stats)
 
 
 def linear_params(block, layout: BlockLayout) -> int:
@@ -50,8 +26,9 @@ def linear_params(block, layout: BlockLayout) -> int:
 class Ledger:
     """Counts what `sparsity` measures and what each removable unit is worth, on the current model."""
 
-    def __init__(self, adapter: ModelAdapter, layouts: list[BlockLayout], head_dim: int, opts: Options):
-        self.adapter, self.layouts, self.head_dim, self.opts = adapter, layouts, head_dim, opts
+    def __init__(self, adapter: ModelAdapter, layouts: list[BlockLayout], head_dim: int, options: StructuredOptions):
+        self.adapter, self.layouts, self.head_dim, self.options = adapter, layouts, head_dim, options
+        self.kinds = options.kinds  # ("mlp", "attn") minus what the options switch off
         self.dense_units = [self.units(i) for i in range(len(layouts))]
         self.dense_layer = [self.measure(i) for i in range(len(layouts))]
         self.dense_total = sum(self.dense_layer)
@@ -62,14 +39,14 @@ class Ledger:
         return {"mlp": mlp_width(block, lay.mlp), "attn": attention_counts(block, lay.attn, self.head_dim)[1]}
 
     def measure(self, i: int) -> float:
-        if self.opts.target == "params":
+        if self.options.target == "params":
             return float(linear_params(self.adapter.blocks[i], self.layouts[i]))
         now = self.units(i)
-        return sum(now[k] / self.dense_units[i][k] for k in self.opts.kinds)
+        return sum(now[k] / self.dense_units[i][k] for k in self.kinds)
 
     def cost(self, i: int, kind: str) -> float:
         """What removing one MLP channel / one KV group of layer i saves."""
-        if self.opts.target == "channels":
+        if self.options.target == "channels":
             return 1.0 / self.dense_units[i][kind]
         block, lay, hd = self.adapter.blocks[i], self.layouts[i], self.head_dim
 
@@ -85,17 +62,17 @@ class Ledger:
 
     def overhead(self, i: int) -> float:
         """Parameters bias compensation will add to layer i (a bias on each bias-less output projection)."""
-        if self.opts.target != "params" or not self.opts.bias_compensation:
+        if self.options.target != "params" or not self.options.bias_compensation:
             return 0.0
         block, lay = self.adapter.blocks[i], self.layouts[i]
         outs = {"mlp": lay.mlp.out, "attn": lay.attn.o}  # fused experts have no bias: nothing added (out "")
-        return float(sum(linear(block, outs[k]).out_features for k in self.opts.kinds
+        return float(sum(linear(block, outs[k]).out_features for k in self.kinds
                          if outs[k] and linear(block, outs[k]).bias is None))
 
     def multiple(self, i: int) -> int:
         """MLP widths of layer i are kept at a multiple of this: channel_multiple, and for fused MoE experts at
         least 8 (transformers' grouped_mm experts kernel needs 16-byte strides: 8 bf16 / 4 fp32 values)."""
-        m = self.opts.channel_multiple
+        m = self.options.channel_multiple
         return math.lcm(m, EXPERT_MULTIPLE) if isinstance(self.layouts[i].mlp, MoEParts) else m
 
     def min_kept(self, i: int, kind: str) -> int:
@@ -106,10 +83,10 @@ class Ledger:
 
     def capacity(self, i: int) -> float:
         now = self.units(i)
-        return sum(max(0, now[k] - self.min_kept(i, k)) * self.cost(i, k) for k in self.opts.kinds)
+        return sum(max(0, now[k] - self.min_kept(i, k)) * self.cost(i, k) for k in self.kinds)
 
     def mlp_floor_words(self) -> str:
-        m = self.opts.channel_multiple
+        m = self.options.channel_multiple
         return f"{m} MLP channels (channel_multiple {m})" if m > 1 else "one MLP channel"
 
     def check_feasible(self, sparsity: float) -> None:
@@ -117,11 +94,11 @@ class Ledger:
         channel_multiple) cannot reach the target."""
         need = [self.dense_layer[i] * sparsity + self.overhead(i) for i in range(len(self.layouts))]
         cap = [self.capacity(i) for i in range(len(self.layouts))]
-        short = sum(need) > sum(cap) + 1e-6 if self.opts.ratios == "global" else any(
+        short = sum(need) > sum(cap) + 1e-6 if self.options.ratios == "global" else any(
             n > c + 1e-6 for n, c in zip(need, cap))
         if short:
             most = max(0.0, sum(c - o for c, o in zip(cap, (self.overhead(i) for i in range(len(cap))))))
             raise PrunepilotError(
-                f"sparsity {sparsity:g} is too high for structured pruning ({self.opts.ratios} ratios, kinds "
-                f"{'+'.join(self.opts.kinds)}): keeping one KV head group and {self.mlp_floor_words()} per layer allows "
-                f"removing at most {most / self.dense_total:.3f} of the block {self.opts.target}")
+                f"sparsity {sparsity:g} is too high for structured pruning ({self.options.ratios} ratios, kinds "
+                f"{'+'.join(self.kinds)}): keeping one KV head group and {self.mlp_floor_words()} per layer allows "
+                f"removing at most {most / self.dense_total:.3f} of the block {self.options.target}")

@@ -12,11 +12,14 @@ tokens routed to that expert (engine.moe.routed_hook). REAP recomputes the route
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
 from .. import distributed
 from ..engine.moe import ExpertMatrix
+from ..statistic_state import StatisticState
 
 EXPERT_SCORES = ("frequency", "reap")
 
@@ -74,7 +77,7 @@ class ReapScore:
         self.n = int(distributed.total(self.n))
 
 
-def expert_score_state(kind: str, routers: dict[int, nn.Module]):
+def expert_score_state(kind: str, routers: dict[int, nn.Module]) -> Callable[[str, ExpertMatrix], StatisticState]:
     """states(name, matrix) for engine.blocks: the chosen score's state of one expert; routers maps
     id(experts module) -> the router of its layer."""
     if kind == "frequency":

@@ -1,35 +1,52 @@
 """Structured methods: Wanda-sp, FLAP and iterative multi-domain FLAP (pipeline.py does the work).
 
-Each method says how it scores the input columns of an output projection (down_proj for MLP channels, o_proj
-for heads) and how per-column scores combine into one score per head and per KV group; registry.py registers
-them with their recipe defaults (ratios, bias compensation, calibration sources and seqlen).
+The contract the structured pipeline relies on (not PruningMethod's per-weight one):
+
+    method.options                          the validated options (options.py), method.options.steps steps
+    method.column_scores(W, moments)        (in,) importance of each input column of an output projection
+                                            (down_proj for MLP channels, o_proj for heads); lower = removed first
+    method.group_reduce                     how head and KV-group scores combine their columns ("mean" / "sum")
+    method.kept_fraction(s, step)           the fraction of the dense measure kept after `step` of options.steps
+    method.score, method.standardize, method.schedule   what the report records
+
+registry.py registers them with their options model and recipe defaults (ratios, bias compensation, calibration
+sources and seqlen).
 """
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
-from ..methods.base import PruningMethod
 from ..methods.wanda import wanda_scores
-from ..schema import Strict
-from .scores import RunningMoments, fluctuation_scores, standardize
+from ..moments import Moments
+from .options import StructuredOptions
+from .scores import fluctuation_scores, standardize
 
 
-class StructuredMethod(PruningMethod):
+class StructuredMethod:
+    summary = ""               # shown by `prunepilot methods`
     score = "fluctuation"      # recorded in the report
     standardize = True         # per-layer, per-module z-scoring of the column scores (FLAP)
-    iterative = False          # True: reaches the target in recipe.structured.steps re-measured steps
-    schedule = "geometric"
+
+    def __init__(self, options: StructuredOptions):
+        self.options = options
 
     @property
     def group_reduce(self) -> str:
         """How head and KV-group scores combine their columns: FLAP averages standardised scores, Wanda-sp sums."""
         return "mean" if self.standardize else "sum"
 
-    def column_scores(self, weight: torch.Tensor, moments: RunningMoments) -> torch.Tensor:
+    @property
+    def schedule(self) -> str | None:
+        """The step schedule of an iterative method (None: one step)."""
+        return None
+
+    def column_scores(self, weight: torch.Tensor, moments: Moments) -> torch.Tensor:
         """Importance of each input column j of an output projection W (out, in); lower = removed first. (in,)"""
         return standardize(fluctuation_scores(weight, moments).cpu())
+
+    def kept_fraction(self, sparsity: float, step: int) -> float:
+        """Fraction of the dense measure kept after `step` of options.steps (the last step keeps 1 - sparsity)."""
+        return kept_fraction(sparsity, step, self.options.steps, self.schedule or "geometric")
 
 
 class WandaSP(StructuredMethod):
@@ -51,23 +68,15 @@ class FLAP(StructuredMethod):
     summary = "structured: fluctuation metric + global ranking + bias compensation (FLAP), one shot"
 
 
-class FLAPIterativeOptions(Strict):
-    schedule: Literal["geometric", "linear"] = "geometric"
-
-
 class FLAPIterative(StructuredMethod):
-    """FLAP reaching the target in recipe.structured.steps steps, re-measuring statistics on the partly
-    pruned model before each step, with a multi-domain calibration mixture (wiki, web, code, math).
-
-    schedule "geometric" (default): after step t of k the model keeps (1 - s)^(t/k) of the dense block
-    parameters (each step removes the same fraction of what is left); "linear": it keeps 1 - s·t/k.
-    """
+    """FLAP reaching the target in options.steps steps (options.schedule, see options.IterativeOptions),
+    re-measuring statistics on the partly pruned model before each step, with a multi-domain calibration mixture
+    (wiki, web, code, math)."""
     summary = "structured: FLAP in k steps, statistics re-measured each step, multi-domain calibration"
-    iterative = True
 
-    def __init__(self, options: FLAPIterativeOptions | None = None):
-        super().__init__(options or FLAPIterativeOptions())
-        self.schedule = self.options.schedule
+    @property
+    def schedule(self) -> str:
+        return self.options.schedule
 
 
 def kept_fraction(sparsity: float, step: int, steps: int, schedule: str = "geometric") -> float:

@@ -9,7 +9,8 @@ from ..engine import ModelAdapter
 from ..engine.layout import BlockLayout, block_widths
 from ..engine.model_config import text_config
 from ..job import PruneJob, PruneReport
-from .budget import linear_params
+from .budget import Ledger, linear_params
+from .removal import Remover
 from .saving import write_widths
 
 log = logging.getLogger(__name__)
@@ -73,27 +74,28 @@ def layer_entries(adapter: ModelAdapter, before: ModelBefore) -> dict[str, dict]
     return layers
 
 
-def build_report(job: PruneJob, pruner, before: ModelBefore, steps: list[dict], calib_summary: dict,
-                 timings: dict) -> PruneReport:
-    adapter, layouts, opts, ledger, method = pruner.adapter, pruner.layouts, pruner.opts, pruner.ledger, job.method
-    widths = [block_widths(b, pruner.head_dim, lay) for b, lay in zip(adapter.blocks, layouts)]
-    warn_unaligned(widths, [u["mlp"] for u in ledger.dense_units], opts.channel_multiple)
+def build_report(job: PruneJob, ledger: Ledger, remover: Remover, before: ModelBefore, steps: list[dict],
+                 calib_summary: dict, timings: dict) -> PruneReport:
+    adapter, layouts, method = ledger.adapter, ledger.layouts, job.method
+    options = method.options
+    widths = [block_widths(b, ledger.head_dim, lay) for b, lay in zip(adapter.blocks, layouts)]
+    warn_unaligned(widths, [u["mlp"] for u in ledger.dense_units], options.channel_multiple)
     uniform = state_uniform_widths(adapter, widths)
     block_after = sum(linear_params(b, lay) for b, lay in zip(adapter.blocks, layouts))
     params_after = sum(p.numel() for p in adapter.model.parameters())
-    per_layer = [{"layer": i, **w, "kept_kv_groups": pruner.tracker.groups[i].tolist(),
+    per_layer = [{"layer": i, **w, "kept_kv_groups": remover.kept_groups[i].tolist(),
                   "removed_fraction": 1 - linear_params(adapter.blocks[i], layouts[i]) / ledger.dense_params[i]}
                  for i, w in enumerate(widths)]
     extra = {
-        "structured": True, "ratios": opts.ratios, "target": opts.target, "kinds": list(opts.kinds),
-        "bias_compensation": opts.bias_compensation, "score": method.score, "standardize": method.standardize,
-        "channel_multiple": opts.channel_multiple,
-        "steps": steps, "schedule": method.schedule if method.iterative else None, "uniform_widths": uniform,
+        "structured": True, "ratios": options.ratios, "target": options.target, "kinds": list(ledger.kinds),
+        "bias_compensation": options.bias_compensation, "score": method.score, "standardize": method.standardize,
+        "channel_multiple": options.channel_multiple,
+        "steps": steps, "schedule": method.schedule, "uniform_widths": uniform,
         "params_before": before.params, "params_after": params_after,
         "block_params_before": before.block_params, "block_params_after": block_after,
         "achieved_sparsity": 1 - block_after / before.block_params, "layers": per_layer,
     }
     log.info("%s: block parameters %d -> %d (%.4f removed), model %d -> %d in %.1fs", job.name, before.block_params,
              block_after, extra["achieved_sparsity"], before.params, params_after, timings["prune_s"])
-    return PruneReport(job.name, "structured", job.recipe.sparsity, [p["removed_fraction"] for p in per_layer],
+    return PruneReport(job.name, job.recipe.pattern, job.recipe.sparsity, [p["removed_fraction"] for p in per_layer],
                        layer_entries(adapter, before), calib_summary, timings, extra)
