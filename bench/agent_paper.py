@@ -8,6 +8,10 @@ Rows, per target sparsity (default 0.45 and 0.50):
                                decoder blocks' linear parameters as the target
     FLAP iterative multi-domain  flap_iterative on its own wiki+web+code+math mixture (fused per-domain statistics,
                                --structured-samples windows of 128 tokens), re-scored on the partly pruned model
+    seed 002's two ablations   flap_md: one-shot FLAP on that same mixture (fused statistics); flap_iter_web:
+                               flap_iterative on "web" alone (the same window count) -- with wanda_sp, flap and
+                               flap_iter they make seed 002's table (`--rows dense,wanda_sp,flap,flap_md,
+                               flap_iter_web,flap_iter --sparsities 0.25,0.5`)
     magnitude 2:4, 4:8         semi-structured, 50% by construction (pruned and evaluated once, repeated)
     Wanda (uniform), OWL       unstructured Wanda, uniform per layer / outlier-weighted layer allocation
     agent (built-in)           the agent loop with the deterministic policy
@@ -60,9 +64,10 @@ from prunepilot.eval.suite import ZERO_SHOT_MC, run_suite
 from prunepilot.io import JsonLines, atomic_write_text
 from prunepilot.model_store import cached_model, lookup
 from prunepilot.modeling import load_model, load_model_and_tokenizer
+from prunepilot.registry import MULTI_DOMAIN
 from prunepilot.modelfiles import save_model_files
 
-ROWS = ["dense", "wanda_sp", "flap", "flap_iter", "nm", "wanda", "owl", "agent", "agent_llm", "agent_self"]
+ROWS = ["dense", "wanda_sp", "flap", "flap_md", "flap_iter_web", "flap_iter", "nm", "wanda", "owl", "agent", "agent_llm", "agent_self"]
 DEFAULT_GGUF = "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
 CONTROLLER_MODEL = "qwen2.5-coder-1.5b-instruct"
 # prompt settings a small local chat model answers quickly: one row per decoder block, the 12 least sensitive
@@ -298,8 +303,10 @@ class Bench:
         ppls = "; ".join(f"{d}: seqlen {p['seqlen']}, {p['windows']} windows = {p['tokens']} tokens"
                          for d, p in ppl.items())
         return (f"model {a.model} ({a.dtype}, {a.device}); calibration C4 docs 0-149 ('web'), {a.n_samples} x "
-                f"{a.seqlen} tokens, seed 0, the same windows for every method but FLAP iterative multi-domain "
-                f"({a.structured_samples} x 128 tokens of wiki+web+code+math, fused statistics); the agent holds out "
+                f"{a.seqlen} tokens, seed 0, the same windows for every method but FLAP iterative multi-domain and "
+                f"one-shot FLAP multi-domain ({a.structured_samples} x 128 tokens of wiki+web+code+math, fused "
+                f"statistics) and FLAP iterative single-domain ({a.structured_samples} x 128 tokens of web); the "
+                f"agent holds out "
                 f"the last {self.cal.held_out.numel()} tokens of the web stream for its rollback check, threshold "
                 f"{a.rollback_threshold:.0%}, {a.agent_grad_samples} gradient samples, at most {a.max_iterations} "
                 f"iterations, paced to the target; structured rows remove the target fraction of the decoder blocks' "
@@ -403,6 +410,10 @@ class Controllers:
 
 PRUNES = {"wanda_sp": ("Wanda-sp (structured)", {"method": "wanda_sp"}, True, False),
           "flap": ("FLAP (structured)", {"method": "flap"}, True, False),
+          "flap_md": ("FLAP multi-domain (one shot)", {"method": "flap", "calibration": {"sources": MULTI_DOMAIN},
+                                                       "structured": {"domain_stats": "fused"}}, True, True),
+          "flap_iter_web": ("FLAP iterative single-domain (web)",
+                            {"method": "flap_iterative", "calibration": {"sources": ["web"]}}, True, True),
           "flap_iter": ("FLAP iterative multi-domain", {"method": "flap_iterative"}, True, True),
           "wanda": ("Wanda (uniform)", {"method": "wanda", "allocation": {"kind": "uniform"}}, False, False),
           "owl": ("Wanda + OWL", {"method": "wanda", "allocation": {"kind": "owl"}}, False, False)}
@@ -415,7 +426,7 @@ def run_row(b: Bench, ctl: Controllers, key: str, target: float, label: str, lab
         if not b.done(f"{key}@{label}"):
             recipe = {**recipe, "sparsity": target}
             if own:
-                recipe["calibration"] = {"n_samples": a.structured_samples}
+                recipe["calibration"] = {**recipe.get("calibration", {}), "n_samples": a.structured_samples}
             sp, s = b.run_prune(recipe, structured, own_calibration=own)
             b.record(f"{key}@{label}", [label], name, target, sp, s)
     elif key == "nm" and first:  # 50% by construction: once, shown in every table
