@@ -50,6 +50,12 @@ def owl_outlier_ratios(adapter: ModelAdapter, ids, device, m: float, batch_size:
     return ratios
 
 
+def owl_block_sparsities(adapter: ModelAdapter, ids, device, sparsity: float, a, batch_size: int = 1) -> list[float]:
+    """OWL's sparsity per block at mean `sparsity`, with the allocation settings `a` (owl_m, owl_lambda)."""
+    ratios = owl_outlier_ratios(adapter, ids, device, a.owl_m, batch_size)
+    return allocation.owl(ratios, sparsity, a.owl_lambda)
+
+
 def block_targets(job: PruneJob, adapter: ModelAdapter, ids) -> list[float]:
     """Sparsity of every block: the N:M ratio, or the recipe's allocation (uniform, explicit, OWL)."""
     recipe, n = job.recipe, len(adapter)
@@ -65,8 +71,7 @@ def block_targets(job: PruneJob, adapter: ModelAdapter, ids) -> list[float]:
         return allocation.uniform(n, recipe.sparsity)
     if a.kind == "explicit":
         return allocation.explicit(a.layers, n, recipe.sparsity)
-    ratios = owl_outlier_ratios(adapter, ids, job.device, a.owl_m, recipe.calibration.batch_size)
-    return allocation.owl(ratios, recipe.sparsity, a.owl_lambda)
+    return owl_block_sparsities(adapter, ids, job.device, recipe.sparsity, a, recipe.calibration.batch_size)
 
 
 def shared_state_groups(states: dict) -> list[list[str]]:

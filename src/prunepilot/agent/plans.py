@@ -7,14 +7,13 @@ from pathlib import Path
 
 import torch
 
-from ..allocation import owl
 from ..engine import ModelAdapter
 from ..errors import PrunepilotError
 from ..evo_allocation import evo_targets
 from ..methods.wanda import Wanda
 from ..recipe import AllocationConfig
 from ..search import EvoOptions
-from ..unstructured import owl_outlier_ratios
+from ..unstructured import owl_block_sparsities
 from .config import AgentConfig
 from .plan_controller import PlanController, block_plan, uniform_plan
 
@@ -27,9 +26,9 @@ def plan_controller(model, adapter: ModelAdapter, cfg: AgentConfig, calib: torch
         return PlanController(uniform_plan(names, cfg.target_sparsity), "uniform")
     if cfg.controller.plan == "evo":
         return PlanController(evo_plan(model, adapter, cfg, calib, held, device, out_dir), "evo")
-    defaults = AllocationConfig()
-    ratios = owl_outlier_ratios(adapter, calib, device, defaults.owl_m, cfg.calibration.batch_size)
-    return PlanController(block_plan(names, owl(ratios, cfg.target_sparsity, defaults.owl_lambda)), "owl")
+    owl = owl_block_sparsities(adapter, calib, device, cfg.target_sparsity, AllocationConfig(),
+                               cfg.calibration.batch_size)
+    return PlanController(block_plan(names, owl), "owl")
 
 
 def evo_plan(model, adapter: ModelAdapter, cfg: AgentConfig, calib: torch.Tensor, held: torch.Tensor, device,
