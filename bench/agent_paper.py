@@ -54,7 +54,7 @@ from pathlib import Path
 
 import torch
 
-from common import Snapshot, machine, md_table, shared_dir, smollm2_path
+from common import FLOAT_CACHE, Snapshot, float_folder, gguf_in, machine, md_table, shared_dir, smollm2_path
 
 from prunepilot.agent import AgentConfig, run_agent
 from prunepilot.api import prune
@@ -65,7 +65,6 @@ from prunepilot.io import JsonLines, atomic_write_text
 from prunepilot.model_store import cached_model, lookup
 from prunepilot.modeling import load_model, load_model_and_tokenizer
 from prunepilot.registry import MULTI_DOMAIN
-from prunepilot.modelfiles import save_model_files
 
 ROWS = ["dense", "wanda_sp", "flap", "flap_md", "flap_iter_web", "flap_iter", "nm", "wanda", "owl", "agent", "agent_llm", "agent_self"]
 DEFAULT_GGUF = "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -126,7 +125,7 @@ def parse_args(argv=None):
     ap.add_argument("--mmlu-limit", type=int, default=0, help="MMLU questions over all subjects (0 = all; -1 = skip)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
-    ap.add_argument("--float-cache", default=str(Path.home() / ".cache" / "prunepilot" / "float"),
+    ap.add_argument("--float-cache", default=FLOAT_CACHE,
                     help="a GGUF --model is dequantized once and kept here as float safetensors (fast reloads)")
     ap.add_argument("--out", required=True, help="markdown file, rewritten after every row (+ OUT.rows.jsonl)")
     return ap.parse_args(argv)
@@ -155,34 +154,11 @@ def protocol_key(args) -> str:
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _gguf_in(path: str) -> Path | None:
-    p = Path(path)
-    found = [p] if p.suffix == ".gguf" else sorted(p.glob("*.gguf")) if p.is_dir() else []
-    return found[0] if found else None
-
-
-def dense_folder(args) -> str:
-    """A GGUF model is dequantized once into --float-cache (safetensors), so every reload takes seconds."""
-    gguf = _gguf_in(args.model)
-    if gguf is None:
-        return args.model
-    st = gguf.stat()
-    folder = Path(args.float_cache) / f"{gguf.stem}-{st.st_size}-{args.dtype}"
-    if not (folder / "config.json").is_file():
-        from prunepilot.io import atomic_dir
-
-        model, tok = load_model_and_tokenizer(args.model, dtype=args.dtype, device="cpu")
-        with atomic_dir(folder, overwrite=True) as tmp:
-            save_model_files(model, tok, tmp)
-        del model
-    return str(folder)
-
-
 class Bench:
     def __init__(self, args):
         self.args = args
         self.t0 = time.time()
-        self.source = dense_folder(args)
+        self.source = float_folder(args.model, args.dtype, args.float_cache)
         self.model, self.tok = load_model_and_tokenizer(self.source, dtype=args.dtype, device=args.device)
         print(f"loaded {args.model} ({self.source}) in {time.time() - self.t0:.1f}s; {machine()}", flush=True)
         self.snap = Snapshot(self.model)
@@ -389,7 +365,7 @@ class Controllers:
         a = self.args
         if row == "agent_llm" and a.base_url:
             return {**self.settings, "base_url": a.base_url}, a.model_name
-        gguf = a.server_gguf if row == "agent_llm" else _gguf_in(a.model)
+        gguf = a.server_gguf if row == "agent_llm" else gguf_in(a.model)
         if gguf is None:
             raise SystemExit(f"--rows {row}: --model {a.model} has no GGUF to serve as its own controller")
         gguf = str(gguf)

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+FLOAT_CACHE = str(Path.home() / ".cache" / "prunepilot" / "float")
 
 
 def shared_dir() -> Path:
@@ -49,3 +50,29 @@ def publish(table: str, protocol: str, out: str | None) -> str:
 
         atomic_write_text(out, text)
     return text
+
+
+def gguf_in(path: str) -> Path | None:
+    """The GGUF file a --model names: the file itself, or the first *.gguf in a folder; None for other models."""
+    p = Path(path)
+    found = [p] if p.suffix == ".gguf" else sorted(p.glob("*.gguf")) if p.is_dir() else []
+    return found[0] if found else None
+
+
+def float_folder(model: str, dtype: str = "float32", cache: str = FLOAT_CACHE) -> str:
+    """A GGUF model dequantized once into `cache` (safetensors), so every later load takes seconds; other models
+    are returned as given."""
+    gguf = gguf_in(model)
+    if gguf is None:
+        return model
+    folder = Path(cache) / f"{gguf.stem}-{gguf.stat().st_size}-{dtype}"
+    if not (folder / "config.json").is_file():
+        from prunepilot.io import atomic_dir
+        from prunepilot.modelfiles import save_model_files
+        from prunepilot.modeling import load_model_and_tokenizer
+
+        loaded, tok = load_model_and_tokenizer(model, dtype=dtype, device="cpu")
+        with atomic_dir(folder, overwrite=True) as tmp:
+            save_model_files(loaded, tok, tmp)
+        del loaded
+    return str(folder)
