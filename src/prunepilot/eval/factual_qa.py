@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ..errors import PrunepilotError
 from ..engine.model_config import context_length
+from .kv_cache import cache_kwarg, returned_cache
 from .loglik import encode
 from .zeroshot import read_records, stderr
 
@@ -123,8 +124,8 @@ def _generate_batch(model, tokenizer, seqs: list[list[int]], max_new_tokens: int
     done = torch.zeros(b, dtype=torch.bool)
     past = None
     for _ in range(max_new_tokens):
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **cache_kwarg(model, past))
+        past = returned_cache(out)
         nxt = out.logits[:, -1].argmax(-1)  # (b,)
         for r in range(b):
             if not done[r]:

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from ..errors import PrunepilotError
 from ..engine.model_config import context_length
+from .kv_cache import cache_kwarg, returned_cache
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,7 @@ class _PrefixCache:
             self.keys = keys
             ids, self.mask = _pad(keys, self.device)  # (g, P)
             out = _forward(self.model, input_ids=ids, attention_mask=self.mask, use_cache=True, logits_to_keep=1)
-            self.kv = [(layer[0], layer[1]) for layer in out.past_key_values]  # each (g, heads, P, head_dim)
+            self.kv = [(layer[0], layer[1]) for layer in returned_cache(out)]  # each (g, heads, P, head_dim)
             self.lens = self.mask.sum(1)  # (g,)
             self.stats["prefix_tokens"] = self.stats.get("prefix_tokens", 0) + int(self.lens.sum())
         return self.kv, self.mask, self.lens
@@ -196,8 +197,8 @@ def _rest_forward(model, rests: list[list[int]], device, prefix_idx: list[int] |
         past = [(k[idx], v[idx]) for k, v in kv]  # each (b, kv_heads, P, head_dim)
     attn = torch.cat([pmask[idx], mask], dim=1)  # (b, P + R): hides the padding inside shorter prefixes
     pos = plens[idx, None] + torch.arange(ids.shape[1], device=device)  # (b, R) true positions
-    out = _forward(model, input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=DynamicCache(past),
-                   use_cache=True, logits_to_keep=keep)
+    out = _forward(model, input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True,
+                   logits_to_keep=keep, **cache_kwarg(model, DynamicCache(past)))
     return _last_logits(out, keep)
 
 

@@ -15,6 +15,8 @@ import time
 
 import torch
 
+from .kv_cache import cache_kwarg, returned_cache
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -35,11 +37,11 @@ def _run_once(model, ids: torch.Tensor, new_tokens: int, prefill_kwargs: dict) -
     out = model(ids, use_cache=True, **prefill_kwargs)
     _sync(device)
     t1 = time.perf_counter()
-    cache = out.past_key_values
+    cache = returned_cache(out)
     nxt = out.logits[:, -1:].argmax(-1)  # (batch, 1)
     for _ in range(new_tokens):
-        out = model(nxt, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(nxt, use_cache=True, **cache_kwarg(model, cache))
+        cache = returned_cache(out)
         nxt = out.logits[:, -1:].argmax(-1)
     _sync(device)
     return t1 - t0, time.perf_counter() - t1
