@@ -40,7 +40,7 @@ from prunepilot.modeling import load_model_and_tokenizer
 @dataclass(frozen=True)
 class Setting:
     """One row's pruning: method, target (a sparsity, or an N:M pattern at 50%), refinement, allocation."""
-    method: str
+    method: str                   # a method name, optionally with options: "ria@permute=greedy"
     target: str                   # "0.6" or "2:4"
     refine: str = "none"
     allocation: str = "uniform"
@@ -51,7 +51,9 @@ class Setting:
 
     def recipe(self, args) -> dict:
         nm = ":" in self.target
-        return {"method": self.method, "sparsity": 0.5 if nm else float(self.target),
+        name, _, opts = self.method.partition("@")  # "ria@permute=greedy": method options after "@"
+        options = dict(kv.split("=", 1) for kv in opts.split(",") if kv)
+        return {"method": name, "method_options": options, "sparsity": 0.5 if nm else float(self.target),
                 "pattern": self.target if nm else "unstructured", "device": "cpu", "refine": self.refine,
                 "calibration": {"sources": ["web"], "n_samples": args.n_samples, "seqlen": args.seqlen, "seed": 0},
                 "allocation": {"kind": self.allocation}}
@@ -80,7 +82,7 @@ def settings(args) -> list[Setting]:
         for alloc in args.allocations.split(","):
             if alloc != "uniform" and ":" in target:
                 continue  # N:M fixes every row's sparsity: no allocation to choose
-            out += [Setting(m, target, r, alloc) for m in args.methods.split(",") for r in args.refines.split(",")]
+            out += [Setting(m, target, r, alloc) for m in args.methods.split(";") for r in args.refines.split(",")]
     return out
 
 
@@ -145,7 +147,8 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=smollm2_path())
     ap.add_argument("--settings", default="0.6,2:4,0.5", help="sparsities and N:M patterns, in the order they run")
-    ap.add_argument("--methods", default="wanda,ria,sparsegpt")
+    ap.add_argument("--methods", default="wanda;ria;sparsegpt",
+                    help="';'-separated, each NAME or NAME@key=value,... (method options, e.g. ria@permute=greedy,a=0.5)")
     ap.add_argument("--refines", default="none,dsnot")
     ap.add_argument("--allocations", default="uniform", help="uniform, owl, evo (unstructured targets only)")
     ap.add_argument("--n-samples", type=int, default=32)
