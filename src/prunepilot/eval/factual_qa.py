@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..errors import PrunepilotError
 from ..engine.model_config import context_length
-from .kv_cache import cache_kwarg, returned_cache
+from .kv_cache import cache_name, returned_cache
 from .loglik import encode
 from .zeroshot import read_records, stderr
 
@@ -122,9 +122,9 @@ def _generate_batch(model, tokenizer, seqs: list[list[int]], max_new_tokens: int
     pos = (mask.cumsum(1) - 1).clamp(min=0)  # (b, L) positions that ignore the padding
     generated = [[] for _ in range(b)]
     done = torch.zeros(b, dtype=torch.bool)
-    past = None
+    past, kv = None, cache_name(model)
     for _ in range(max_new_tokens):
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **cache_kwarg(model, past))
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{kv: past})
         past = returned_cache(out)
         nxt = out.logits[:, -1].argmax(-1)  # (b,)
         for r in range(b):

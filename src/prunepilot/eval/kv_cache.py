@@ -5,10 +5,9 @@ from __future__ import annotations
 import inspect
 
 
-def cache_kwarg(model, cache) -> dict:
-    """{name: cache} under the name `model.forward` takes."""
-    params = inspect.signature(model.forward).parameters
-    return {"cache" if "cache" in params else "past_key_values": cache}
+def cache_name(model) -> str:
+    """The keyword `model.forward` takes its KV cache under (look it up once, outside a per-token loop)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def returned_cache(out):

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..errors import PrunepilotError
 from ..engine.model_config import context_length
-from .kv_cache import cache_kwarg, returned_cache
+from .kv_cache import cache_name, returned_cache
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ def _rest_forward(model, rests: list[list[int]], device, prefix_idx: list[int] |
     attn = torch.cat([pmask[idx], mask], dim=1)  # (b, P + R): hides the padding inside shorter prefixes
     pos = plens[idx, None] + torch.arange(ids.shape[1], device=device)  # (b, R) true positions
     out = _forward(model, input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True,
-                   logits_to_keep=keep, **cache_kwarg(model, DynamicCache(past)))
+                   logits_to_keep=keep, **{cache_name(model): DynamicCache(past)})
     return _last_logits(out, keep)
 
 

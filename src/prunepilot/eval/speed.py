@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from .kv_cache import cache_kwarg, returned_cache
+from .kv_cache import cache_name, returned_cache
 
 
 def _sync(device: torch.device) -> None:
@@ -31,7 +31,7 @@ def _last_logits_only(model) -> dict:
 @torch.inference_mode()
 def _run_once(model, ids: torch.Tensor, new_tokens: int, prefill_kwargs: dict) -> tuple[float, float]:
     """(prefill seconds, decode seconds) of one generation of new_tokens after the prompt ids (batch, seq)."""
-    device = ids.device
+    device, kv = ids.device, cache_name(model)
     _sync(device)
     t0 = time.perf_counter()
     out = model(ids, use_cache=True, **prefill_kwargs)
@@ -40,7 +40,7 @@ def _run_once(model, ids: torch.Tensor, new_tokens: int, prefill_kwargs: dict) -
     cache = returned_cache(out)
     nxt = out.logits[:, -1:].argmax(-1)  # (batch, 1)
     for _ in range(new_tokens):
-        out = model(nxt, use_cache=True, **cache_kwarg(model, cache))
+        out = model(nxt, use_cache=True, **{kv: cache})
         cache = returned_cache(out)
         nxt = out.logits[:, -1:].argmax(-1)
     _sync(device)
