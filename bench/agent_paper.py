@@ -44,7 +44,6 @@ keeps the rows it finished. --rows selects rows (e.g. rerun only the LLM agent w
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import tempfile
@@ -54,7 +53,7 @@ from pathlib import Path
 
 import torch
 
-from common import FLOAT_CACHE, Snapshot, float_folder, gguf_in, machine, md_table, shared_dir, smollm2_path
+from common import FLOAT_CACHE, Snapshot, float_folder, gguf_in, machine, md_table, settings_fingerprint, shared_dir, smollm2_path
 
 from prunepilot.agent import AgentConfig, run_agent
 from prunepilot.api import prune
@@ -150,8 +149,7 @@ class RowResult:
 
 def protocol_key(args) -> str:
     """The settings every row's numbers depend on (not --rows, --out, --threads, --sparsities)."""
-    keep = {k: v for k, v in vars(args).items() if k not in ("rows", "out", "threads", "sparsities", "float_cache")}
-    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
+    return settings_fingerprint(args, ("rows", "out", "threads", "sparsities", "float_cache"))
 
 
 class Bench:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import os
 import platform
 from pathlib import Path
@@ -76,3 +78,10 @@ def float_folder(model: str, dtype: str = "float32", cache: str = FLOAT_CACHE) -
             save_model_files(loaded, tok, tmp)
         del loaded
     return str(folder)
+
+
+def settings_fingerprint(args, ignore: tuple[str, ...]) -> str:
+    """12 hex digits of the command's settings but `ignore` (which rows run, where they go): the protocol a
+    resumable bench's rows are keyed by."""
+    keep = {k: v for k, v in vars(args).items() if k not in ignore}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]

@@ -18,8 +18,6 @@ the markdown table is rewritten from all of them after each row.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from common import Snapshot, float_folder, machine, md_table, publish, smollm2_path
+from common import Snapshot, float_folder, machine, md_table, publish, settings_fingerprint, smollm2_path
 
 from prunepilot.api import prune
 from prunepilot.data import data_root
@@ -88,8 +86,7 @@ def settings(args) -> list[Setting]:
 
 def protocol_key(args) -> str:
     """The settings every row's numbers depend on (not which rows run, nor where they go)."""
-    keep = {k: v for k, v in vars(args).items() if k not in ("settings", "methods", "refines", "allocations", "out")}
-    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
+    return settings_fingerprint(args, ("settings", "methods", "refines", "allocations", "out"))
 
 
 def evaluate(model, tok, args) -> tuple[dict, dict, float]:
