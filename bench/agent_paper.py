@@ -53,13 +53,14 @@ from pathlib import Path
 
 import torch
 
-from common import FLOAT_CACHE, Snapshot, float_folder, gguf_in, machine, md_table, settings_fingerprint, shared_dir, smollm2_path
+from common import (FLOAT_CACHE, Snapshot, float_folder, gguf_in, machine, md_table, settings_fingerprint, shared_dir,
+                    smollm2_path, task_scores)
 
 from prunepilot.agent import AgentConfig, run_agent
 from prunepilot.api import prune
-from prunepilot.data import calibration_split, data_root
+from prunepilot.data import calibration_split
 from prunepilot.eval.perplexity import perplexity
-from prunepilot.eval.suite import ZERO_SHOT_MC, run_suite
+from prunepilot.eval.suite import ZERO_SHOT_MC
 from prunepilot.io import JsonLines, atomic_write_text
 from prunepilot.model_store import cached_model, lookup
 from prunepilot.modeling import load_model, load_model_and_tokenizer
@@ -209,13 +210,13 @@ class Bench:
         self.perplexities(out, proto)
         tasks = self.mc + ([self.qa] if self.qa else [])
         if tasks:
-            res = run_suite(m, self.tok, tasks, data_root(), limit=a.limit or None, batch_size=a.batch_size,
-                            qa_shots=a.qa_shots)
-            for name, r in res.items():
-                out[name], n[name] = 100 * r[r["main"]], r.get("n")
+            scores, counts = task_scores(m, self.tok, tasks, a.limit, a.batch_size, qa_shots=a.qa_shots)
+            out.update(scores)
+            n.update(counts)
         if a.mmlu_limit >= 0:
-            res = run_suite(m, self.tok, ["mmlu"], data_root(), limit=a.mmlu_limit or None, batch_size=a.batch_size)
-            out["mmlu"], n["mmlu"] = 100 * res["mmlu"][res["mmlu"]["main"]], res["mmlu"].get("n")
+            scores, counts = task_scores(m, self.tok, ["mmlu"], a.mmlu_limit, a.batch_size)
+            out.update(scores)
+            n.update(counts)
         if self.mc:
             out["zero-shot avg"] = sum(out[t] for t in self.mc) / len(self.mc)
         out["eval_s"] = round(time.time() - t, 1)

@@ -80,6 +80,16 @@ def float_folder(model: str, dtype: str = "float32", cache: str = FLOAT_CACHE) -
     return str(folder)
 
 
+def task_scores(model, tok, tasks: list[str], limit: int | None, batch_size: int, **options) -> tuple[dict, dict]:
+    """Each task's reported metric in % and its item count, from one eval.suite run over ../shared/data (limit None
+    or 0 = every item)."""
+    from prunepilot.data import data_root
+    from prunepilot.eval.suite import run_suite
+
+    res = run_suite(model, tok, tasks, data_root(), limit=limit or None, batch_size=batch_size, **options)
+    return {t: 100 * r[r["main"]] for t, r in res.items()}, {t: r.get("n") for t, r in res.items()}
+
+
 def settings_fingerprint(args, ignore: tuple[str, ...]) -> str:
     """12 hex digits of the command's settings but `ignore` (which rows run, where they go): the protocol a
     resumable bench's rows are keyed by."""

@@ -25,12 +25,11 @@ from pathlib import Path
 
 import torch
 
-from common import Snapshot, float_folder, machine, md_table, publish, settings_fingerprint, smollm2_path
+from common import (Snapshot, float_folder, machine, md_table, publish, settings_fingerprint, smollm2_path,
+                    task_scores)
 
 from prunepilot.api import prune
-from prunepilot.data import data_root
 from prunepilot.eval.perplexity import perplexity
-from prunepilot.eval.suite import run_suite
 from prunepilot.io import JsonLines
 from prunepilot.modeling import load_model_and_tokenizer
 
@@ -97,13 +96,14 @@ def evaluate(model, tok, args) -> tuple[dict, dict, float]:
             res = perplexity(model, tok, dataset, args.eval_seqlen, max_windows=args.max_windows or None)
             metrics[name], n[name] = round(res["ppl"], 3), res["tokens"]
     if args.gsm8k_limit:
-        res = run_suite(model, tok, ["gsm8k"], data_root(), limit=args.gsm8k_limit, batch_size=args.batch_size)
-        metrics["gsm8k"], n["gsm8k"] = 100 * res["gsm8k"][res["gsm8k"]["main"]], res["gsm8k"]["n"]
+        scores, counts = task_scores(model, tok, ["gsm8k"], args.gsm8k_limit, args.batch_size)
+        metrics.update(scores)
+        n.update(counts)
     tasks = [t for t in args.zeroshot.split(",") if t]
     if tasks:
-        res = run_suite(model, tok, tasks, data_root(), limit=args.limit or None, batch_size=args.batch_size)
-        for t in tasks:
-            metrics[t], n[t] = 100 * res[t][res[t]["main"]], res[t]["n"]
+        scores, counts = task_scores(model, tok, tasks, args.limit, args.batch_size)
+        metrics.update(scores)
+        n.update(counts)
         metrics["zero-shot avg"] = sum(metrics[t] for t in tasks) / len(tasks)
     return metrics, n, round(time.time() - t0, 1)
 
