@@ -1,13 +1,14 @@
 """Why SparseGPT loses to Wanda on Qwen2.5-Coder-0.5B (docs/RESULTS.md section 13): where the pruned model's hidden
-states leave the dense model's, and whether keeping the one linear that writes the massive activation dense repairs it.
+states leave the dense model's, and whether keeping the linears that write the massive activation dense repairs it.
 
 Qwen2-family models put a "massive activation" (|h| in the hundreds or thousands, against a median near 1) on the first
 token of every window, written by one block's down projection (Sun et al. 2024, "Massive activations in LLMs"). A
 calibration set of N windows holds only N such tokens, and SparseGPT's weight update fits them exactly; Wanda does
-not update weights. This script measures, for each method with and without that down projection left dense:
+not update weights. This script measures, for each method and each --keep choice (nothing, the massive block's down
+projection, its whole MLP, or every block up to it left dense):
   - perplexity on WikiText-2 and CodeParrot test (the refine_compare protocol),
-  - per block, the relative drift ||h - h_dense|| / ||h_dense|| of the block output on held-out C4 windows, over all
-    tokens and over the first token of each window (where the massive activation sits),
+  - per block, the relative drift ||h - h_dense|| / ||h_dense|| of the block output on held-out C4 windows, on the
+    first token of each window (where the massive activation sits) and on the other tokens,
   - the massive activation's value in the pruned model.
 The massive block is found on the dense model: the first block whose output's largest |h| exceeds --massive-ratio
 times the median |h| of that output.
@@ -22,7 +23,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -40,18 +41,19 @@ from prunepilot.unstructured import layer_stats
 
 @dataclass
 class DiagnosisRow:
-    """One method, with or without the massive block's down projection kept dense, as OUT.jsonl keeps it."""
+    """One method with one --keep choice, as OUT.jsonl keeps it."""
     key: str
     protocol: str
     method: str
-    kept_dense: str               # the linear left dense, or "-"
-    global_sparsity: float        # over every block linear, the one kept dense included
+    kept_dense: str               # the linears left dense (a regex), or "-"
+    global_sparsity: float        # over every block linear, those kept dense included
     ppl: float
     code_ppl: float
     drift: list[float]            # per block output: relative distance to the dense model, all held-out tokens
     drift_first: list[float]      # the same on the first token of each window
     massive_value: float          # largest |h| at the massive block's output, first tokens (dense row: the dense value)
     prune_s: float
+    drift_rest: list[float] = field(default_factory=list)  # the same on every token but the first
 
 
 @torch.no_grad()
@@ -85,22 +87,32 @@ def measure(model, tok, held: torch.Tensor, dense: list[torch.Tensor], massive: 
     return {"ppl": round(ppl, 3), "code_ppl": round(code, 3),
             "drift": [relative(o, d) for o, d in zip(outs, dense)],
             "drift_first": [relative(o[:, 0], d[:, 0]) for o, d in zip(outs, dense)],
+            "drift_rest": [relative(o[:, 1:], d[:, 1:]) for o, d in zip(outs, dense)],
             "massive_value": round(float(outs[massive][:, 0].abs().max()), 1)}
 
 
 def recipe(method: str, kept: str | None, args) -> dict:
     return {"method": method, "sparsity": args.sparsity, "device": "cpu",
             "calibration": {"sources": ["web"], "n_samples": args.n_samples, "seqlen": args.seqlen, "seed": 0},
-            "ignore": ["lm_head"] + ([f"^{kept}$".replace(".", r"\.")] if kept else [])}
+            "ignore": ["lm_head"] + ([kept] if kept else [])}
+
+
+def kept_pattern(keep: str, massive: int) -> str | None:
+    """The ignore regex of a --keep choice: nothing, the massive block's down projection, its whole MLP, or every
+    block up to and including it."""
+    upstream = "|".join(str(i) for i in range(massive + 1))
+    return {"none": None, "down": rf"^model\.layers\.{massive}\.mlp\.down_proj$",
+            "mlp": rf"^model\.layers\.{massive}\.mlp\.", "upstream": rf"^model\.layers\.({upstream})\."}[keep]
 
 
 def write_table(rows: dict[str, DiagnosisRow], massive: int, args) -> None:
     shown = list(rows.values())
     probe = sorted({0, max(massive - 1, 0), massive, massive + 1, len(shown[0].drift) // 2, len(shown[0].drift) - 1})
     headers = ["method", "kept dense", "global sparsity", "WikiText-2 ppl", "code ppl", "massive |h|",
-               *[f"drift b{i}" for i in probe], *[f"first-token drift b{i}" for i in probe], "prune s"]
+               *[f"first-token drift b{i}" for i in probe], *[f"other-token drift b{i}" for i in probe], "prune s"]
+    rest = lambda r, i: r.drift_rest[i] if r.drift_rest else "-"  # noqa: E731  (rows measured before it existed)
     table = [[r.method, r.kept_dense, r.global_sparsity, r.ppl, r.code_ppl, r.massive_value,
-              *[r.drift[i] for i in probe], *[r.drift_first[i] for i in probe], r.prune_s] for r in shown]
+              *[r.drift_first[i] for i in probe], *[rest(r, i) for i in probe], r.prune_s] for r in shown]
     protocol = (f"model {args.model}; {args.sparsity:g} unstructured; calibration C4 docs 0-149, {args.n_samples} x "
                 f"{args.seqlen} tokens, seed 0; perplexity: WikiText-2 and CodeParrot test, the first "
                 f"{args.max_windows} windows of {args.eval_seqlen}; drift: relative L2 distance of block outputs to "
@@ -121,17 +133,21 @@ def parse_args(argv=None):
     ap.add_argument("--eval-seqlen", type=int, default=1024)
     ap.add_argument("--max-windows", type=int, default=4)
     ap.add_argument("--massive-ratio", type=float, default=100.0)
+    ap.add_argument("--keep", default="none,down", help="what each method's rows leave dense: none, down (the massive "
+                    "block's down projection), mlp (its whole MLP), upstream (every block up to it)")
     ap.add_argument("--out", required=True, help="markdown file (+ its .jsonl rows file)")
     args = ap.parse_args(argv)
     if not 0 < args.sparsity < 1:
         ap.error(f"--sparsity must be in (0, 1), got {args.sparsity}")
+    if set(args.keep.split(",")) - {"none", "down", "mlp", "upstream"}:
+        ap.error(f"--keep: {args.keep!r} names something other than none, down, mlp, upstream")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    protocol = settings_fingerprint(args, ("methods", "out"))
+    protocol = settings_fingerprint(args, ("methods", "keep", "out"))
     store = JsonLines(Path(args.out).with_suffix(".jsonl"), "bench rows")
     rows = {d["key"]: DiagnosisRow(**d) for _, d in (store.read() if store.exists() else [])
             if d.get("protocol") == protocol}
@@ -140,15 +156,14 @@ def main(argv=None):
     held, _ = calibration_blocks(tok, ["c4"], args.held_windows, args.seqlen, seed=1)
     dense = block_outputs(model, held)
     massive = massive_block(dense, args.massive_ratio)
-    kept = f"model.layers.{massive}.mlp.down_proj"
     snap = Snapshot(model)
     if "dense" not in rows:
         rows["dense"] = DiagnosisRow("dense", protocol, "dense", "-", block_sparsity(model), prune_s=0.0,
                                      **measure(model, tok, held, dense, massive, args))
         store.append(asdict(rows["dense"]))
     for method in args.methods.split(","):
-        for keep in (None, kept):
-            key = f"{method}/{keep or '-'}"
+        for choice in args.keep.split(","):
+            key, keep = f"{method}/{choice}", kept_pattern(choice, massive)
             if key in rows:
                 continue
             snap.restore(model)
