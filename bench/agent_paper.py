@@ -15,6 +15,9 @@ Rows, per target sparsity (default 0.45 and 0.50):
     magnitude 2:4, 4:8         semi-structured, 50% by construction (pruned and evaluated once, repeated)
     Wanda (uniform), OWL       unstructured Wanda, uniform per layer / outlier-weighted layer allocation
     agent (built-in)           the agent loop with the deterministic policy
+    agent (search)             the same loop following the evolutionary search's per-linear plan (controller "plan",
+                               plan "evo": KL fitness on the agent's held-out tokens), so budget, pacing, rollback and
+                               evaluation are those of the other agent rows
     agent (LLM)                the agent loop with controller "openai": --base-url / --model-name, or, when no
                                --base-url is given, llama-cpp-python's server started here on 127.0.0.1 with
                                --server-gguf (default: Qwen2.5-Coder-1.5B-Instruct when `prunepilot fetch-model`
@@ -66,7 +69,8 @@ from prunepilot.model_store import cached_model, lookup
 from prunepilot.modeling import load_model, load_model_and_tokenizer
 from prunepilot.registry import MULTI_DOMAIN
 
-ROWS = ["dense", "wanda_sp", "flap", "flap_md", "flap_iter_web", "flap_iter", "nm", "wanda", "owl", "agent", "agent_llm", "agent_self"]
+ROWS = ["dense", "wanda_sp", "flap", "flap_md", "flap_iter_web", "flap_iter", "nm", "wanda", "owl", "agent", "agent_search",
+        "agent_llm", "agent_self"]
 DEFAULT_GGUF = "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
 CONTROLLER_MODEL = "qwen2.5-coder-1.5b-instruct"
 # prompt settings a small local chat model answers quickly: one row per decoder block, the 12 least sensitive
@@ -412,6 +416,9 @@ def run_row(b: Bench, ctl: Controllers, key: str, target: float, label: str, lab
     elif key == "agent" and not b.done(f"agent@{label}"):
         sp, s, st = b.run_agent(target, {"kind": "builtin"})
         b.record(f"agent@{label}", [label], "agent (built-in)", target, sp, s, st)
+    elif key == "agent_search" and not b.done(f"agent_search@{label}"):
+        sp, s, st = b.run_agent(target, {"kind": "plan", "plan": "evo"})
+        b.record(f"agent_search@{label}", [label], "agent (search: evo plan)", target, sp, s, st)
     elif key in ("agent_llm", "agent_self") and not b.done(f"{key}@{label}"):
         controller, who = ctl.get(key)
         sp, s, st = b.run_agent(target, controller)

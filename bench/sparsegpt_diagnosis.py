@@ -111,14 +111,14 @@ def write_table(rows: dict[str, DiagnosisRow], massive: int, args) -> None:
     headers = ["method", "kept dense", "global sparsity", "WikiText-2 ppl", "code ppl", "massive |h|",
                *[f"first-token drift b{i}" for i in probe], *[f"other-token drift b{i}" for i in probe], "prune s"]
     rest = lambda r, i: r.drift_rest[i] if r.drift_rest else "-"  # noqa: E731  (rows measured before it existed)
-    table = [[r.method, r.kept_dense, r.global_sparsity, r.ppl, r.code_ppl, r.massive_value,
+    table = [[r.method, r.kept_dense.replace("|", "\\|"), r.global_sparsity, r.ppl, r.code_ppl, r.massive_value,
               *[r.drift_first[i] for i in probe], *[rest(r, i) for i in probe], r.prune_s] for r in shown]
     protocol = (f"model {args.model}; {args.sparsity:g} unstructured; calibration C4 docs 0-149, {args.n_samples} x "
                 f"{args.seqlen} tokens, seed 0; perplexity: WikiText-2 and CodeParrot test, the first "
                 f"{args.max_windows} windows of {args.eval_seqlen}; drift: relative L2 distance of block outputs to "
-                f"the dense model's on {args.held_windows} x {args.seqlen} held-out C4 tokens (docs 150-199), all "
-                f"tokens and first tokens; massive block {massive} (first block with max |h| > {args.massive_ratio:g} x "
-                f"median); {machine()}; protocol {shown[0].protocol}")
+                f"the dense model's on {args.held_windows} x {args.seqlen} held-out C4 tokens (docs 150-199), "
+                f"on the first token of each window and on the others; massive block {massive} (the first with max "
+                f"|h| > {args.massive_ratio:g} x median); {machine()}; protocol {shown[0].protocol}")
     publish(md_table(headers, table), protocol, args.out)
 
 
