@@ -2,9 +2,9 @@
 states leave the dense model's, and whether keeping the linears that write the massive activation dense repairs it.
 
 Qwen2-family models put a "massive activation" (|h| in the hundreds or thousands, against a median near 1) on the first
-token of every window, written by one block's down projection (Sun et al. 2024, "Massive activations in LLMs"). A
-calibration set of N windows holds only N such tokens, and SparseGPT's weight update fits them exactly; Wanda does
-not update weights. This script measures, for each method and each --keep choice (nothing, the massive block's down
+token of every window, at one early block's output (Sun et al. 2024, "Massive activations in LLMs"). A calibration
+set of N windows holds only N such tokens among N x seqlen, so they weigh little in SparseGPT's least-squares weight
+update; Wanda does not update weights. This script measures, for each method and each --keep choice (nothing, the massive block's down
 projection, its whole MLP, or every block up to it left dense):
   - perplexity on WikiText-2 and CodeParrot test (the refine_compare protocol),
   - per block, the relative drift ||h - h_dense|| / ||h_dense|| of the block output on held-out C4 windows, on the
