@@ -43,6 +43,7 @@ class OpenAIController:
         if importlib.util.find_spec("openai") is None:
             raise PrunepilotError("controller openai needs the openai package: pip install 'prunepilot[agent]'")
         self.cfg, self.endpoint = cfg, ChatEndpoint(cfg)
+        import openai  # noqa: F401  imported now (it takes seconds), not on the clock of the first decision
         self.formats = list(FORMATS if cfg.json_schema else FORMATS[2:])
         self.last_usage: dict = {}
 
