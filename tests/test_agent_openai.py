@@ -159,7 +159,9 @@ def test_unreachable_endpoint_warns_once_and_falls_back_or_fails_strict(tmp_path
 
 
 class _RawServer:
-    """A TCP server that reads one request per connection and answers with `respond(sock, request_bytes)`."""
+    """A TCP server that reads one request per connection and answers with `respond(sock, request_bytes)`, then closes
+    it: a complete reply must say "Connection: close", or the client reuses the pooled connection for its next request
+    and, racing the close, gets a reset instead of an answer."""
 
     def __init__(self, respond):
         import socket
@@ -262,7 +264,7 @@ def test_a_reask_that_runs_out_of_time_falls_back_for_this_iteration_only(tmp_pa
         if reply is None:
             return TRICKLES["body"](conn, stop)
         body = json.dumps({"choices": [{"message": {"content": reply}}]}).encode()
-        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
 
     calib, held = tiny_data()
     cfg = _openai_cfg("http://x/v1", timeout_s=1.5, retries=0, invalid_retries=2)
