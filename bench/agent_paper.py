@@ -20,8 +20,9 @@ Rows, per target sparsity (default 0.45 and 0.50):
                                evaluation are those of the other agent rows
     agent (LLM)                the agent loop with controller "openai": --base-url / --model-name, or, when no
                                --base-url is given, llama-cpp-python's server started here on 127.0.0.1 with
-                               --server-gguf (default: Qwen2.5-Coder-1.5B-Instruct when `prunepilot fetch-model`
-                               has cached it, else SmolLM2-135M-Instruct), stopped when the script ends
+                               --server-gguf (default: Qwen2.5-Coder-1.5B-Instruct as `prunepilot fetch-model`
+                               caches it; without it and without --server-gguf the row stops with that command),
+                               stopped when the script ends
     agent (self)               the same with the pruned model's own GGUF as its controller (a GGUF --model only)
 
 Resumable: every finished row is appended to OUT.rows.jsonl (one RowResult per line) with the protocol it ran under;
@@ -56,7 +57,7 @@ from pathlib import Path
 
 import torch
 
-from common import (FLOAT_CACHE, Snapshot, float_folder, gguf_in, machine, md_table, settings_fingerprint, shared_dir,
+from common import (FLOAT_CACHE, Snapshot, float_folder, gguf_in, machine, md_table, settings_fingerprint,
                     smollm2_path, task_scores)
 
 from prunepilot.agent import AgentConfig, run_agent
@@ -71,7 +72,6 @@ from prunepilot.registry import MULTI_DOMAIN
 
 ROWS = ["dense", "wanda_sp", "flap", "flap_md", "flap_iter_web", "flap_iter", "nm", "wanda", "owl", "agent", "agent_search",
         "agent_llm", "agent_self"]
-DEFAULT_GGUF = "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
 CONTROLLER_MODEL = "qwen2.5-coder-1.5b-instruct"
 # prompt settings a small local chat model answers quickly: one row per decoder block, the 12 least sensitive
 # shown (a 24-block table made a 1,613-token prompt, 188 s per decision of the 1.5B model on the busy 2-core
@@ -80,11 +80,14 @@ SMALL_PROMPT = dict(granularity="block", table_rows=12, history_chars=600, max_l
                     max_tokens=200)
 
 
-def default_controller_gguf() -> str:
+def default_controller_gguf() -> str | None:
+    """The cached Qwen2.5-Coder-1.5B-Instruct GGUF, or None (no silent fallback to another controller)."""
     folder = cached_model(CONTROLLER_MODEL)
-    if folder is not None:
-        return str(folder / lookup(CONTROLLER_MODEL).filename)
-    return str(shared_dir() / DEFAULT_GGUF)
+    return str(folder / lookup(CONTROLLER_MODEL).filename) if folder is not None else None
+
+
+def missing_controller(flag: str) -> SystemExit:
+    return SystemExit(f"no controller GGUF: run `prunepilot fetch-model {CONTROLLER_MODEL}` or pass {flag} PATH")
 
 
 def parse_args(argv=None):
@@ -110,7 +113,8 @@ def parse_args(argv=None):
     ap.add_argument("--model-name", default="local", help="served model name of the LLM controller")
     ap.add_argument("--api-key-env", default="OPENAI_API_KEY", help="NAME of the env var holding the API key")
     ap.add_argument("--server-gguf", default=default_controller_gguf(),
-                    help="GGUF the local server runs for agent_llm when no --base-url is given")
+                    help=f"GGUF the local server runs for agent_llm when no --base-url is given (default: the cached "
+                         f"{CONTROLLER_MODEL})")
     ap.add_argument("--server-threads", type=int, default=2)
     ap.add_argument("--controller-timeout", type=float, default=120.0, help="seconds per decision")
     ap.add_argument("--controller-json", default="{}",
@@ -153,8 +157,9 @@ class RowResult:
 
 
 def protocol_key(args) -> str:
-    """The settings every row's numbers depend on (not --rows, --out, --threads, --sparsities)."""
-    return settings_fingerprint(args, ("rows", "out", "threads", "sparsities", "float_cache"))
+    """The settings every row's numbers depend on (not --rows, --out, --threads, --sparsities). --server-gguf is
+    left out as well: only the agent_llm row depends on it, and that row is matched by its controller's name."""
+    return settings_fingerprint(args, ("rows", "out", "threads", "sparsities", "float_cache", "server_gguf"))
 
 
 class Bench:
@@ -181,11 +186,16 @@ class Bench:
                     self.rows[d["key"]] = RowResult(**d)
         self.llm_note = ""
 
-    def done(self, key: str) -> bool:
-        if key in self.rows:
+    def done(self, key: str, method: str | None = None) -> bool:
+        """Whether row `key` is stored under this protocol (and, when given, with this method: an LLM row names
+        its controller)."""
+        row = self.rows.get(key)
+        if row is not None and method is not None and row.method != method:
+            print(f"row {key}: stored as {row.method!r}, this run asks for {method!r}: rerun", flush=True)
+            return False
+        if row is not None:
             print(f"row {key}: already in {self.store.path} (same protocol), skipped", flush=True)
-            return True
-        return False
+        return row is not None
 
     # -- model state -------------------------------------------------------------------------------------------
     def fresh(self):
@@ -364,14 +374,28 @@ class Controllers:
         self.servers = {}
         self.notes = []
 
+    def gguf(self, row: str) -> str:
+        """The GGUF the local server runs for `row` (agent_llm without --base-url, agent_self); exits when none."""
+        if row == "agent_llm":
+            if self.args.server_gguf is None:
+                raise missing_controller("--server-gguf")
+            return self.args.server_gguf
+        gguf = gguf_in(self.args.model)
+        if gguf is None:
+            raise SystemExit(f"--rows {row}: --model {self.args.model} has no GGUF to serve as its own controller")
+        return str(gguf)
+
+    def name(self, row: str) -> str:
+        """The controller's name as the row's method shows it, known before any server starts."""
+        if row == "agent_llm" and self.args.base_url:
+            return self.args.model_name
+        return Path(self.gguf(row)).stem
+
     def get(self, row: str) -> tuple[dict, str]:
         a = self.args
         if row == "agent_llm" and a.base_url:
             return {**self.settings, "base_url": a.base_url}, a.model_name
-        gguf = a.server_gguf if row == "agent_llm" else gguf_in(a.model)
-        if gguf is None:
-            raise SystemExit(f"--rows {row}: --model {a.model} has no GGUF to serve as its own controller")
-        gguf = str(gguf)
+        gguf = self.gguf(row)
         if gguf not in self.servers:
             t = time.time()
             self.servers[gguf] = start_server(gguf, a.server_threads)
@@ -419,11 +443,12 @@ def run_row(b: Bench, ctl: Controllers, key: str, target: float, label: str, lab
     elif key == "agent_search" and not b.done(f"agent_search@{label}"):
         sp, s, st = b.run_agent(target, {"kind": "plan", "plan": "evo"})
         b.record(f"agent_search@{label}", [label], "agent (search: evo plan)", target, sp, s, st)
-    elif key in ("agent_llm", "agent_self") and not b.done(f"{key}@{label}"):
-        controller, who = ctl.get(key)
-        sp, s, st = b.run_agent(target, controller)
-        b.record(f"{key}@{label}", [label], f"agent ({'self' if key == 'agent_self' else 'LLM'}: {who})", target, sp,
-                 s, st)
+    elif key in ("agent_llm", "agent_self"):
+        name = f"agent ({'self' if key == 'agent_self' else 'LLM'}: {ctl.name(key)})"
+        if not b.done(f"{key}@{label}", name):
+            controller, _ = ctl.get(key)
+            sp, s, st = b.run_agent(target, controller)
+            b.record(f"{key}@{label}", [label], name, target, sp, s, st)
 
 
 def main(argv=None):
@@ -437,6 +462,8 @@ def main(argv=None):
     unknown = set(order) - set(ROWS)
     if unknown:
         raise SystemExit(f"unknown --rows {sorted(unknown)}; choose from {ROWS}")
+    if "agent_llm" in order and not args.base_url and args.server_gguf is None:
+        raise missing_controller("--server-gguf")  # before minutes of loading, not at the row
     targets = [float(s) for s in args.sparsities.split(",")]
     labels = [f"{t:g}" for t in targets]
     b = Bench(args)

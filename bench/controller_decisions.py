@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent_paper import SMALL_PROMPT, default_controller_gguf, start_server
+from agent_paper import SMALL_PROMPT, default_controller_gguf, missing_controller, start_server
 from common import machine, md_table
 
 from prunepilot.agent import AgentConfig
@@ -125,6 +125,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.gguf is None:
+        raise missing_controller("--gguf")
     t = time.time()
     server = start_server(args.gguf, args.threads)
     started = time.time() - t

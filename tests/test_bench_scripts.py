@@ -21,3 +21,16 @@ def test_gpu_scale_smoke_run(tmp_path):
     assert st["prefill_speedup"] > 0 and st["ideal_flops_speedup"] > st["ideal_flops_speedup_all_logits"] > 1
     assert parts["sparsegpt_50"]["global_sparsity"] == 0.5 and parts["wanda_big_on_cpu"]["global_sparsity"] == 0.5
     assert parts["agent_8b"]["iterations"] == 1 and parts["agent_8b"]["phase_s"][0]["prune_profile"] > 0
+
+
+def test_agent_paper_without_the_controller_model_stops_instead_of_falling_back(tmp_path):
+    """No cached Qwen2.5-Coder-1.5B and no --server-gguf: the agent_llm row must not run with another controller
+    (it once fell back to SmolLM2-135M-Instruct and changed every row's protocol)."""
+    run = subprocess.run([sys.executable, str(REPO / "bench" / "agent_paper.py"), "--model", str(tmp_path / "absent"),
+                          "--rows", "dense,agent_llm", "--out", str(tmp_path / "t.md")],
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PRUNEPILOT_MODELS": str(tmp_path / "empty-cache")})
+    assert run.returncode != 0
+    assert run.stderr.strip().splitlines()[-1] == ("no controller GGUF: run `prunepilot fetch-model "
+                                                   "qwen2.5-coder-1.5b-instruct` or pass --server-gguf PATH")
+    assert not (tmp_path / "t.md.rows.jsonl").exists()
