@@ -92,7 +92,10 @@ def measure(model, tok, held: torch.Tensor, dense: list[torch.Tensor], massive: 
 
 
 def recipe(method: str, kept: str | None, args) -> dict:
-    return {"method": method, "sparsity": args.sparsity, "device": "cpu",
+    """`method` may carry options after "@": "sparsegpt@sink_weight=64"."""
+    name, _, opts = method.partition("@")
+    options = {k: float(v) for k, v in (kv.split("=", 1) for kv in opts.split(",") if kv)}
+    return {"method": name, "method_options": options, "sparsity": args.sparsity, "device": "cpu",
             "calibration": {"sources": ["web"], "n_samples": args.n_samples, "seqlen": args.seqlen, "seed": 0},
             "ignore": ["lm_head"] + ([kept] if kept else [])}
 
@@ -125,7 +128,8 @@ def write_table(rows: dict[str, DiagnosisRow], massive: int, args) -> None:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=smollm2_path())
-    ap.add_argument("--methods", default="wanda,sparsegpt")
+    ap.add_argument("--methods", default="wanda,sparsegpt",
+                    help='comma-separated, each with numeric options after "@", e.g. sparsegpt@sink_weight=64')
     ap.add_argument("--sparsity", type=float, default=0.6)
     ap.add_argument("--n-samples", type=int, default=8)
     ap.add_argument("--seqlen", type=int, default=512)

@@ -49,6 +49,42 @@ def test_sparsegpt_reconstructs_better_than_wanda_on_correlated_inputs():
     assert errs["sparsegpt"] < 0.5 * errs["wanda"]
 
 
+def test_sparsegpt_sink_weight_counts_each_windows_first_token_w_times():
+    """Σ x xᵀ with the first token of each (batch, seq, in) window counted w times; (tokens, in) inputs, whose
+    positions are unknown, are added plainly and counted as unweighted."""
+    x = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[1.0, 1.0], [2.0, 0.0]]])  # 2 windows x 2 tokens x 2 inputs
+    m = get_method("sparsegpt", sink_weight=4.0)
+    st = m.init_state(torch.zeros(3, 2))
+    m.add_batch(st, x)
+    # first tokens (1,0), (1,1) weighted 4: 4*[[1,0],[0,0]] + 4*[[1,1],[1,1]]; others (0,1), (2,0) once
+    assert torch.equal(st.xxt, torch.tensor([[8.0 + 4.0, 4.0], [4.0, 4.0 + 1.0]]))
+    assert st.n == 4 and st.unweighted == 0
+    m.add_batch(st, torch.tensor([[0.0, 3.0]]))
+    assert torch.equal(st.xxt, torch.tensor([[12.0, 4.0], [4.0, 14.0]])) and st.unweighted == 1
+    plain = get_method("sparsegpt").init_state(torch.zeros(3, 2))
+    plain.add(x)
+    assert torch.equal(plain.xxt, torch.tensor([[6.0, 1.0], [1.0, 2.0]]))
+
+
+def test_sparsegpt_sink_weight_reconstructs_the_first_token_better():
+    """Weighting the first token in H trades the other tokens' output error for its own."""
+    torch.manual_seed(0)
+    W = torch.randn(32, 64)
+    X = torch.randn(8, 16, 8) @ torch.randn(8, 64) + 0.3 * torch.randn(8, 16, 64)
+    X[:, 0] = 5 * torch.randn(64)  # a sink: the same unusual input at every window's start
+    first, rest = {}, {}
+    for w in (1.0, 64.0):
+        m = get_method("sparsegpt", sink_weight=w)
+        st = m.init_state(W)
+        m.add_batch(st, X)
+        Wp = W.clone()
+        m.prune(Wp, st, 0.5, None)
+        err = (X @ (W - Wp).t()).pow(2).sum(-1)  # (windows, seq)
+        first[w], rest[w] = err[:, 0].mean().item(), err[:, 1:].mean().item()
+    assert first[64.0] < 0.5 * first[1.0]
+    assert rest[64.0] > rest[1.0]
+
+
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
 def test_nm_patterns_are_exact(method):
     torch.manual_seed(1)

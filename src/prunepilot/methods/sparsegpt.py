@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from pydantic import Field
@@ -10,17 +12,33 @@ from ..schema import Strict
 from ..stats import order_stats
 from .base import PruningMethod
 
+log = logging.getLogger(__name__)
+
 
 class HessianState:
     """A StatisticState: H = (2/n) Σ x xᵀ over all calibration tokens: the raw sum Σ x xᵀ in float32 and n; H
-    scales it once."""
+    scales it once.
 
-    def __init__(self, in_features: int, device):
+    sink_weight w > 1 counts the first token of every window w times in the sum (its x scaled by √w): models that
+    park a massive activation on that token (the attention sink) depend on it being reconstructed, and in a plain sum
+    it is one token of seqlen. Inputs without a sequence axis (tokens routed to an expert, (tokens, in)) cannot tell
+    which token came first; they are added unweighted and counted in `unweighted`."""
+
+    def __init__(self, in_features: int, device, sink_weight: float = 1.0):
         self.xxt = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self.n = 0
+        self.sink_weight = sink_weight
+        self.unweighted = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
+        x = x.float()
+        if self.sink_weight != 1.0:
+            if x.dim() >= 3:  # (..., seq, in): position 0 of each window is its sink token
+                x = x.clone()
+                x[..., 0, :] *= self.sink_weight ** 0.5
+            else:
+                self.unweighted += x.reshape(-1, x.shape[-1]).shape[0]
+        x = x.reshape(-1, x.shape[-1])  # (tokens, in)
         self.xxt.addmm_(x.t(), x)
         self.n += x.shape[0]
 
@@ -65,6 +83,7 @@ def lowest_k(values: torch.Tensor, k: int) -> torch.Tensor:
 class SparseGPTOptions(Strict):
     blocksize: int = Field(128, ge=1)    # columns per lazy-update block
     percdamp: float = Field(0.01, ge=0)  # diagonal damping, as a fraction of mean(diag H)
+    sink_weight: float = Field(1.0, ge=1)  # each window's first token counts this many times in H (1 = the paper)
 
 
 class SparseGPT(PruningMethod):
@@ -84,7 +103,7 @@ class SparseGPT(PruningMethod):
         self.percdamp = self.options.percdamp
 
     def init_state(self, weight):
-        return HessianState(weight.shape[1], weight.device)
+        return HessianState(weight.shape[1], weight.device, self.options.sink_weight)
 
     @torch.no_grad()
     def prune(self, weight, state, sparsity, pattern):
@@ -99,6 +118,9 @@ class SparseGPT(PruningMethod):
             raise PrunepilotError(f"N:M pattern needs the input width ({cols}) divisible by {pattern[1]}")
         if pattern is not None and self.blocksize % pattern[1] and cols > self.blocksize:  # groups would straddle blocks
             raise PrunepilotError(f"SparseGPT N:M needs blocksize ({self.blocksize}) divisible by {pattern[1]}")
+        if state.unweighted:
+            log.warning("SparseGPT sink_weight %g: %d routed tokens without a position were added unweighted",
+                        state.sink_weight, state.unweighted)
         W = torch.cat([w.detach().float() for w in weights])  # (rows, in): every matrix's rows, stacked
         H = state.H  # a fresh tensor: (2/n) Σ x xᵀ
         dead = torch.diag(H) == 0
