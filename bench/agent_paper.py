@@ -157,9 +157,11 @@ class RowResult:
 
 
 def protocol_key(args) -> str:
-    """The settings every row's numbers depend on (not --rows, --out, --threads, --sparsities). --server-gguf is
-    left out as well: only the agent_llm row depends on it, and that row is matched by its controller's name."""
-    return settings_fingerprint(args, ("rows", "out", "threads", "sparsities", "float_cache", "server_gguf"))
+    """The settings every row's numbers depend on (not --rows, --out, --threads, --sparsities, --nm-patterns: they
+    choose rows, whose keys name target and pattern). --server-gguf is left out as well: only the agent_llm row
+    depends on it, and that row is matched by its controller's name."""
+    return settings_fingerprint(args, ("rows", "out", "threads", "sparsities", "nm_patterns", "float_cache",
+                                       "server_gguf"))
 
 
 class Bench:
