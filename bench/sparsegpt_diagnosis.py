@@ -128,8 +128,9 @@ def write_table(rows: dict[str, DiagnosisRow], massive: int, args) -> None:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=smollm2_path())
-    ap.add_argument("--methods", default="wanda,sparsegpt",
-                    help='comma-separated, each with numeric options after "@", e.g. sparsegpt@sink_weight=64')
+    ap.add_argument("--methods", default="wanda;sparsegpt",
+                    help='";"-separated, each NAME or NAME@key=value,... with numeric options, e.g. '
+                         'sparsegpt@sink_weight=64,percdamp=0.1')
     ap.add_argument("--sparsity", type=float, default=0.6)
     ap.add_argument("--n-samples", type=int, default=8)
     ap.add_argument("--seqlen", type=int, default=512)
@@ -165,7 +166,7 @@ def main(argv=None):
         rows["dense"] = DiagnosisRow("dense", protocol, "dense", "-", block_sparsity(model), prune_s=0.0,
                                      **measure(model, tok, held, dense, massive, args))
         store.append(asdict(rows["dense"]))
-    for method in args.methods.split(","):
+    for method in args.methods.split(";"):
         for choice in args.keep.split(","):
             key, keep = f"{method}/{choice}", kept_pattern(choice, massive)
             if key in rows:
