@@ -27,7 +27,8 @@ Rows, per target sparsity (default 0.45 and 0.50):
 
 Resumable: every finished row is appended to OUT.rows.jsonl (one RowResult per line) with the protocol it ran under;
 a rerun with the same protocol skips the rows already there and rewrites OUT from all of them, so a long table is
-built by several runs (`--rows dense,wanda`, then `--rows agent_llm` ...), each within a session.
+built by several runs (`--rows dense,wanda`, then `--rows agent_llm` ...), each within a session. Every agent row
+keeps its run (journal, report, plot) in OUT.runs/PROTOCOL/ROW/METHOD, and a row cut off mid-run resumes its journal.
 
 Every method starts from the same dense weights and uses the same calibration windows (C4 docs 0-149, "web";
 the agent additionally holds out the tail of that stream for its rollback check). Columns: WikiText-2 test and
@@ -50,7 +51,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import tempfile
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -321,7 +322,13 @@ class Bench:
         sp = rep.extra["achieved_sparsity"] if structured else rep.global_sparsity
         return sp, time.time() - t
 
-    def run_agent(self, target: float, controller: dict):
+    def run_folder(self, key: str, method: str) -> Path:
+        """Where row `key`'s agent run keeps its journal, report and plot: OUT.runs/PROTOCOL/KEY/METHOD (the
+        method names an LLM row's controller, so another controller starts its own run)."""
+        return Path(f"{self.args.out}.runs") / self.protocol / key / re.sub(r"[^\w.@-]+", "_", method).strip("_")
+
+    def run_agent(self, key: str, method: str, target: float, controller: dict):
+        """The agent loop for row `key`; a run cut off earlier (same protocol) resumes from its journal."""
         a = self.args
         self.fresh()
         cfg = AgentConfig(target_sparsity=target, max_iterations=a.max_iterations, device=a.device, save_model=False,
@@ -329,8 +336,12 @@ class Bench:
                           eval_seqlen=a.seqlen, grad_samples=a.agent_grad_samples, controller=controller,
                           calibration={"sources": ["web"], "n_samples": a.n_samples, "seqlen": a.seqlen})
         t = time.time()
-        with tempfile.TemporaryDirectory() as out:
-            res = run_agent(self.model, self.tok, cfg, out, calibration=self.cal.ids, held_out=self.cal.held_out)
+        out = self.run_folder(key, method)
+        resume = (out / "journal.jsonl").exists()
+        if resume:
+            print(f"row {key}: resuming the agent run in {out}", flush=True)
+        res = run_agent(self.model, self.tok, cfg, out, calibration=self.cal.ids, held_out=self.cal.held_out,
+                        resume=resume)
         print(f"agent ({controller['kind']}) target {target}: stop {res.stop_reason}, {res.iterations} iterations, "
               f"{res.rollbacks} rollbacks, held-out ppl {res.baseline_ppl:.3f} -> {res.final_ppl:.3f}", flush=True)
         return res.global_sparsity, time.time() - t, agent_stats(res)
@@ -440,16 +451,17 @@ def run_row(b: Bench, ctl: Controllers, key: str, target: float, label: str, lab
                 sp, s = b.run_prune({"method": "magnitude", "sparsity": 0.5, "pattern": pattern})
                 b.record(f"nm:{pattern}@0.5", labels, f"magnitude {pattern}", 0.5, sp, s)
     elif key == "agent" and not b.done(f"agent@{label}"):
-        sp, s, st = b.run_agent(target, {"kind": "builtin"})
+        sp, s, st = b.run_agent(f"agent@{label}", "agent (built-in)", target, {"kind": "builtin"})
         b.record(f"agent@{label}", [label], "agent (built-in)", target, sp, s, st)
     elif key == "agent_search" and not b.done(f"agent_search@{label}"):
-        sp, s, st = b.run_agent(target, {"kind": "plan", "plan": "evo"})
-        b.record(f"agent_search@{label}", [label], "agent (search: evo plan)", target, sp, s, st)
+        name = "agent (search: evo plan)"
+        sp, s, st = b.run_agent(f"agent_search@{label}", name, target, {"kind": "plan", "plan": "evo"})
+        b.record(f"agent_search@{label}", [label], name, target, sp, s, st)
     elif key in ("agent_llm", "agent_self"):
         name = f"agent ({'self' if key == 'agent_self' else 'LLM'}: {ctl.name(key)})"
         if not b.done(f"{key}@{label}", name):
             controller, _ = ctl.get(key)
-            sp, s, st = b.run_agent(target, controller)
+            sp, s, st = b.run_agent(f"{key}@{label}", name, target, controller)
             b.record(f"{key}@{label}", [label], name, target, sp, s, st)
 
 

@@ -34,3 +34,28 @@ def test_agent_paper_without_the_controller_model_stops_instead_of_falling_back(
     assert run.stderr.strip().splitlines()[-1] == ("no controller GGUF: run `prunepilot fetch-model "
                                                    "qwen2.5-coder-1.5b-instruct` or pass --server-gguf PATH")
     assert not (tmp_path / "t.md.rows.jsonl").exists()
+
+
+def test_agent_paper_keeps_each_agent_run_and_resumes_it(tmp_path):
+    """An agent row keeps its journal under OUT.runs; when the row is not recorded (the run was cut off before its
+    evaluation), a rerun replays that journal instead of starting over, and reaches the same model."""
+    from conftest import shared_path
+
+    out = tmp_path / "t.md"
+    cmd = [sys.executable, str(REPO / "bench" / "agent_paper.py"), "--model", str(shared_path("models", "stories260K")),
+           "--out", str(out), "--rows", "agent", "--sparsities", "0.3", "--n-samples", "2", "--seqlen", "64",
+           "--eval-seqlen", "64", "--max-windows", "1", "--agent-eval-tokens", "128", "--agent-grad-samples", "1",
+           "--max-iterations", "3", "--qa", "", "--mmlu-limit", "-1", "--zeroshot", "", "--code-ppl", ""]
+    env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert first.returncode == 0, first.stderr[-2000:]
+    journals = list(Path(f"{out}.runs").glob("*/agent@0.3/agent_built-in/journal.jsonl"))
+    assert len(journals) == 1
+    rows = Path(f"{out}.rows.jsonl")
+    row = json.loads(rows.read_text())
+    rows.unlink()
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming the agent run in" in again.stdout
+    replayed = json.loads(rows.read_text())
+    assert replayed["sparsity"] == row["sparsity"] and replayed["metrics"]["ppl"] == row["metrics"]["ppl"]
