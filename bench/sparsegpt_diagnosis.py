@@ -96,8 +96,13 @@ def recipe(method: str, kept: str | None, args) -> dict:
     name, _, opts = method.partition("@")
     options = {k: float(v) for k, v in (kv.split("=", 1) for kv in opts.split(",") if kv)}
     return {"method": name, "method_options": options, "sparsity": args.sparsity, "device": "cpu",
-            "calibration": {"sources": ["web"], "n_samples": args.n_samples, "seqlen": args.seqlen, "seed": 0},
+            "calibration": {"sources": calib_sources(args), "n_samples": args.n_samples, "seqlen": args.seqlen,
+                            "seed": 0},
             "ignore": ["lm_head"] + ([kept] if kept else [])}
+
+
+def calib_sources(args) -> list[str]:
+    return args.calib.split(",") if args.calib else ["web"]
 
 
 def kept_pattern(keep: str, massive: int) -> str | None:
@@ -116,7 +121,8 @@ def write_table(rows: dict[str, DiagnosisRow], massive: int, args) -> None:
     rest = lambda r, i: r.drift_rest[i] if r.drift_rest else "-"  # noqa: E731  (rows measured before it existed)
     table = [[r.method, r.kept_dense.replace("|", "\\|"), r.global_sparsity, r.ppl, r.code_ppl, r.massive_value,
               *[r.drift_first[i] for i in probe], *[rest(r, i) for i in probe], r.prune_s] for r in shown]
-    protocol = (f"model {args.model}; {args.sparsity:g} unstructured; calibration C4 docs 0-149, {args.n_samples} x "
+    source = "C4 docs 0-149" if args.calib is None else f"{args.calib} (prunepilot's default ranges)"
+    protocol = (f"model {args.model}; {args.sparsity:g} unstructured; calibration {source}, {args.n_samples} x "
                 f"{args.seqlen} tokens, seed 0; perplexity: WikiText-2 and CodeParrot test, the first "
                 f"{args.max_windows} windows of {args.eval_seqlen}; drift: relative L2 distance of block outputs to "
                 f"the dense model's on {args.held_windows} x {args.seqlen} held-out C4 tokens (docs 150-199), "
@@ -138,6 +144,7 @@ def parse_args(argv=None):
     ap.add_argument("--eval-seqlen", type=int, default=1024)
     ap.add_argument("--max-windows", type=int, default=4)
     ap.add_argument("--massive-ratio", type=float, default=100.0)
+    ap.add_argument("--calib", help="calibration sources, e.g. wiki,web,code,math (default: web, C4 docs 0-149)")
     ap.add_argument("--keep", default="none,down", help="what each method's rows leave dense: none, down (the massive "
                     "block's down projection), mlp (its whole MLP), upstream (every block up to it)")
     ap.add_argument("--out", required=True, help="markdown file (+ its .jsonl rows file)")
@@ -152,7 +159,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    protocol = settings_fingerprint(args, ("methods", "keep", "out"))
+    # --calib came later: left out of the key when not given, so rows measured before it keep matching
+    protocol = settings_fingerprint(args, ("methods", "keep", "out") + (("calib",) if args.calib is None else ()))
     store = JsonLines(Path(args.out).with_suffix(".jsonl"), "bench rows")
     rows = {d["key"]: DiagnosisRow(**d) for _, d in (store.read() if store.exists() else [])
             if d.get("protocol") == protocol}
