@@ -91,6 +91,19 @@ def missing_controller(flag: str) -> SystemExit:
     return SystemExit(f"no controller GGUF: run `prunepilot fetch-model {CONTROLLER_MODEL}` or pass {flag} PATH")
 
 
+def served_gguf(args, row: str) -> str:
+    """The GGUF a local llama-cpp-python server runs for `row` (agent_llm without --base-url: the controller;
+    agent_self: --model's own GGUF); exits with the fix when there is none."""
+    if row == "agent_llm":
+        if args.server_gguf is None:
+            raise missing_controller("--server-gguf")
+        return args.server_gguf
+    gguf = gguf_in(args.model)
+    if gguf is None:
+        raise SystemExit(f"--rows {row}: --model {args.model} has no GGUF to serve as its own controller")
+    return str(gguf)
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=smollm2_path(), help="model folder or hub name (default: SmolLM2-135M)")
@@ -387,28 +400,17 @@ class Controllers:
         self.servers = {}
         self.notes = []
 
-    def gguf(self, row: str) -> str:
-        """The GGUF the local server runs for `row` (agent_llm without --base-url, agent_self); exits when none."""
-        if row == "agent_llm":
-            if self.args.server_gguf is None:
-                raise missing_controller("--server-gguf")
-            return self.args.server_gguf
-        gguf = gguf_in(self.args.model)
-        if gguf is None:
-            raise SystemExit(f"--rows {row}: --model {self.args.model} has no GGUF to serve as its own controller")
-        return str(gguf)
-
     def name(self, row: str) -> str:
         """The controller's name as the row's method shows it, known before any server starts."""
         if row == "agent_llm" and self.args.base_url:
             return self.args.model_name
-        return Path(self.gguf(row)).stem
+        return Path(served_gguf(self.args, row)).stem
 
     def get(self, row: str) -> tuple[dict, str]:
         a = self.args
         if row == "agent_llm" and a.base_url:
             return {**self.settings, "base_url": a.base_url}, a.model_name
-        gguf = self.gguf(row)
+        gguf = served_gguf(self.args, row)
         if gguf not in self.servers:
             t = time.time()
             self.servers[gguf] = start_server(gguf, a.server_threads)
@@ -476,8 +478,9 @@ def main(argv=None):
     unknown = set(order) - set(ROWS)
     if unknown:
         raise SystemExit(f"unknown --rows {sorted(unknown)}; choose from {ROWS}")
-    if "agent_llm" in order and not args.base_url and args.server_gguf is None:
-        raise missing_controller("--server-gguf")  # before minutes of loading, not at the row
+    served = [r for r in order if r == "agent_self" or (r == "agent_llm" and not args.base_url)]
+    for row in served:
+        served_gguf(args, row)  # exits before minutes of loading, not at the row
     targets = [float(s) for s in args.sparsities.split(",")]
     labels = [f"{t:g}" for t in targets]
     b = Bench(args)

@@ -95,3 +95,13 @@ def settings_fingerprint(args, ignore: tuple[str, ...]) -> str:
     resumable bench's rows are keyed by."""
     keep = {k: v for k, v in vars(args).items() if k not in ignore}
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def method_with_options(spec: str) -> tuple[str, dict[str, str]]:
+    """"ria@permute=greedy,a=0.5" -> ("ria", {"permute": "greedy", "a": "0.5"}): a --methods entry's name and its
+    method options, as strings (the method's options model converts and checks them)."""
+    name, _, opts = spec.partition("@")
+    pairs = [kv.partition("=") for kv in opts.split(",") if kv]
+    if any(not sep or not key for key, sep, _ in pairs):
+        raise SystemExit(f"method options of {spec!r} must be key=value pairs separated by ','")
+    return name, {key: value for key, _, value in pairs}

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from common import (Snapshot, float_folder, machine, md_table, publish, settings_fingerprint, smollm2_path,
-                    task_scores)
+from common import (Snapshot, float_folder, machine, md_table, method_with_options, publish, settings_fingerprint,
+                    smollm2_path, task_scores)
 
 from prunepilot.api import prune
 from prunepilot.eval.perplexity import perplexity
@@ -48,8 +48,7 @@ class Setting:
 
     def recipe(self, args) -> dict:
         nm = ":" in self.target
-        name, _, opts = self.method.partition("@")  # "ria@permute=greedy": method options after "@"
-        options = dict(kv.split("=", 1) for kv in opts.split(",") if kv)
+        name, options = method_with_options(self.method)
         return {"method": name, "method_options": options, "sparsity": 0.5 if nm else float(self.target),
                 "pattern": self.target if nm else "unstructured", "device": "cpu", "refine": self.refine,
                 "calibration": {"sources": ["web"], "n_samples": args.n_samples, "seqlen": args.seqlen, "seed": 0},

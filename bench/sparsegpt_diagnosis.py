@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from common import Snapshot, float_folder, machine, md_table, publish, settings_fingerprint, smollm2_path
+from common import (Snapshot, float_folder, machine, md_table, method_with_options, publish, settings_fingerprint,
+                    smollm2_path)
 
 from prunepilot.api import prune
 from prunepilot.data import calibration_blocks
@@ -93,8 +94,7 @@ def measure(model, tok, held: torch.Tensor, dense: list[torch.Tensor], massive: 
 
 def recipe(method: str, kept: str | None, args) -> dict:
     """`method` may carry options after "@": "sparsegpt@sink_weight=64"."""
-    name, _, opts = method.partition("@")
-    options = {k: float(v) for k, v in (kv.split("=", 1) for kv in opts.split(",") if kv)}
+    name, options = method_with_options(method)
     return {"method": name, "method_options": options, "sparsity": args.sparsity, "device": "cpu",
             "calibration": {"sources": calib_sources(args), "n_samples": args.n_samples, "seqlen": args.seqlen,
                             "seed": 0},
@@ -135,7 +135,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=smollm2_path())
     ap.add_argument("--methods", default="wanda;sparsegpt",
-                    help='";"-separated, each NAME or NAME@key=value,... with numeric options, e.g. '
+                    help='";"-separated, each NAME or NAME@key=value,... (method options), e.g. '
                          'sparsegpt@sink_weight=64,percdamp=0.1')
     ap.add_argument("--sparsity", type=float, default=0.6)
     ap.add_argument("--n-samples", type=int, default=8)

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -34,6 +36,28 @@ def test_agent_paper_without_the_controller_model_stops_instead_of_falling_back(
     assert run.stderr.strip().splitlines()[-1] == ("no controller GGUF: run `prunepilot fetch-model "
                                                    "qwen2.5-coder-1.5b-instruct` or pass --server-gguf PATH")
     assert not (tmp_path / "t.md.rows.jsonl").exists()
+
+
+def test_agent_paper_self_row_without_a_gguf_stops_before_loading(tmp_path):
+    """--rows agent_self needs --model's own GGUF to serve; a folder without one stops at once, not at the row."""
+    run = subprocess.run([sys.executable, str(REPO / "bench" / "agent_paper.py"), "--model", str(tmp_path),
+                          "--rows", "dense,agent_self", "--out", str(tmp_path / "t.md")],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    assert run.stderr.strip().splitlines()[-1] == (f"--rows agent_self: --model {tmp_path} has no GGUF to serve as "
+                                                   "its own controller")
+    assert "loaded" not in run.stdout and not (tmp_path / "t.md.rows.jsonl").exists()
+
+
+def test_bench_method_entries_carry_options_after_at():
+    sys.path.insert(0, str(REPO / "bench"))
+    from common import method_with_options
+
+    assert method_with_options("wanda") == ("wanda", {})
+    assert method_with_options("ria@permute=greedy,a=0.5") == ("ria", {"permute": "greedy", "a": "0.5"})
+    assert method_with_options("sparsegpt@sink_weight=512") == ("sparsegpt", {"sink_weight": "512"})
+    with pytest.raises(SystemExit, match="key=value pairs"):
+        method_with_options("ria@greedy")
 
 
 def test_agent_paper_keeps_each_agent_run_and_resumes_it(tmp_path):
